@@ -1,0 +1,366 @@
+"""The portalbd TUI: one App that polls every instance, and `main()`.
+
+The App owns the data (`Fleet`) and all control traffic; screens only render
+what the App knows and ask it to act. Polling runs in one worker per instance
+at a time, each request under a deadline, so a stuck daemon can delay nothing
+but its own row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from rich.text import Text
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.screen import Screen
+
+from tui import __doc__ as tui_doc
+from tui.config import Settings, pick_theme
+from tui.control import (
+    ControlClient,
+    ControlError,
+    DaemonError,
+    Unreachable,
+    Unresponsive,
+)
+from tui.discovery import scan
+from tui.format import fmt_time
+from tui.model import Fleet, Instance, State
+from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
+from tui.view import is_client_refusal
+
+T = TypeVar("T")
+Clock = Callable[[], tuple[float, float]]
+
+
+def system_clock() -> tuple[float, float]:
+    """(monotonic, wall) now: rates use the first, event lines show the second."""
+    return time.monotonic(), time.time()
+
+
+class PortalbdApp(App[None]):
+    TITLE = "portalbd"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("f5", "refresh", "Refresh", show=False),
+    ]
+
+    # Bumped after every change to the fleet; screens watch it and re-render.
+    revision: reactive[int] = reactive(0, init=False)
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        fleet: Fleet | None = None,
+        live: bool = True,
+        clock: Clock = system_clock,
+    ) -> None:
+        super().__init__()
+        self.settings = settings or Settings()
+        self.fleet = fleet if fleet is not None else Fleet()
+        self.live = live
+        self.clock = clock
+        self._clients: dict[str, ControlClient] = {}
+        self._polling: set[str] = set()
+        self._snapshot_wanted: set[str] = set()
+        for socket in self.settings.sockets:
+            self.fleet.add(socket, explicit=True)
+
+    def on_mount(self) -> None:
+        from tui.screens.overview import OverviewScreen
+
+        theme = pick_theme(self.settings.theme)
+        if theme in self.available_themes:
+            self.theme = theme
+        else:
+            self.notify(f"unknown theme {theme!r}; try the Theme command", severity="error")
+        self.push_screen(OverviewScreen())
+        if self.live:
+            self.refresh_now()
+            self.set_interval(self.settings.refresh_s, self.refresh_now)
+
+    async def on_unmount(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+
+    # --- polling -----------------------------------------------------------
+
+    def refresh_now(self) -> None:
+        """Look for new sockets, then start a poll of every instance not already being polled."""
+        if self.settings.discover:
+            _, wall = self.clock()
+            for socket in scan(self.settings.roots):
+                inst, new = self.fleet.add(socket)
+                if new:
+                    inst.log(wall, "info", f"found {socket}")
+        for inst in self.fleet:
+            self.poll(inst)
+        self.revision += 1
+
+    def poll(self, inst: Instance, *, snapshots: bool = False) -> None:
+        if not self.live:
+            return  # showing a fixed fleet (tests, screenshots)
+        if snapshots:
+            self._snapshot_wanted.add(inst.key)
+        if inst.key in self._polling:
+            return  # the previous poll is still inside its deadline
+        self._polling.add(inst.key)
+        self.run_worker(self._poll(inst), group="poll", exit_on_error=False)
+
+    async def _poll(self, inst: Instance) -> None:
+        client = self._clients.setdefault(inst.key, ControlClient(inst.socket))
+        timeout = self.settings.status_timeout_s
+        try:
+            status = await client.status(timeout)
+            t, wall = self.clock()
+            inst.record_status(t, wall, status)
+            wanted = inst.key in self._snapshot_wanted
+            known = inst.snapshots
+            if wanted or known is None or len(known) != status.snapshot_count:
+                self._snapshot_wanted.discard(inst.key)
+                inst.set_snapshots(await client.snapshot_list(timeout))
+        except Unresponsive as exc:
+            inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"unresponsive: {exc}")
+        except Unreachable as exc:
+            inst.record_failure(self.clock()[1], State.DOWN, str(exc))
+        except ControlError as exc:
+            inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"bad answer: {exc}")
+        except Exception as exc:  # a bug here must not take the whole UI down
+            inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"internal error: {exc!r}")
+        finally:
+            self._polling.discard(inst.key)
+            self.revision += 1
+
+    def action_refresh(self) -> None:
+        for inst in self.fleet:
+            self._snapshot_wanted.add(inst.key)
+        self.refresh_now()
+
+    # --- operations --------------------------------------------------------
+
+    async def _call(self, inst: Instance, op: Callable[[ControlClient], Awaitable[T]]) -> T:
+        """Run one operation on its own connection, so polling is not queued behind it."""
+        client = ControlClient(inst.socket)
+        try:
+            return await op(client)
+        finally:
+            await client.close()
+
+    def _failed(self, inst: Instance, what: str, exc: BaseException) -> None:
+        message = str(exc) if isinstance(exc, ControlError) else f"internal error: {exc!r}"
+        inst.log(self.clock()[1], "error", f"{what} failed: {message}")
+        self.notify(message, title=f"{inst.name}: {what} failed", severity="error", timeout=8)
+        self.revision += 1
+
+    def _done(self, inst: Instance, text: str) -> None:
+        inst.log(self.clock()[1], "info", text)
+        self.notify(text, title=inst.name)
+        self.poll(inst, snapshots=True)
+        self.revision += 1
+
+    def _can_act(self, inst: Instance, what: str) -> bool:
+        if inst.state is State.UP:
+            return True
+        self.notify(
+            f"{inst.name} is {inst.state.value}: cannot {what}", severity="warning", timeout=5
+        )
+        return False
+
+    def ask_create_snapshot(self, inst: Instance) -> None:
+        if not self._can_act(inst, "create a snapshot"):
+            return
+        existing = [s.name for s in inst.snapshots or ()]
+        suggestion = time.strftime("snap-%Y%m%d-%H%M%S", time.localtime(self.clock()[1]))
+
+        def answered(name: str | None) -> None:
+            if name:
+                self.run_worker(self._create(inst, name), group="action", exit_on_error=False)
+
+        self.push_screen(SnapshotNameScreen(inst.name, existing, suggestion), answered)
+
+    async def _create(self, inst: Instance, name: str) -> None:
+        timeout = self.settings.action_timeout_s
+        try:
+            await self._call(inst, lambda c: c.snapshot_create(name, timeout))
+        except Exception as exc:
+            self._failed(inst, f"snapshot {name}", exc)
+        else:
+            self._done(inst, f"snapshot {name} created")
+
+    def ask_delete_snapshot(self, inst: Instance, name: str) -> None:
+        if not self._can_act(inst, "delete a snapshot"):
+            return
+        snap = next((s for s in inst.snapshots or () if s.name == name), None)
+        taken = f" (taken {fmt_time(snap.created_at)})" if snap else ""
+        body = Text.assemble(
+            "Deletes snapshot ",
+            (name, "bold"),
+            taken,
+            " of ",
+            (inst.name, "bold"),
+            ". The live disk is not changed. This cannot be undone.",
+        )
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(self._delete(inst, name), group="action", exit_on_error=False)
+
+        self.push_screen(
+            ConfirmScreen(f"Delete snapshot {name}?", body, "Delete", danger=True), answered
+        )
+
+    async def _delete(self, inst: Instance, name: str) -> None:
+        timeout = self.settings.action_timeout_s
+        try:
+            await self._call(inst, lambda c: c.snapshot_delete(name, timeout))
+        except Exception as exc:
+            self._failed(inst, f"delete {name}", exc)
+        else:
+            self._done(inst, f"snapshot {name} deleted")
+
+    def ask_restore_snapshot(self, inst: Instance, name: str) -> None:
+        if not self._can_act(inst, "restore a snapshot"):
+            return
+        snap = next((s for s in inst.snapshots or () if s.name == name), None)
+        taken = f", taken {fmt_time(snap.created_at)}" if snap else ""
+        clients = inst.status.connections if inst.status else 0
+        body = Text.assemble(
+            "The contents of ",
+            (inst.name, "bold"),
+            " become those of snapshot ",
+            (name, "bold"),
+            f"{taken}. Everything written since is discarded from the live disk; "
+            "all snapshots, newer ones included, are kept.",
+        )
+        if clients:
+            body.append(
+                f"\n\n{clients} client{'s are' if clients != 1 else ' is'} connected: the "
+                "daemon will refuse unless forced.",
+                style="bold",
+            )
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(
+                    self._restore(inst, name, False), group="action", exit_on_error=False
+                )
+
+        self.push_screen(
+            ConfirmScreen(f"Restore {inst.name} to {name}?", body, "Restore", danger=True), answered
+        )
+
+    async def _restore(self, inst: Instance, name: str, force: bool) -> None:
+        timeout = self.settings.action_timeout_s
+        try:
+            await self._call(inst, lambda c: c.snapshot_restore(name, force, timeout))
+        except DaemonError as exc:
+            if force or not is_client_refusal(str(exc)):
+                self._failed(inst, f"restore {name}", exc)
+                return
+            inst.log(self.clock()[1], "warning", f"restore {name} refused: {exc}")
+            self.revision += 1
+            self._offer_force(inst, name, str(exc))
+        except Exception as exc:
+            self._failed(inst, f"restore {name}", exc)
+        else:
+            self._done(inst, f"restored to snapshot {name}" + (" (forced)" if force else ""))
+
+    def _offer_force(self, inst: Instance, name: str, reason: str) -> None:
+        body = Text.assemble(
+            ("The daemon refused: ", "bold"),
+            reason,
+            "\n\nForcing swaps the disk's contents under the attached clients. A mounted "
+            "filesystem or running database on it will see its data change without "
+            "warning and may be corrupted. Unmount or disconnect first if you can.",
+        )
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(
+                    self._restore(inst, name, True), group="action", exit_on_error=False
+                )
+
+        self.push_screen(
+            ConfirmScreen("Restore refused: clients attached", body, "Force restore", danger=True),
+            answered,
+        )
+
+    # --- command palette ---------------------------------------------------
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        """Every shown key binding of the current screen is also a palette command."""
+        seen: set[str] = set()
+        for active in screen.active_bindings.values():
+            binding = active.binding
+            if not binding.show or not binding.description or not active.enabled:
+                continue
+            if binding.action in seen or binding.action in ("quit", "command_palette"):
+                continue
+            seen.add(binding.action)
+            node, action = active.node, binding.action
+            yield SystemCommand(
+                binding.description,
+                f"{binding.description} (key: {self.get_key_display(binding)})",
+                lambda node=node, action=action: self.call_later(self.run_action, action, node),
+            )
+        yield from super().get_system_commands(screen)
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="portalbd-tui",
+        description=(tui_doc or "").strip()
+        + " Instances are found under /run/portalbd/*/ and $XDG_RUNTIME_DIR/portalbd/*/.",
+    )
+    parser.add_argument(
+        "--socket",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="a control socket to watch besides the discovered ones (repeatable)",
+    )
+    parser.add_argument("--no-discover", action="store_true", help="watch only the --socket paths")
+    parser.add_argument(
+        "--refresh", type=float, default=1.0, metavar="SECONDS", help="poll interval (1)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="a daemon slower than this to answer is shown unresponsive (3)",
+    )
+    parser.add_argument(
+        "--theme",
+        default="auto",
+        help="auto (follow the terminal's background), dark, light, ansi, or a Textual theme",
+    )
+    args = parser.parse_args(argv)
+    if args.refresh <= 0 or args.timeout <= 0:
+        parser.error("--refresh and --timeout must be positive")
+    if args.no_discover and not args.socket:
+        parser.error("--no-discover needs at least one --socket")
+    return Settings(
+        sockets=tuple(p.absolute() for p in args.socket),
+        discover=not args.no_discover,
+        refresh_s=args.refresh,
+        status_timeout_s=args.timeout,
+        theme=args.theme,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    PortalbdApp(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The app's screens: overview, one instance, and modal dialogs."""

@@ -1,0 +1,108 @@
+"""The first screen: one row per instance, and details of the highlighted one."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import DataTable, Footer, Header, Static
+
+from tui.format import fmt_count, fmt_mib_s
+from tui.model import Instance, State
+from tui.screens.base import PortalbdScreen
+from tui.view import summary_lines
+from tui.widgets.chart import Chart
+from tui.widgets.tables import InstanceTable
+
+
+class OverviewScreen(PortalbdScreen):
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    BINDINGS = [
+        Binding("enter", "open", "Open", priority=True),
+        Binding("c", "create_snapshot", "Snapshot"),
+        Binding("r", "app.refresh", "Refresh"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield InstanceTable(id="instances")
+        yield Static(id="empty")
+        with Vertical(id="details"):
+            yield Static(id="facts")
+            yield Chart("Throughput (read + write)", id="trend")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one(InstanceTable).border_title = "Instances"
+
+    def on_resize(self) -> None:
+        self.render_fleet()
+
+    def render_fleet(self) -> None:
+        app = self.portalbd
+        instances = app.fleet.sorted()
+        table = self.query_one(InstanceTable)
+        table.show(instances, self.size.width)
+        up = sum(1 for i in instances if i.state is State.UP)
+        self.sub_title = f"{len(instances)} instance{'s' if len(instances) != 1 else ''}, {up} up"
+        empty = self.query_one("#empty", Static)
+        empty.display = not instances
+        self.query_one("#details").display = bool(instances)
+        table.display = bool(instances)
+        if not instances:
+            roots = ", ".join(f"{r}/*/control.sock" for r in app.settings.roots)
+            empty.update(
+                Text.assemble(
+                    ("No portalbd instances found.\n\n", "bold"),
+                    f"Looking in {roots}" if app.settings.discover else "Discovery is off",
+                    " and at the --socket paths given. New instances appear here on their own.",
+                )
+            )
+            return
+        inst = self.highlighted()
+        if inst is not None:
+            self._show_details(inst)
+
+    def _show_details(self, inst: Instance) -> None:
+        self.query_one("#facts", Static).update(Text("\n").join(summary_lines(inst)))
+        rates = inst.rates if inst.state is State.UP else None
+        value = Text.assemble(
+            ("read ", "dim"),
+            fmt_mib_s(rates.read_bps if rates else None),
+            ("  write ", "dim"),
+            fmt_mib_s(rates.write_bps if rates else None),
+            (" MiB/s   IOPS ", "dim"),
+            fmt_count(rates.total_iops if rates else None),
+        )
+        data = list(inst.history.total_bps)
+        peak = f"{fmt_mib_s(max(data))} MiB/s" if data else ""
+        self.query_one("#trend", Chart).show(data, value, peak)
+
+    def highlighted(self) -> Instance | None:
+        key = self.query_one(InstanceTable).highlighted_key()
+        return self.portalbd.fleet.get(key) if key is not None else None
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self, _: DataTable.RowHighlighted) -> None:
+        inst = self.highlighted()
+        if inst is not None:
+            self._show_details(inst)
+
+    @on(DataTable.RowSelected)
+    def _selected(self, _: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_open(self) -> None:
+        from tui.screens.instance import InstanceScreen
+
+        inst = self.highlighted()
+        if inst is not None:
+            self.app.push_screen(InstanceScreen(inst.key))
+
+    def action_create_snapshot(self) -> None:
+        inst = self.highlighted()
+        if inst is not None:
+            self.portalbd.ask_create_snapshot(inst)

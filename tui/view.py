@@ -1,0 +1,273 @@
+"""Pure presentation: an `Instance` in, Rich `Text` cells and lines out.
+
+Kept apart from the widgets so the tables' contents can be unit-tested without
+running an app, and so both screens describe an instance the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rich.text import Text
+
+from tui.format import (
+    DASH,
+    fmt_bytes,
+    fmt_clock,
+    fmt_count,
+    fmt_duration,
+    fmt_latency_us,
+    fmt_mib_s,
+    fmt_time,
+    sparkline,
+)
+from tui.model import Event, Instance, Snapshot, State
+
+STATE_LABEL = {
+    State.UP: "● up",
+    State.CONNECTING: "○ connecting",
+    State.UNRESPONSIVE: "◐ unresponsive",
+    State.DOWN: "✕ down",
+}
+EVENT_STYLE = {"info": "", "warning": "bold yellow", "error": "bold red"}
+
+
+def state_text(inst: Instance) -> Text:
+    # Rich styles cannot use Textual's $variables; these read on light and dark.
+    colour = {
+        State.UP: "green",
+        State.CONNECTING: "dim",
+        State.UNRESPONSIVE: "yellow",
+        State.DOWN: "red",
+    }[inst.state]
+    return Text(STATE_LABEL[inst.state], style=f"bold {colour}")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    label: str
+    cell: Callable[[Instance], Text | str]
+    justify: str = "right"
+
+
+def _st(inst: Instance) -> bool:
+    return inst.status is not None and inst.state is State.UP
+
+
+def _size(inst: Instance) -> str:
+    return fmt_bytes(inst.status.size_bytes) if inst.status else DASH
+
+
+def _used(inst: Instance) -> str:
+    return fmt_bytes(inst.status.used_bytes) if inst.status else DASH
+
+
+def _clients(inst: Instance) -> str:
+    return str(inst.status.connections) if _st(inst) and inst.status else DASH
+
+
+def _rate(
+    get: Callable[[Instance], float], fmt: Callable[[float | None], str]
+) -> Callable[[Instance], str]:
+    def cell(inst: Instance) -> str:
+        return fmt(get(inst)) if inst.rates is not None and inst.state is State.UP else DASH
+
+    return cell
+
+
+def _pair(a: Callable[[Instance], str], b: Callable[[Instance], str]) -> Callable[[Instance], str]:
+    def cell(inst: Instance) -> str:
+        left, right = a(inst), b(inst)
+        return DASH if left == DASH else f"{left}/{right}"
+
+    return cell
+
+
+_r_iops = _rate(lambda i: i.rates.read_iops if i.rates else 0.0, fmt_count)
+_w_iops = _rate(lambda i: i.rates.write_iops if i.rates else 0.0, fmt_count)
+_r_mib = _rate(lambda i: i.rates.read_bps if i.rates else 0.0, fmt_mib_s)
+_w_mib = _rate(lambda i: i.rates.write_bps if i.rates else 0.0, fmt_mib_s)
+
+
+def _flush_p99(inst: Instance) -> str:
+    return fmt_latency_us(inst.status.flush_latency.p99) if _st(inst) and inst.status else DASH
+
+
+def _dirty(inst: Instance) -> str:
+    return fmt_bytes(inst.status.dirty_bytes) if _st(inst) and inst.status else DASH
+
+
+def _snaps(inst: Instance) -> str:
+    return str(inst.status.snapshot_count) if inst.status else DASH
+
+
+def _trend(width: int) -> Callable[[Instance], Text]:
+    def cell(inst: Instance) -> Text:
+        return Text(sparkline(inst.history.total_bps, width), style="cyan")
+
+    return cell
+
+
+def _name(inst: Instance) -> Text:
+    return Text(inst.name, style="bold")
+
+
+def _url(inst: Instance) -> str:
+    return inst.status.storage_url if inst.status and inst.status.storage_url else DASH
+
+
+NAME = Column("name", "Instance", _name, "left")
+STATE = Column("state", "State", state_text, "left")
+SIZE = Column("size", "Size", _size)
+USED = Column("used", "Used", _used)
+CLIENTS = Column("clients", "Clients", _clients)
+FLUSH = Column("flush", "Flush p99", _flush_p99)
+
+# Three layouts by terminal width: pairs of read/write values share a column
+# when space is short, and the long storage URL only gets a column when it fits
+# (otherwise it is in the details panel under the table).
+COLUMNS_NARROW: tuple[Column, ...] = (
+    NAME,
+    STATE,
+    SIZE,
+    USED,
+    Column("clients", "Cl", _clients),
+    Column("iops", "IOPS r/w", _pair(_r_iops, _w_iops)),
+    Column("mibs", "MiB/s r/w", _pair(_r_mib, _w_mib)),
+    FLUSH,
+)
+COLUMNS_WIDE: tuple[Column, ...] = (
+    NAME,
+    STATE,
+    SIZE,
+    USED,
+    CLIENTS,
+    Column("iops", "IOPS r/w", _pair(_r_iops, _w_iops)),
+    Column("mibs", "MiB/s r/w", _pair(_r_mib, _w_mib)),
+    FLUSH,
+    Column("dirty", "Dirty", _dirty),
+    Column("snaps", "Snaps", _snaps),
+    Column("trend", "Throughput", _trend(12), "left"),
+)
+COLUMNS_FULL: tuple[Column, ...] = (
+    NAME,
+    STATE,
+    SIZE,
+    USED,
+    CLIENTS,
+    Column("riops", "R IOPS", _r_iops),
+    Column("wiops", "W IOPS", _w_iops),
+    Column("rmib", "R MiB/s", _r_mib),
+    Column("wmib", "W MiB/s", _w_mib),
+    FLUSH,
+    Column("dirty", "Dirty", _dirty),
+    Column("snaps", "Snaps", _snaps),
+    Column("trend", "Throughput", _trend(16), "left"),
+    Column("url", "Storage", _url, "left"),
+)
+
+
+def columns_for_width(width: int) -> tuple[Column, ...]:
+    if width >= 170:
+        return COLUMNS_FULL
+    if width >= 118:
+        return COLUMNS_WIDE
+    return COLUMNS_NARROW
+
+
+def row(inst: Instance, columns: Sequence[Column]) -> list[Text]:
+    cells: list[Text] = []
+    for col in columns:
+        value = col.cell(inst)
+        text = value if isinstance(value, Text) else Text(value)
+        text.justify = "left" if col.justify == "left" else "right"
+        cells.append(text)
+    return cells
+
+
+def summary_lines(inst: Instance) -> list[Text]:
+    """The facts block at the top of the instance screen and under the overview.
+
+    Short lines, one topic each, so that it reads at 80 columns without wrapping.
+    """
+    st = inst.status
+    lines = [
+        Text.assemble((inst.name, "bold"), "  ", state_text(inst), "  ", (str(inst.socket), "dim"))
+    ]
+    if inst.last_error and inst.state is not State.UP:
+        lines.append(Text(inst.last_error, style="yellow"))
+    if st is None:
+        lines.append(Text("no status received yet", style="dim"))
+        return lines
+    lines.append(
+        _facts(
+            ("size", fmt_bytes(st.size_bytes)),
+            ("used", fmt_bytes(st.used_bytes)),
+            ("dirty", fmt_bytes(st.dirty_bytes)),
+            ("cached", fmt_bytes(st.cached_bytes)),
+            ("gen", DASH if st.generation is None else str(st.generation)),
+        )
+    )
+    lines.append(
+        _facts(
+            ("clients", f"{st.connections} ({st.connections_total} since start)"),
+            ("in flight", str(st.inflight)),
+            ("up", fmt_duration(st.uptime_s)),
+            ("pid", DASH if st.pid is None else str(st.pid)),
+            ("version", st.version or DASH),
+        )
+    )
+    lines.append(_facts(("storage", st.storage_url or DASH), ("nbd", st.nbd_address or DASH)))
+    return lines
+
+
+def _facts(*pairs: tuple[str, str]) -> Text:
+    text = Text()
+    for i, (label, value) in enumerate(pairs):
+        text.append(("  " if i else "") + label + " ", style="dim")
+        text.append(value)
+    return text
+
+
+def event_text(event: Event) -> Text:
+    style = EVENT_STYLE[event.level]
+    return Text.assemble((fmt_clock(event.wall), "dim"), " ", (event.text, style))
+
+
+def snapshot_row(snap: Snapshot) -> list[Text]:
+    return [
+        Text(snap.name, style="bold"),
+        Text(fmt_time(snap.created_at)),
+        Text(DASH if snap.generation is None else str(snap.generation), justify="right"),
+        Text(fmt_bytes(snap.size_bytes), justify="right"),
+    ]
+
+
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None:
+    """Why `name` cannot be used for a new snapshot, or None if it can.
+
+    Checked before sending so typos are caught while typing; the daemon checks
+    again and its message is shown if it disagrees.
+    """
+    if not name:
+        return "a name is required"
+    if len(name) > 64:
+        return "at most 64 characters"
+    if not SNAPSHOT_NAME.fullmatch(name):
+        if not name[0].isalnum():
+            return "must start with a letter or digit"
+        return "only letters, digits, '.', '_' and '-'"
+    if name in existing:
+        return f"a snapshot named {name!r} already exists"
+    return None
+
+
+def is_client_refusal(message: str) -> bool:
+    """Whether a restore error is the daemon protecting attached clients (so force helps)."""
+    return "client" in message.lower()

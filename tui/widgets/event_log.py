@@ -1,0 +1,36 @@
+"""The instance's recent events, newest at the bottom."""
+
+from __future__ import annotations
+
+from textual.widgets import RichLog
+
+from tui.model import EVENT_LINES, Instance
+from tui.view import event_text
+
+
+class EventLog(RichLog):
+    DEFAULT_CSS = """
+    EventLog {
+        border: round $foreground 30%;
+        border-title-color: $text-accent;
+        background: $surface;
+        scrollbar-size-vertical: 1;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, max_lines=EVENT_LINES, wrap=True, markup=False)
+        self.border_title = "Events"
+        self._shown: tuple[int, int] = (0, 0)  # (id of the deque, events shown)
+
+    def show(self, inst: Instance) -> None:
+        """Append what is new since the last call; events only ever get appended."""
+        events = list(inst.events)
+        ident, shown = self._shown
+        if ident != id(inst.events) or shown > inst.event_total:
+            self.clear()
+            shown = max(0, inst.event_total - len(events))
+        new = inst.event_total - shown
+        for event in events[len(events) - new :] if new > 0 else []:
+            self.write(event_text(event))
+        self._shown = (id(inst.events), inst.event_total)

@@ -1,0 +1,105 @@
+"""The overview's instance table and the instance screen's snapshot table.
+
+Both update in place (cell by cell, keyed by socket path or snapshot name) so
+the cursor stays on its row while the data refreshes every second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import JustifyMethod
+from rich.text import Text
+from textual.binding import Binding
+from textual.widgets import DataTable
+
+from tui.model import Instance, Snapshot
+from tui.view import Column, columns_for_width, row, snapshot_row
+
+
+class InstanceTable(DataTable[Text]):
+    DEFAULT_CSS = """
+    InstanceTable { height: 1fr; }
+    """
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+    ]
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self._columns: tuple[Column, ...] = ()
+
+    def show(self, instances: Sequence[Instance], width: int) -> None:
+        columns = columns_for_width(width)
+        keep = self.highlighted_key()
+        if columns != self._columns:
+            self.clear(columns=True)
+            self._columns = columns
+            for col in columns:
+                self.add_column(Text(col.label, justify=_justify(col)), key=col.key)
+        present = {key.value for key in self.rows}
+        for inst in instances:
+            cells = row(inst, columns)
+            if inst.key not in present:
+                self.add_row(*cells, key=inst.key)
+                continue
+            for col, cell in zip(columns, cells, strict=True):
+                self.update_cell(inst.key, col.key, cell, update_width=True)
+        if keep is not None and keep in self.rows:
+            self.move_cursor(row=self.get_row_index(keep))
+
+    def highlighted_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:  # the cursor can be out of range while rows change
+            return None
+        return key.value
+
+
+class SnapshotTable(DataTable[Text]):
+    DEFAULT_CSS = """
+    SnapshotTable { height: 1fr; }
+    """
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+    ]
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self._ident: list[tuple[str, str]] = []
+
+    def on_mount(self) -> None:
+        self.add_column("Snapshot", key="name")
+        self.add_column("Created", key="created")
+        self.add_column(Text("Gen", justify="right"), key="generation")
+        self.add_column(Text("Data", justify="right"), key="size")
+
+    def show(self, snapshots: Sequence[Snapshot]) -> None:
+        names = [s.name for s in snapshots]
+        ident = [(s.name, s.id) for s in snapshots]
+        if ident == self._ident:
+            return
+        keep = self.selected_name()
+        self.clear()
+        for snap in snapshots:
+            self.add_row(*snapshot_row(snap), key=snap.name)
+        self._ident = ident
+        if keep in names:
+            self.move_cursor(row=names.index(keep))
+
+    def selected_name(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:  # the cursor can be out of range while rows change
+            return None
+        return key.value
+
+
+def _justify(col: Column) -> JustifyMethod:
+    return "left" if col.justify == "left" else "right"
