@@ -1,0 +1,1 @@
+"""I/O traces: record what clients send, replay it, benchmark configurations."""

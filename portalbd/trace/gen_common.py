@@ -1,0 +1,255 @@
+"""What every workload generator shares: a recording server, a block device, cleanup.
+
+The kernel has no NBD module here, so the workload reaches the server the way
+TESTING.md describes: `nbdfuse` exposes the export as a file, `losetup` turns
+that file into a block device, and real mkfs / mount / applications use it.
+Every resource is pushed onto an ExitStack as soon as it exists, so a failing
+or interrupted workload still unmounts, detaches, unmounts FUSE and stops the
+servers, in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from portalbd.trace import daemon_proc, nbdkit_log
+from portalbd.trace.daemon_proc import DaemonConfig
+
+GIB = 1 << 30
+
+
+class GenError(RuntimeError):
+    """A workload step failed; the message names the step and its output."""
+
+
+def log(msg: str) -> None:
+    print(f"gen: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: Sequence[str], *, timeout: float = 600, check: bool = True,
+        env: dict[str, str] | None = None, cwd: Path | None = None) -> str:  # fmt: skip
+    """Run a command; on failure raise GenError with its output."""
+    try:
+        p = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+        )
+    except FileNotFoundError:
+        raise GenError(f"{cmd[0]}: command not found (see docs/traces.md for packages)") from None
+    except subprocess.TimeoutExpired:
+        raise GenError(f"{' '.join(cmd)}: timed out after {timeout:.0f}s") from None
+    if check and p.returncode != 0:
+        out = (p.stdout + p.stderr).strip()[-2000:]
+        raise GenError(f"{' '.join(cmd)} failed with status {p.returncode}:\n{out}")
+    return p.stdout
+
+
+def _quiet(fn: Callable[[], object], what: str) -> Callable[[], None]:
+    """A cleanup step that reports, but never raises (the next step must still run)."""
+
+    def step() -> None:
+        try:
+            fn()
+        except Exception as e:
+            log(f"cleanup: {what}: {e}")
+
+    return step
+
+
+@dataclass(slots=True)
+class Target:
+    uri: str
+    finish: Callable[[], None]  # stop recording and produce the trace file
+
+
+def recording_server(
+    stack: contextlib.ExitStack,
+    server: str,
+    workdir: Path,
+    out: Path,
+    workload: str,
+    size: int,
+    block_size: int | None,
+) -> Target:
+    """Start portalbd (or nbdkit + log filter) recording to `out`."""
+    if server == "portalbd":
+        d = daemon_proc.start(
+            DaemonConfig(storage="memory", block_size=block_size),
+            workdir / "daemon",
+            size,
+            trace=out.resolve(),
+            workload=workload,
+        )
+        stopped = False
+
+        def finish() -> None:
+            nonlocal stopped
+            if not stopped:
+                stopped = True
+                rc = d.stop()
+                if rc != 0:
+                    raise GenError(f"portalbd exited with status {rc}\n{d.log_tail()}")
+                if not out.exists():
+                    raise GenError(f"portalbd wrote no trace to {out}\n{d.log_tail()}")
+
+        stack.callback(_quiet(d.stop, "stop portalbd"))
+        return Target(d.uri, finish)
+    if server == "nbdkit":
+        port = daemon_proc.free_port()
+        logfile = workdir / "nbdkit.log"
+        proc = subprocess.Popen(
+            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=log",
+             "memory", str(size), f"logfile={logfile}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+
+        stack.callback(_quiet(stop, "stop nbdkit"))
+        daemon_proc.wait_port(port, proc, 30, "nbdkit")
+
+        def finish_nbdkit() -> None:
+            stop()
+            n = nbdkit_log.to_trace(logfile, out, workload, size)
+            log(f"converted {n} logged requests")
+
+        return Target(f"nbd://127.0.0.1:{port}", finish_nbdkit)
+    raise GenError(f"unknown server {server!r}")
+
+
+def attach(stack: contextlib.ExitStack, uri: str, workdir: Path) -> Path:
+    """nbdfuse + loop device for `uri`; returns the loop device path."""
+    fusedir = workdir / "fuse"
+    fusedir.mkdir(parents=True, exist_ok=True)
+    pidfile = workdir / "nbdfuse.pid"
+    proc = subprocess.Popen(
+        ["nbdfuse", "-P", str(pidfile), str(fusedir / "disk"), uri],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def unmount_fuse() -> None:
+        if proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(fusedir)], capture_output=True, timeout=60)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    stack.callback(_quiet(unmount_fuse, "fusermount3 -u"))
+    deadline = time.monotonic() + 30
+    while not pidfile.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise GenError(f"nbdfuse exited with status {proc.returncode}: {err.strip()}")
+        if time.monotonic() > deadline:
+            raise GenError("nbdfuse did not become ready within 30s")
+        time.sleep(0.05)
+    loop = run(["losetup", "-f", "--show", str(fusedir / "disk")]).strip()
+    stack.callback(_quiet(lambda: run(["losetup", "-d", loop]), f"losetup -d {loop}"))
+    log(f"{uri} attached as {loop}")
+    return Path(loop)
+
+
+@contextlib.contextmanager
+def mounted(device: Path, mountpoint: Path, options: str = "") -> Iterator[Path]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    run(["mount", *(["-o", options] if options else []), str(device), str(mountpoint)])
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["sync"], check=False)
+        r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
+        if r.returncode != 0:
+            time.sleep(1)
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+@dataclass(slots=True, kw_only=True)
+class GenContext:
+    workdir: Path
+    device: Path
+    quick: bool
+    size: int
+
+
+Workload = Callable[[GenContext], None]
+
+
+def workloads() -> dict[str, tuple[Workload, int]]:
+    """name -> (body, default device size)."""
+    from portalbd.trace import gen_minecraft, gen_mkfs, gen_pgbench
+
+    return {
+        "mkfs": (gen_mkfs.workload, gen_mkfs.DEFAULT_SIZE),
+        "pgbench": (gen_pgbench.workload, gen_pgbench.DEFAULT_SIZE),
+        "minecraft": (gen_minecraft.workload, gen_minecraft.DEFAULT_SIZE),
+    }
+
+
+def check_tools(names: Sequence[str]) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        raise GenError(f"missing tools: {', '.join(missing)} (see docs/traces.md)")
+    if os.geteuid() != 0:
+        raise GenError("gen needs root (losetup, mount)")
+
+
+def generate(
+    name: str,
+    out: Path,
+    *,
+    quick: bool = False,
+    size: int | None = None,
+    block_size: int | None = None,
+    workdir: Path | None = None,
+    server: str = "portalbd",
+) -> None:
+    body, default_size = workloads()[name]
+    check_tools(["nbdfuse", "losetup", "fusermount3", "mount", "umount"])
+    size = size or default_size
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"gen-{name}-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(workdir, 0o755)  # services running as other users reach their data below
+        target = recording_server(stack, server, workdir, out, name, size, block_size)
+        with contextlib.ExitStack() as dev_stack:
+            device = attach(dev_stack, target.uri, workdir)
+            t0 = time.monotonic()
+            body(GenContext(workdir=workdir, device=device, quick=quick, size=size))
+            log(f"{name} workload ran for {time.monotonic() - t0:.1f}s")
+        target.finish()
+    log(f"trace written to {out}")
+
+
+def run_generator(args: argparse.Namespace) -> int:
+    try:
+        generate(
+            args.workload,
+            args.out,
+            quick=args.quick,
+            size=args.size,
+            block_size=args.block_size,
+            workdir=args.workdir,
+            server=args.server,
+        )
+    except GenError as e:
+        print(f"portalbd-trace gen {args.workload}: {e}", file=sys.stderr)
+        return 1
+    return 0
