@@ -1,0 +1,381 @@
+"""The TUI's logic without an app: formatting, rates, state, discovery, validation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tui.app import parse_args
+from tui.config import pick_theme, terminal_is_light
+from tui.control import ControlClient, ProtocolError, Unreachable, Unresponsive
+from tui.demo import demo_fleet, instance
+from tui.discovery import default_roots, scan
+from tui.format import (
+    bar_rows,
+    fmt_bytes,
+    fmt_count,
+    fmt_duration,
+    fmt_latency_us,
+    fmt_mib_s,
+    sparkline,
+)
+from tui.model import Fleet, Rates, State, Status, name_from_socket, rates_between
+from tui.view import (
+    COLUMNS_FULL,
+    COLUMNS_NARROW,
+    COLUMNS_WIDE,
+    columns_for_width,
+    is_client_refusal,
+    row,
+    snapshot_name_problem,
+    summary_lines,
+)
+
+# --- formatting -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (None, "—"),
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1 KiB"),
+        (1536, "1.50 KiB"),
+        (64 * 1024, "64 KiB"),
+        (1024**3, "1 GiB"),
+        (int(23.7 * 1024**3), "23.7 GiB"),
+        (640 * 1024**2, "640 MiB"),
+        (5 * 1024**6, "5120 PiB"),
+    ],
+)
+def test_fmt_bytes(n: int | None, text: str) -> None:
+    assert fmt_bytes(n) == text
+
+
+def test_fmt_rates_and_latency() -> None:
+    mib = 1024 * 1024
+    assert [fmt_mib_s(x) for x in (None, 0, 1000, 2.5 * mib, 130 * mib)] == [
+        "—",
+        "0",
+        "<0.1",
+        "2.5",
+        "130",
+    ]
+    assert [fmt_count(x) for x in (None, 0, 3, 2.5, 999, 1500, 2_500_000)] == [
+        "—",
+        "0",
+        "3",
+        "2.5",
+        "999",
+        "1.5k",
+        "2.5M",
+    ]
+    assert [fmt_latency_us(x) for x in (None, 80, 1500, 250_000, 2_500_000)] == [
+        "—",
+        "80µs",
+        "1.5ms",
+        "250ms",
+        "2.50s",
+    ]
+    assert [fmt_duration(x) for x in (None, 5, 312, 7300, 3 * 86400 + 4 * 3600 + 5)] == [
+        "—",
+        "5s",
+        "5m 12s",
+        "2h 1m",
+        "3d 4h",
+    ]
+
+
+def test_sparkline_and_bars_scale_to_their_peak() -> None:
+    assert sparkline([], 4) == "    "
+    assert sparkline([0, 0], 3) == " ▁▁"
+    assert sparkline([1, 2, 4, 8], 4) == "▂▃▅█"
+    assert sparkline(range(100), 5)[-1] == "█"  # only the last `width` values count
+    assert bar_rows([0, 4, 8], 3, 1) == [" ▄█"]
+    top, bottom = bar_rows([8, 16], 2, 2)
+    assert (top, bottom) == (" █", "██")
+    assert bar_rows([0.001, 100], 2, 1) == ["▁█"]  # light activity is never invisible
+    assert bar_rows([5], 3, 1) == ["  █"]  # new history grows from the right
+
+
+# --- model ------------------------------------------------------------------
+
+
+def _status(**stats: object) -> Status:
+    body: dict[str, object] = {"instance": "t", "size_bytes": 1 << 30, "pid": 7}
+    body["stats"] = {"commands": {"read": stats.pop("reads", 0), "write": stats.pop("writes", 0)}}
+    body["stats"].update(stats)  # type: ignore[attr-defined]
+    return Status.from_json(body)
+
+
+def test_status_parses_the_documented_example_and_tolerates_gaps() -> None:
+    st = Status.from_json(
+        {
+            "size_bytes": 1073741824,
+            "snapshot_count": 2,
+            "instance": "default",
+            "storage_url": "file:///var/lib/portalbd/default",
+            "stats": {
+                "connections": 1,
+                "commands": {"read": 10, "write": 5, "flush": 1},
+                "bytes_read": 40960,
+                "latency_us": {"read": {"p50": 80, "p99": 300}},
+                "flush_latency_us": {"p99": 4000},
+                "dirty_bytes": 65536,
+                "used_bytes": 1048576,
+                "new_field_from_the_future": [1, 2],
+            },
+        }
+    )
+    assert (st.size_bytes, st.snapshot_count, st.connections, st.reads, st.writes) == (
+        1 << 30,
+        2,
+        1,
+        10,
+        5,
+    )
+    assert st.read_latency.p99 == 300 and st.write_latency.p99 is None
+    assert st.flush_latency.p99 == 4000
+    assert st.used_bytes == 1 << 20 and st.dirty_bytes == 65536
+    empty = Status.from_json({"size_bytes": "not a number", "stats": None})
+    assert empty.size_bytes == 0 and empty.used_bytes is None and empty.uptime_s is None
+
+
+def test_rates_are_counter_differences_over_time() -> None:
+    a = _status(reads=100, writes=10, bytes_read=100 * 4096, bytes_written=0)
+    b = _status(reads=300, writes=30, bytes_read=300 * 4096, bytes_written=20 * 65536)
+    r = rates_between(10.0, a, 12.0, b)
+    assert r == Rates(
+        read_iops=100.0, write_iops=10.0, read_bps=100 * 4096.0, write_bps=10 * 65536.0, flush_ps=0
+    )
+    assert rates_between(12.0, a, 12.0, b) is None  # empty interval
+    assert rates_between(10.0, b, 11.0, a) is None  # counters went back: restart
+
+
+def test_instance_states_events_and_history() -> None:
+    fleet = Fleet()
+    inst, new = fleet.add(Path("/run/portalbd/db/control.sock"))
+    assert new and inst.name == "db"
+    assert [e.text for e in inst.events] == [] and str(inst.state) == str(State.CONNECTING)
+    assert fleet.add(Path("/run/portalbd/db/control.sock"), explicit=True) == (inst, False)
+    assert inst.explicit
+
+    inst.record_status(0.0, 100.0, _status(reads=0))
+    assert inst.state is State.UP and inst.rates is None  # one sample gives no rate yet
+    inst.record_status(1.0, 101.0, _status(reads=50, errors=0))
+    assert inst.rates is not None and inst.rates.read_iops == 50
+    assert list(inst.history.read_iops) == [50.0]
+
+    inst.record_failure(102.0, State.UNRESPONSIVE, "unresponsive: no answer within 3s")
+    inst.record_failure(103.0, State.UNRESPONSIVE, "unresponsive: no answer within 3s")
+    assert inst.state is State.UNRESPONSIVE and inst.rates is None
+    inst.record_failure(104.0, State.DOWN, "socket not found (daemon not running)")
+    inst.record_status(5.0, 105.0, _status(reads=60, errors=2))
+    assert inst.state is State.UP and inst.last_error is None
+    assert inst.rates is None  # no rate across an outage
+    texts = [e.text for e in inst.events]
+    assert texts == [
+        "connected",
+        "unresponsive: no answer within 3s",  # logged once, not on every failed poll
+        "socket not found (daemon not running)",
+        "answering again",
+        "2 NBD requests failed",
+    ]
+    assert inst.event_total == 5
+    restarted = Status.from_json({"instance": "db", "pid": 8, "stats": {"errors": 0}})
+    inst.record_status(6.0, 106.0, restarted)
+    assert inst.events[-1].text == "daemon restarted (pid 7 → 8)"
+    inst.record_status(7.0, 107.0, Status.from_json({"pid": 8, "stats": {"errors": 3}}))
+    assert (inst.events[-1].level, inst.events[-1].text) == ("error", "3 NBD requests failed")
+
+
+def test_name_from_socket() -> None:
+    assert name_from_socket(Path("/run/portalbd/db/control.sock")) == "db"
+    assert name_from_socket(Path("/tmp/x/my.sock")) == "my"
+
+
+# --- view -------------------------------------------------------------------
+
+
+def test_columns_fit_the_terminal_and_keep_the_required_fields() -> None:
+    assert columns_for_width(80) is COLUMNS_NARROW
+    assert columns_for_width(120) is COLUMNS_WIDE
+    assert columns_for_width(200) is COLUMNS_FULL
+    assert {c.key for c in COLUMNS_FULL} >= {
+        "name",
+        "state",
+        "size",
+        "used",
+        "clients",
+        "riops",
+        "wiops",
+        "rmib",
+        "wmib",
+        "flush",
+        "dirty",
+        "snaps",
+        "trend",
+        "url",
+    }
+    fleet = demo_fleet()
+    db = instance(fleet, "db")
+    cells = [c.plain for c in row(db, COLUMNS_NARROW)]
+    assert cells[:5] == ["db", "● up", "64 GiB", "23.7 GiB", "2"]
+    backup = instance(fleet, "backup")
+    assert [c.plain for c in row(backup, COLUMNS_NARROW)][1:4] == ["✕ down", "—", "—"]
+    # Every narrow row fits 80 columns with the table's padding and border.
+    rows = [row(each, COLUMNS_NARROW) for each in fleet]
+    widths = [
+        max(len(col.label), *(len(r[i].plain) for r in rows))
+        for i, col in enumerate(COLUMNS_NARROW)
+    ]
+    assert sum(widths) + 2 * len(widths) + 2 <= 80
+    assert all(len(line.plain) <= 78 for line in summary_lines(db))
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("nightly-1", None),
+        ("v1.2_rc", None),
+        ("", "a name is required"),
+        ("-x", "must start with a letter or digit"),
+        ("a b", "only letters, digits, '.', '_' and '-'"),
+        ("a/b", "only letters, digits, '.', '_' and '-'"),
+        ("x" * 65, "at most 64 characters"),
+        ("taken", "a snapshot named 'taken' already exists"),
+    ],
+)
+def test_snapshot_name_validation(name: str, problem: str | None) -> None:
+    assert snapshot_name_problem(name, ["taken"]) == problem
+
+
+def test_client_refusal_is_recognised() -> None:
+    assert is_client_refusal("refusing to restore: 2 clients connected (use force)")
+    assert not is_client_refusal("no snapshot named 'x'")
+
+
+# --- config and arguments ---------------------------------------------------
+
+
+def test_theme_follows_the_terminal_background() -> None:
+    assert terminal_is_light({}) is None
+    assert terminal_is_light({"COLORFGBG": "15;0"}) is False
+    assert terminal_is_light({"COLORFGBG": "0;15"}) is True
+    assert terminal_is_light({"COLORFGBG": "0;default;15"}) is True
+    assert pick_theme("auto", {"COLORFGBG": "0;15"}) == "textual-light"
+    assert pick_theme("auto", {}) == "textual-dark"
+    assert pick_theme("ansi", {"COLORFGBG": "0;7"}) == "ansi-light"
+    assert pick_theme("light", {}) == "textual-light"
+    assert pick_theme("nord", {}) == "nord"
+
+
+def test_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = parse_args(["--socket", "a.sock", "--socket", str(tmp_path / "b.sock"), "--refresh", "2"])
+    assert s.sockets == (Path.cwd() / "a.sock", tmp_path / "b.sock")
+    assert s.refresh_s == 2 and s.discover
+    with pytest.raises(SystemExit):
+        parse_args(["--no-discover"])
+    assert "--no-discover needs at least one --socket" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--timeout", "0"])
+    assert "must be positive" in capsys.readouterr().err
+
+
+# --- discovery --------------------------------------------------------------
+
+
+@pytest.fixture
+def listening() -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    yield socks
+    for s in socks:
+        s.close()
+
+
+def _listen(path: Path, socks: list[socket.socket]) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen()
+    socks.append(s)
+    return s
+
+
+def test_discovery_follows_the_documented_layout(
+    tmp_path: Path, listening: list[socket.socket]
+) -> None:
+    run, xdg = tmp_path / "run", tmp_path / "xdg"
+    _listen(run / "a" / "control.sock", listening)
+    _listen(xdg / "b" / "control.sock", listening)
+    (run / "c").mkdir()
+    (run / "c" / "control.sock").write_text("not a socket")
+    _listen(run / "d" / "other.sock", listening)
+    assert scan([run, xdg, tmp_path / "missing"]) == [
+        run / "a" / "control.sock",
+        xdg / "b" / "control.sock",
+    ]
+    assert default_roots({"XDG_RUNTIME_DIR": "/run/user/5"}, uid=5) == [
+        Path("/run/portalbd"),
+        Path("/run/user/5/portalbd"),
+    ]
+    assert default_roots({}, uid=5) == [Path("/run/portalbd"), Path("/tmp/portalbd-5")]
+
+
+# --- control client failures (real sockets standing in for broken daemons) ---
+
+
+def test_control_client_tells_down_from_unresponsive(
+    tmp_path: Path, listening: list[socket.socket]
+) -> None:
+    missing = tmp_path / "missing.sock"
+    stale = tmp_path / "stale.sock"
+    _listen(stale, listening).close()  # the file stays, nobody listens: refused
+    hung = tmp_path / "hung.sock"
+    _listen(hung, listening)  # accepts (backlog) but never answers
+
+    async def run() -> None:
+        with pytest.raises(Unreachable, match="socket not found"):
+            await ControlClient(missing).status(1.0)
+        with pytest.raises(Unreachable, match="connection refused"):
+            await ControlClient(stale).status(1.0)
+        client = ControlClient(hung)
+        started = time.monotonic()
+        with pytest.raises(Unresponsive, match=r"no answer within 0.3s"):
+            await client.status(0.3)
+        assert time.monotonic() - started < 5  # bounded by the deadline, not hung
+        await client.close()
+
+    asyncio.run(run())
+
+
+def test_control_client_rejects_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sock"
+
+    async def run() -> None:
+        async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()
+            writer.write(b'{"Unexpected": 1}\n')
+            await reader.readline()
+            writer.write(b"not json\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(reply, str(path))
+        async with server:
+            client = ControlClient(path)
+            with pytest.raises(ProtocolError, match="expected Status"):
+                await client.status(2.0)
+            with pytest.raises(ProtocolError):
+                await client.snapshot_list(2.0)
+            await client.close()
+
+    asyncio.run(run())
+    assert not os.path.exists(path) or path.is_socket()
