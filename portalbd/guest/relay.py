@@ -12,7 +12,9 @@ for a while (as TCP would keep retrying a SYN), which is what lets a
 `-persist` client ride out a daemon restart.
 
 Run as a file (`python3 -I -S relay.py HOST PORT`): it must start fast and
-must never write to stderr, which is the guest's socket.
+must never write to stderr, which is the guest's socket. PORT may be
+`@FILE`: the port is then read from FILE at each connection, so a test can
+restart its server on another port while the guest stays up.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 BUFFER = 1 << 20
 DIAL_SECONDS = 30.0
@@ -56,7 +59,12 @@ def _dial(host: str, port: int, deadline: float) -> socket.socket | None:
 def main(argv: list[str]) -> None:
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
-    host, port = argv[1], int(argv[2])
+    host = argv[1]
+    try:
+        spec = argv[2]
+        port = int(Path(spec[1:]).read_text().strip() if spec[0] == "@" else spec)
+    except (OSError, ValueError):
+        os._exit(1)
     dial_seconds = float(argv[3]) if len(argv) > 3 else DIAL_SECONDS
     guest = socket.socket(fileno=0)
     server = _dial(host, port, time.monotonic() + dial_seconds)

@@ -59,6 +59,11 @@ class GuestResult:
     def ok(self) -> bool:
         return self.exit_status == 0 and not self.timed_out and not self.call_errors
 
+    def step_status(self, name: str) -> int | None:
+        """Exit status of the guest's `step NAME ...`, None when it never finished."""
+        text = self.sections.get(f"status:{name}")
+        return int(text) if text is not None and text.strip().isdigit() else None
+
     def describe(self, tail: int = 4000) -> str:
         """A failure summary: status and the end of the script's and the kernel's output."""
         return (
@@ -98,8 +103,11 @@ class GuestRunner:
         self.qemu = qemu
         self.keep_dir = keep_dir
 
-    def command(self, workdir: Path, nbd_port: int, nbd_host: str = "127.0.0.1") -> list[str]:
-        relay_cmd = f"{sys.executable} -I -S {relay.__file__} {nbd_host} {nbd_port}"
+    def command(
+        self, workdir: Path, nbd_port: int | Path, nbd_host: str = "127.0.0.1"
+    ) -> list[str]:
+        port = f"@{nbd_port}" if isinstance(nbd_port, Path) else str(nbd_port)
+        relay_cmd = f"{sys.executable} -I -S {relay.__file__} {nbd_host} {port}"
         fwd = f"tcp:{scripts.GUEST_NBD_HOST}:{scripts.GUEST_NBD_PORT}-cmd:{relay_cmd}"
         return [
             self.qemu,
@@ -146,7 +154,7 @@ class GuestRunner:
     def run(
         self,
         script: str,
-        nbd_port: int,
+        nbd_port: int | Path,
         timeout: float = 180.0,
         *,
         on_call: CallHandler | None = None,
@@ -155,8 +163,9 @@ class GuestRunner:
         """Boot, run `script` (busybox sh, guest_lib helpers loaded), return its report.
 
         Inside the guest `$NBD_HOST $NBD_PORT` reach nbd_host:nbd_port on the
-        host; `attach /dev/nbd0 -N portalbd` is nbd-client with them. The
-        run never outlives `timeout` seconds.
+        host; `attach /dev/nbd0 -N portalbd` is nbd-client with them. A Path
+        as nbd_port names a file holding the port, read at each connection.
+        The run never outlives `timeout` seconds.
         """
         workdir = Path(tempfile.mkdtemp(prefix="pbdguest-"))
         try:
@@ -175,7 +184,7 @@ class GuestRunner:
     def _run_in(
         self,
         workdir: Path,
-        nbd_port: int,
+        nbd_port: int | Path,
         nbd_host: str,
         timeout: float,
         on_call: CallHandler | None,

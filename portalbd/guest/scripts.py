@@ -79,6 +79,17 @@ hostcall() {
     esac
 }
 
+# step NAME CMD...: run CMD in a subshell with `set -e`, report its exit status
+# as section "status:NAME", and go on either way (one failing check must not
+# hide the others' results).
+step() {
+    _step=$1; shift
+    echo "== step $_step at $(now)"
+    ( set -e; "$@" )
+    emit "status:$_step" "$?"
+    return 0
+}
+
 # attach DEV [nbd-client options...]: attach DEV to the host's server.
 attach() {
     _dev=$1; shift

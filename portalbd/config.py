@@ -1,0 +1,326 @@
+"""Instance configuration: defaults, the TOML file, and command-line overrides.
+
+Pure logic: reading the file is the only I/O. Every key is declared once in
+the dataclasses below; the loader walks the TOML document against them so an
+unknown key or a wrong type is reported with the file, the key and the
+expected type, and the daemon never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+import tomlkit.exceptions
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names what and where."""
+
+
+@dataclass(slots=True)
+class InstanceConfig:
+    name: str = "default"
+
+
+@dataclass(slots=True)
+class DeviceConfig:
+    disk_size_gb: int = 1
+    size_bytes: int | None = None
+    block_size: int = 64 * 1024
+    cache_bytes: int = 256 * MIB
+    dirty_bytes: int = 128 * MIB
+    read_only: bool = False
+
+    def effective_size(self) -> int:
+        return self.size_bytes if self.size_bytes is not None else self.disk_size_gb * GIB
+
+
+@dataclass(slots=True)
+class S3Config:
+    endpoint: str | None = None
+    region: str | None = None
+    allow_http: bool | None = None
+    path_style: bool | None = None
+    request_timeout_ms: int = 10_000
+    max_retries: int = 3
+    create_bucket: bool = False
+    environment_file: str | None = None
+
+
+@dataclass(slots=True)
+class StorageConfig:
+    url: str | None = None
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(slots=True)
+class NbdConfig:
+    address: str = "127.0.0.1:10809"
+    socket: str | None = None
+    export_name: str = "portalbd"
+    max_connections: int = 64
+
+
+@dataclass(slots=True)
+class LsmConfig:
+    flush_interval_ms: int | None = 100
+    l0_sst_size_bytes: int | None = 64 * MIB
+    l0_max_ssts: int | None = None
+    max_unflushed_bytes: int | None = 256 * MIB
+    filter_bits_per_key: int | None = None
+    block_cache_size_bytes: int | None = 64 * MIB
+    compression_codec: str | None = "lz4"
+    sst_block_size: int | None = None
+
+
+@dataclass(slots=True)
+class RecordConfig:
+    path: str | None = None
+    workload: str = "unnamed"
+
+
+@dataclass(slots=True)
+class MetricsConfig:
+    address: str | None = None
+
+
+@dataclass(slots=True)
+class Config:
+    socket: str | None = None
+    log_level: str = "info"
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    nbd: NbdConfig = field(default_factory=NbdConfig)
+    lsm: LsmConfig = field(default_factory=LsmConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+COMPRESSION_CODECS = ("none", "lz4", "snappy", "zlib", "zstd")
+SST_BLOCK_SIZES = tuple(1024 << i for i in range(7))  # 1 KiB .. 64 KiB
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 1024 * 1024
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if tp is int:
+        return "an integer"
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "a boolean"
+    if tp is float:
+        return "a number"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return str(tp)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check one TOML value against a declared type (None never comes from TOML)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = options[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {_describe(value)}")
+        return _build(tp, value, where)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    declared = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in declared:
+            known = ", ".join(sorted(declared))
+            raise ConfigError(f"{path}: unknown key (known here: {known})")
+        kwargs[key] = _coerce(value, declared[key], path)
+    return cls(**kwargs)
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse TOML text into a validated :class:`Config`."""
+    try:
+        document = tomlkit.parse(text).unwrap()
+    except tomlkit.exceptions.ParseError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        config: Config = _build(Config, document, "")
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    return parse(text, str(path))
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def validate(config: Config) -> None:
+    """Check values that types alone cannot: ranges, choices, relations."""
+    device = config.device
+    if device.disk_size_gb <= 0:
+        raise ConfigError("device.disk_size_gb: must be at least 1")
+    if device.size_bytes is not None and device.size_bytes <= 0:
+        raise ConfigError("device.size_bytes: must be positive")
+    if not _power_of_two(device.block_size) or not (
+        MIN_BLOCK_SIZE <= device.block_size <= MAX_BLOCK_SIZE
+    ):
+        raise ConfigError(
+            f"device.block_size: must be a power of two from {MIN_BLOCK_SIZE} to "
+            f"{MAX_BLOCK_SIZE}, got {device.block_size}"
+        )
+    if device.cache_bytes < 0:
+        raise ConfigError("device.cache_bytes: must not be negative")
+    if device.dirty_bytes < 4 * device.block_size:
+        raise ConfigError(
+            f"device.dirty_bytes: must hold at least 4 blocks ({4 * device.block_size} bytes)"
+        )
+    if config.nbd.max_connections < 1:
+        raise ConfigError("nbd.max_connections: must be at least 1")
+    if not config.nbd.address and not config.nbd.socket:
+        raise ConfigError("nbd: set address, socket or both; with neither nothing can connect")
+    if config.nbd.address:
+        parse_address(config.nbd.address, "nbd.address")
+    if config.metrics.address:
+        parse_address(config.metrics.address, "metrics.address")
+    lsm = config.lsm
+    if lsm.compression_codec is not None and lsm.compression_codec.lower() not in (
+        COMPRESSION_CODECS
+    ):
+        raise ConfigError(
+            f"lsm.compression_codec: must be one of {', '.join(COMPRESSION_CODECS)}, "
+            f"got {lsm.compression_codec!r}"
+        )
+    if lsm.sst_block_size is not None and lsm.sst_block_size not in SST_BLOCK_SIZES:
+        raise ConfigError(
+            "lsm.sst_block_size: must be one of "
+            + ", ".join(str(s) for s in SST_BLOCK_SIZES)
+            + f", got {lsm.sst_block_size}"
+        )
+    for name in ("flush_interval_ms", "l0_sst_size_bytes", "max_unflushed_bytes"):
+        value = getattr(lsm, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"lsm.{name}: must not be negative")
+    if config.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+    name = config.instance.name
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ConfigError(
+            f"instance.name: {name!r} must be letters, digits, '-', '_' or '.' (not leading)"
+        )
+    if config.storage.url:
+        from portalbd.store.location import parse_storage_url
+
+        try:
+            parse_storage_url(config.storage.url)
+        except ValueError as exc:
+            raise ConfigError(f"storage.url: {exc}") from None
+
+
+def parse_address(text: str, where: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too) and check the port."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{where}: expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{where}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} out of range")
+    return host, port
+
+
+# --- overrides and rendering ------------------------------------------------
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    """Apply one override such as ``device.block_size`` (from a CLI flag)."""
+    target: Any = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
+
+
+def to_toml(config: Config) -> str:
+    """Render the effective configuration; unset optional keys are commented."""
+    document = tomlkit.document()
+    document.add(tomlkit.comment("portalbd effective configuration"))
+
+    def fill(container: Any, obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            if value is None:
+                container.add(tomlkit.comment(f"{f.name} = (unset)"))
+            else:
+                container.add(f.name, value)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                table = tomlkit.table()
+                fill(table, value)
+                container.add(f.name, table)
+
+    fill(document, config)
+    return tomlkit.dumps(document)

@@ -1,0 +1,233 @@
+"""``portalbd``: the daemon's command line and lifecycle.
+
+Start: load and check the configuration, open storage (fencing any older
+writer), listen for NBD and control requests, tell systemd we are ready.
+Stop (SIGTERM/SIGINT): stop accepting, let in-flight requests finish, flush
+everything to the object store, close it, and say how the flush went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from portalbd import __version__, config as cfgmod
+from portalbd import log as logsetup
+from portalbd.config import Config, ConfigError
+from portalbd.control.server import ControlServer, SocketInUse
+from portalbd.instance import Instance, StartupError
+from portalbd.paths import control_socket_path
+
+log = logging.getLogger("portalbd")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+DESCRIPTION = """\
+Serve a virtual disk over NBD, keeping every block in SlateDB on object storage
+(memory, a local directory, or an S3 bucket). Manage it with portalctl.
+
+examples:
+  portalbd --disk-size-gb 10 --storage-url file:///var/lib/portalbd/disk0
+  portalbd -c /etc/portalbd/disk0.toml --nbd-address 0.0.0.0:10809
+  nbdinfo nbd://127.0.0.1:10809
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portalbd",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("-c", "--config", type=Path, metavar="FILE", help="TOML configuration file")
+    add("--instance", metavar="NAME", help="instance name (logs, status, default paths)")
+    add("--disk-size-gb", type=int, metavar="N", help="disk size in GiB (default 1)")
+    add("--size-bytes", type=int, metavar="N", help="exact disk size in bytes")
+    add(
+        "--storage-url",
+        metavar="URL",
+        help="file:///abs/dir, s3://bucket/prefix, or memory:// (default: memory)",
+    )
+    add("--nbd-address", metavar="HOST:PORT", help='NBD TCP listener ("" to disable)')
+    add("--nbd-socket", metavar="PATH", help="also listen for NBD on this Unix socket")
+    add("--export-name", metavar="NAME", help="NBD export name (default portalbd)")
+    add("--max-connections", type=int, metavar="N", help="NBD connections at once")
+    add("--socket", metavar="PATH", help="control socket (default depends on --instance)")
+    add("--block-size", type=int, metavar="BYTES", help="block size, fixed at creation")
+    add("--cache-bytes", type=int, metavar="BYTES", help="clean block cache size")
+    add("--dirty-bytes", type=int, metavar="BYTES", help="write-back buffer size")
+    add("--flush-interval-ms", type=int, metavar="N", help="SlateDB WAL flush interval (0=manual)")
+    add("--read-only", action="store_true", default=None, help="serve the disk read-only")
+    add("--log-level", choices=cfgmod.LOG_LEVELS, help="log verbosity (default info)")
+    add("--trace", metavar="FILE", help="record every NBD request to this trace file")
+    add("--workload", metavar="NAME", help="workload name written into the trace")
+    add("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    add("--print-config", action="store_true", help="print the effective config and exit")
+    add("--profile", action="store_true", help="write a CPU flame graph when stopping")
+    add(
+        "--profile-output",
+        type=Path,
+        default=Path("portalbd.svg"),
+        metavar="FILE",
+        help="flame graph path (default portalbd.svg)",
+    )
+    add("--version", action="version", version=f"portalbd {__version__}")
+    return parser
+
+
+# flag -> config key; applied in this order after the file is read
+OVERRIDES = {
+    "instance": "instance.name",
+    "disk_size_gb": "device.disk_size_gb",
+    "size_bytes": "device.size_bytes",
+    "storage_url": "storage.url",
+    "nbd_address": "nbd.address",
+    "nbd_socket": "nbd.socket",
+    "export_name": "nbd.export_name",
+    "max_connections": "nbd.max_connections",
+    "socket": "socket",
+    "block_size": "device.block_size",
+    "cache_bytes": "device.cache_bytes",
+    "dirty_bytes": "device.dirty_bytes",
+    "flush_interval_ms": "lsm.flush_interval_ms",
+    "read_only": "device.read_only",
+    "log_level": "log_level",
+    "trace": "record.path",
+    "workload": "record.workload",
+    "metrics_address": "metrics.address",
+}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    config = cfgmod.load(args.config) if args.config else Config()
+    for flag, key in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            cfgmod.set_value(config, key, value)
+    if args.disk_size_gb is not None and args.size_bytes is None:
+        config.device.size_bytes = None  # the flag beats an exact size from the file
+    try:
+        cfgmod.validate(config)
+    except ConfigError as exc:
+        source = f"{args.config} + command line" if args.config else "command line"
+        raise ConfigError(f"{source}: {exc}") from None
+    if config.socket is None:
+        config.socket = str(control_socket_path(config.instance.name))
+    return config
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about our state, if it is listening (Type=notify)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+async def start_metrics(instance: Instance, address: str) -> asyncio.AbstractServer:
+    from portalbd.metrics import serve_metrics
+
+    return await serve_metrics(instance, address)
+
+
+async def run(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    assert config.socket is not None
+    instance = Instance(config, Path(config.socket))
+    control = ControlServer(Path(config.socket), instance.handle)
+    metrics_server: asyncio.AbstractServer | None = None
+    try:
+        # The control socket first: it refuses to start a second daemon on
+        # the same instance before that daemon could fence the first.
+        await control.start()
+        await instance.open()
+        await instance.listen()
+        if config.metrics.address:
+            metrics_server = await start_metrics(instance, config.metrics.address)
+    except (StartupError, SocketInUse, OSError) as exc:
+        log.error("startup failed: %s", exc)
+        await control.close()
+        with contextlib.suppress(Exception):
+            await instance.close()
+        return EXIT_STARTUP
+    log.info(
+        "portalbd %s started instance=%s size=%d block_size=%d storage=%s control=%s pid=%d",
+        __version__,
+        instance.name,
+        instance.device.size if instance.device else 0,
+        config.device.block_size,
+        instance.location.display,
+        config.socket,
+        os.getpid(),
+    )
+    sd_notify("READY=1\nSTATUS=serving")
+
+    fatal_waiter = asyncio.ensure_future(instance.fatal)
+    stop_waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({fatal_waiter, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if fatal_waiter in done:
+        log.error("stopping: %s", fatal_waiter.result())
+        exit_code = EXIT_STARTUP
+    else:
+        fatal_waiter.cancel()
+        log.info("shutdown requested; draining and flushing")
+    sd_notify("STOPPING=1")
+    if metrics_server is not None:
+        metrics_server.close()
+    await control.close()
+    result = await instance.close()
+    log.info("shutdown complete flush=%s", result)
+    return exit_code if result == "ok" else EXIT_STARTUP
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        print(f"portalbd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        sys.stdout.write(cfgmod.to_toml(config))
+        return 0
+    logsetup.setup(config.log_level, config.instance.name)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    profiler = None
+    if args.profile:
+        from portalbd.profile import Profiler
+
+        profiler = Profiler(args.profile_output)
+        profiler.start()
+    try:
+        code: int = runner(run(config))
+    finally:
+        if profiler is not None:
+            profiler.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

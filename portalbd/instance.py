@@ -1,0 +1,332 @@
+"""A running instance: storage, device, NBD server, and what operators ask of it.
+
+This is where the pieces meet: opening the storage and checking the device
+metadata, answering control requests (status, snapshots, restore, traces),
+and shutting down in the right order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from portalbd import __version__
+from portalbd.config import Config
+from portalbd.control import protocol as cp
+from portalbd.device import Device, DeviceError
+from portalbd.nbd.server import NbdServer, RequestObserver
+from portalbd.stats import ServerStats
+from portalbd.store.instance import InstanceStore
+from portalbd.store.location import StorageLocation, parse_storage_url
+from portalbd.store.slate import SlateHandle, StoreError
+
+log = logging.getLogger("portalbd")
+
+META_KEY = b"\xffportalbd:device"  # outside the 8-byte block key space
+FORMAT_VERSION = 1
+
+
+class StartupError(Exception):
+    """The instance cannot start; the message tells the operator why."""
+
+
+async def check_metadata(data: SlateHandle, size: int, block_size: int) -> int:
+    """Record the device geometry on first use; enforce it afterwards.
+
+    Returns the size to serve: growing is allowed (and recorded), shrinking
+    would cut off data and is refused, as is a different block size.
+    """
+    raw = await data.get(META_KEY)
+    if raw is not None:
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT_VERSION:
+            raise StartupError(
+                f"device format {meta.get('format')} is not supported by portalbd {__version__}"
+            )
+        if meta["block_size"] != block_size:
+            raise StartupError(
+                f"this disk was created with block_size {meta['block_size']}; "
+                f"it cannot be reopened with block_size {block_size} "
+                f"(set [device] block_size = {meta['block_size']})"
+            )
+        if size < meta["size_bytes"]:
+            raise StartupError(
+                f"this disk is {meta['size_bytes']} bytes; shrinking it to {size} bytes "
+                "would lose data and is refused"
+            )
+        if size == meta["size_bytes"]:
+            return size
+        log.info("growing device from %d to %d bytes", meta["size_bytes"], size)
+    meta = {"format": FORMAT_VERSION, "size_bytes": size, "block_size": block_size}
+    await data.write([(META_KEY, json.dumps(meta).encode())])
+    await data.flush()
+    return size
+
+
+class Instance:
+    def __init__(self, config: Config, control_socket: Path) -> None:
+        self.config = config
+        self.name = config.instance.name
+        self.control_socket = control_socket
+        self.location: StorageLocation = parse_storage_url(config.storage.url)
+        self.stats = ServerStats()
+        self.started_at = time.monotonic()
+        self.store: InstanceStore | None = None
+        self.device: Device | None = None
+        self.server: NbdServer | None = None
+        self.nbd_address = ""
+        self.recorder: Any = None
+        self._admin_lock = asyncio.Lock()
+        self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    # --- start and stop -------------------------------------------------------
+
+    async def open(self) -> None:
+        cfg = self.config
+        try:
+            self.store = await InstanceStore.open(
+                self.location,
+                cfg.lsm,
+                max_retries=cfg.storage.s3.max_retries if self.location.kind == "s3" else None,
+            )
+        except StoreError as exc:
+            raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
+        size = await check_metadata(
+            self.store.data, cfg.device.effective_size(), cfg.device.block_size
+        )
+        self.device = Device(
+            self.store.data,
+            size=size,
+            block_size=cfg.device.block_size,
+            cache_bytes=cfg.device.cache_bytes,
+            dirty_bytes=cfg.device.dirty_bytes,
+            on_flush=self.stats.flush_latency.record,
+        )
+        self.device.start()
+        self.server = NbdServer(
+            self.device,
+            export_name=cfg.nbd.export_name,
+            description=f"portalbd {self.name}",
+            stats=self.stats,
+            max_connections=cfg.nbd.max_connections,
+            read_only=cfg.device.read_only,
+        )
+        if cfg.record.path:
+            self.start_trace(Path(cfg.record.path), cfg.record.workload)
+
+    async def listen(self) -> None:
+        assert self.server is not None
+        cfg = self.config
+        if cfg.nbd.address:
+            from portalbd.config import parse_address
+
+            host, port = parse_address(cfg.nbd.address)
+            try:
+                bound_host, bound_port = await self.server.listen_tcp(host, port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for NBD on {cfg.nbd.address}: {exc.strerror}"
+                ) from exc
+            self.nbd_address = f"{bound_host}:{bound_port}"
+            log.info("NBD listening address=%s export=%s", self.nbd_address, cfg.nbd.export_name)
+        if cfg.nbd.socket:
+            try:
+                await self.server.listen_unix(Path(cfg.nbd.socket))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for NBD on socket {cfg.nbd.socket}: {exc.strerror}"
+                ) from exc
+            log.info("NBD listening socket=%s", cfg.nbd.socket)
+
+    async def close(self) -> str:
+        """Stop serving, flush everything, close storage; return a summary."""
+        result = "ok"
+        if self.server is not None:
+            await self.server.close_listeners()
+            await self.server.disconnect_all("daemon shutting down")
+        if self.device is not None:
+            try:
+                await self.device.stop()
+            except DeviceError as exc:
+                result = f"final flush failed: {exc}"
+                log.error("final flush failed: %s", exc)
+        self.stop_trace()
+        if self.store is not None:
+            try:
+                await self.store.close()
+            except StoreError as exc:
+                log.error("closing storage failed: %s", exc)
+                if result == "ok":
+                    result = f"close failed: {exc}"
+        return result
+
+    # --- traces ---------------------------------------------------------------
+
+    def start_trace(self, path: Path, workload: str) -> None:
+        from portalbd.trace.recorder import TraceRecorder
+
+        assert self.server is not None and self.device is not None
+        self.stop_trace()
+        recorder = TraceRecorder.open(path, workload, self.device.size)
+        self.recorder = recorder
+        observer: RequestObserver = recorder
+        self.server.observers.append(observer)
+        log.info("recording trace path=%s workload=%s", path, workload)
+
+    def stop_trace(self) -> bool:
+        recorder = self.recorder
+        if recorder is None:
+            return False
+        if self.server is not None and recorder in self.server.observers:
+            self.server.observers.remove(recorder)
+        recorder.close()
+        self.recorder = None
+        log.info("trace recording stopped")
+        return True
+
+    # --- control requests -------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.device is not None and self.store is not None
+        device = self.device
+        stats = self.stats.as_dict()
+        stats["dirty_bytes"] = device.dirty_bytes + device.draining_bytes
+        stats["cached_bytes"] = device.cached_bytes
+        stats["store"] = self.store.counters.as_dict()
+        stats["device"] = {
+            "loads": device.counters.loads,
+            "drains": device.counters.drains,
+            "drained_blocks": device.counters.drained_blocks,
+            "cache_hits": device.counters.cache_hits,
+            "cache_misses": device.counters.cache_misses,
+        }
+        return {
+            "size_bytes": device.size,
+            "block_count": -(-device.size // device.block_size),
+            "snapshot_count": len(self.store.catalog.snapshots),
+            "nbd_address": self.nbd_address,
+            "nbd_socket": self.config.nbd.socket,
+            "instance": self.name,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "storage_url": self.location.display,
+            "block_size": device.block_size,
+            "control_socket": str(self.control_socket),
+            "generation": self.store.catalog.live_generation,
+            "recording": self.recorder is not None,
+            "stats": stats,
+        }
+
+    async def handle(self, request: cp.Request) -> Any:
+        kind = request.kind
+        args = request.args
+        if kind == "Status":
+            return {"Status": self.status()}
+        if kind == "Metrics":
+            return {"Metrics": self.status()["stats"]}
+        if kind == "SnapshotList":
+            assert self.store is not None
+            return {"SnapshotList": [s.public() for s in self.store.catalog.snapshots]}
+        if kind == "SnapshotGet":
+            assert self.store is not None
+            record = self.store.catalog.find(args["name"])
+            if record is None:
+                return cp.error(f"snapshot {args['name']!r} not found")
+            return {"Snapshot": record.public()}
+        if kind == "SnapshotCreate":
+            cp.check_snapshot_name(args["name"])
+            return {"Snapshot": await self.create_snapshot(args["name"])}
+        if kind == "SnapshotDelete":
+            await self.delete_snapshot(args["name"])
+            return "Ok"
+        if kind == "SnapshotRestore":
+            await self.restore(args["name"], force=bool(args.get("force", False)))
+            return "Ok"
+        if kind == "TraceStart":
+            self.start_trace(Path(args["path"]), args.get("workload", "unnamed"))
+            return "Ok"
+        if kind == "TraceStop":
+            if not self.stop_trace():
+                return cp.error("no trace is being recorded")
+            return "Ok"
+        return cp.error(f"unhandled request {kind}")
+
+    async def create_snapshot(self, name: str) -> dict[str, Any]:
+        assert self.store is not None and self.device is not None
+        async with self._admin_lock:
+            if self.store.catalog.find(name) is not None:
+                raise cp.BadRequest(f"snapshot {name!r} already exists")
+            started = time.monotonic()
+            # Everything acknowledged before this request goes into the snapshot.
+            await self.device.flush()
+            try:
+                record = await self.store.create_snapshot(name, self.stats.bytes_written)
+            except StoreError as exc:
+                raise cp.BadRequest(str(exc)) from exc
+            log.info(
+                "snapshot created name=%s id=%s generation=%d in %.1f ms",
+                name,
+                record.id,
+                record.generation,
+                (time.monotonic() - started) * 1000,
+            )
+            return record.public()
+
+    async def delete_snapshot(self, name: str) -> None:
+        assert self.store is not None
+        async with self._admin_lock:
+            try:
+                await self.store.delete_snapshot(name)
+            except StoreError as exc:
+                raise cp.BadRequest(str(exc)) from exc
+            log.info("snapshot deleted name=%s", name)
+
+    async def restore(self, name: str, *, force: bool) -> None:
+        """Make the disk what it was at the snapshot; keep every snapshot."""
+        assert self.store is not None and self.device is not None and self.server is not None
+        async with self._admin_lock:
+            if self.store.catalog.find(name) is None:
+                raise cp.BadRequest(f"snapshot {name!r} not found")
+            clients = len(self.server.connections)
+            if clients and not force:
+                raise cp.BadRequest(
+                    f"{clients} NBD client{'s are' if clients != 1 else ' is'} connected; "
+                    "disconnect them first or restore with --force"
+                )
+            started = time.monotonic()
+            self.server.refusal = "a snapshot restore is in progress"
+            try:
+                if clients:
+                    await self.server.disconnect_all(f"restoring snapshot {name}")
+                await self.device.flush()
+                try:
+                    generation, handle = await self.store.prepare_restore(name)
+                    old = await self.store.commit_restore(generation, handle)
+                except StoreError as exc:
+                    raise cp.BadRequest(f"restore failed, disk unchanged: {exc}") from exc
+                self.device.swap_store(handle)
+                try:
+                    await old.close()
+                except StoreError as exc:
+                    log.warning("closing the previous generation failed: %s", exc)
+                try:
+                    removed = await self.store.collect_garbage()
+                except StoreError as exc:
+                    log.warning("garbage collection failed: %s", exc)
+                    removed = []
+            finally:
+                self.server.refusal = None
+            log.info(
+                "snapshot restored name=%s generation=%d disconnected=%d removed=%s in %.1f ms",
+                name,
+                generation,
+                clients,
+                removed,
+                (time.monotonic() - started) * 1000,
+            )

@@ -1,0 +1,297 @@
+"""The one module that talks to SlateDB.
+
+Everything the rest of portalbd needs from the LSM tree goes through
+:class:`SlateHandle`: gets, batched writes, flushes, range scans, and the
+admin calls for checkpoints and clones. When the binding changes, this is
+the file to change. Every call is counted so ``status`` can show what the
+store is being asked to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from portalbd.store import uniffi_patch
+
+uniffi_patch.apply()
+
+import slatedb.uniffi as sdb  # noqa: E402  (the patch must come first)
+
+from portalbd.config import LsmConfig  # noqa: E402
+
+
+class StoreError(Exception):
+    """A storage operation failed; the message is meant for the operator."""
+
+
+class StoreFenced(StoreError):
+    """Another writer opened the same database and fenced this one out."""
+
+
+class StoreClosed(StoreError):
+    """The database was closed (shutdown or restore swapped it)."""
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    gets: int = 0
+    puts: int = 0
+    deletes: int = 0
+    batches: int = 0
+    flushes: int = 0
+    scans: int = 0
+    bytes_put: int = 0
+    bytes_got: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "gets": self.gets,
+            "puts": self.puts,
+            "deletes": self.deletes,
+            "batches": self.batches,
+            "flushes": self.flushes,
+            "scans": self.scans,
+            "bytes_put": self.bytes_put,
+            "bytes_got": self.bytes_got,
+        }
+
+
+def translate_error(exc: BaseException, what: str) -> StoreError:
+    """Turn a binding error into one of ours with a readable message."""
+    if isinstance(exc, sdb.Error.Closed):
+        reason = getattr(exc, "reason", None)
+        if reason == sdb.CloseReason.FENCED:
+            return StoreFenced(
+                f"{what}: another portalbd opened this storage and fenced this daemon out"
+            )
+        return StoreClosed(f"{what}: database closed ({reason})")
+    message = getattr(exc, "message", None) or str(exc)
+    return StoreError(f"{what}: {message}")
+
+
+def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
+    settings = sdb.Settings.default()
+
+    def put(key: str, value: str) -> None:
+        settings.set(key, value)
+
+    if lsm.flush_interval_ms is not None:
+        put(
+            "flush_interval",
+            "null" if lsm.flush_interval_ms == 0 else f'"{lsm.flush_interval_ms}ms"',
+        )
+    if lsm.l0_sst_size_bytes is not None:
+        put("l0_sst_size_bytes", str(lsm.l0_sst_size_bytes))
+    if lsm.l0_max_ssts is not None:
+        put("l0_max_ssts", str(lsm.l0_max_ssts))
+    if lsm.max_unflushed_bytes is not None:
+        put("max_unflushed_bytes", str(lsm.max_unflushed_bytes))
+    if lsm.compression_codec is not None:
+        codec = lsm.compression_codec.lower()
+        put("compression_codec", "null" if codec == "none" else f'"{codec.capitalize()}"')
+    if max_retries is not None:
+        put("object_store_max_retries", str(max_retries))
+    return settings
+
+
+_SST_BLOCK_SIZES = {
+    1024: "BLOCK1_KIB",
+    2048: "BLOCK2_KIB",
+    4096: "BLOCK4_KIB",
+    8192: "BLOCK8_KIB",
+    16384: "BLOCK16_KIB",
+    32768: "BLOCK32_KIB",
+    65536: "BLOCK64_KIB",
+}
+
+
+def resolve_object_store(store_url: str) -> Any:
+    try:
+        return sdb.ObjectStore.resolve(store_url)
+    except sdb.Error as exc:
+        raise translate_error(exc, f"cannot open object store {store_url}") from exc
+
+
+class SlateHandle:
+    """One open SlateDB database."""
+
+    def __init__(self, db: Any, path: str, counters: StoreCounters) -> None:
+        self._db = db
+        self.path = path
+        self.counters = counters
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        object_store: Any,
+        path: str,
+        lsm: LsmConfig,
+        counters: StoreCounters | None = None,
+        *,
+        max_retries: int | None = None,
+        small: bool = False,
+    ) -> SlateHandle:
+        """Open (or create) the database at ``path`` inside ``object_store``.
+
+        ``small`` is for the catalog: a tiny database that must not reserve
+        a block cache of its own.
+        """
+        builder = sdb.DbBuilder(path, object_store)
+        builder.with_settings(build_settings(lsm, max_retries=max_retries))
+        if small or not lsm.block_cache_size_bytes:
+            builder.with_db_cache_disabled()
+        else:
+            cache = sdb.DbCache.new_moka_cache(
+                sdb.MokaCacheOptions(
+                    max_capacity=lsm.block_cache_size_bytes, time_to_live=None, time_to_idle=None
+                )
+            )
+            builder.with_db_cache(cache, 0)
+        if lsm.filter_bits_per_key and not small:
+            builder.with_filter_policies([sdb.FilterPolicy.bloom(lsm.filter_bits_per_key)])
+        if lsm.sst_block_size and not small:
+            builder.with_sst_block_size(
+                getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[lsm.sst_block_size])
+            )
+        try:
+            db = await builder.build()
+        except sdb.Error as exc:
+            raise translate_error(exc, f"cannot open database {path!r}") from exc
+        return cls(db, path, counters or StoreCounters())
+
+    async def get(self, key: bytes) -> bytes | None:
+        self.counters.gets += 1
+        try:
+            value: bytes | None = await self._db.get(key)
+        except sdb.Error as exc:
+            raise translate_error(exc, "read failed") from exc
+        if value is not None:
+            self.counters.bytes_got += len(value)
+        return value
+
+    async def write(self, items: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Apply puts (value) and deletes (None) atomically, as one batch."""
+        if not items:
+            return
+        batch = sdb.WriteBatch()
+        counters = self.counters
+        for key, value in items:
+            if value is None:
+                batch.delete(key)
+                counters.deletes += 1
+            else:
+                batch.put(key, value)
+                counters.puts += 1
+                counters.bytes_put += len(value)
+        counters.batches += 1
+        try:
+            await self._db.write(batch)
+        except sdb.Error as exc:
+            raise translate_error(exc, "write failed") from exc
+
+    async def flush(self, *, memtable: bool = False) -> None:
+        """Make every write so far durable in the object store.
+
+        The WAL flush is what NBD FLUSH needs; a memtable flush is what a
+        checkpoint needs, because checkpoints only see SSTs and the WAL.
+        """
+        self.counters.flushes += 1
+        try:
+            if memtable:
+                await self._db.flush_with_options(
+                    sdb.FlushOptions(flush_type=sdb.FlushType.MEM_TABLE)
+                )
+            else:
+                await self._db.flush()
+        except sdb.Error as exc:
+            raise translate_error(exc, "flush failed") from exc
+
+    async def scan(self, start: bytes, end: bytes, limit: int = 1 << 30) -> list[tuple[bytes, int]]:
+        """Keys in [start, end) with their value lengths, in order."""
+        self.counters.scans += 1
+        rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
+        out: list[tuple[bytes, int]] = []
+        try:
+            iterator = await self._db.scan(rng)
+            while len(out) < limit:
+                batch = await iterator.next_batch(min(256, limit - len(out)))
+                if not batch:
+                    break
+                out.extend((kv.key, len(kv.value)) for kv in batch)
+        except sdb.Error as exc:
+            raise translate_error(exc, "scan failed") from exc
+        return out
+
+    def status_closed_reason(self) -> str | None:
+        try:
+            reason = self._db.status().close_reason
+        except Exception:  # the handle may already be gone
+            return None
+        return None if reason is None else str(reason.name).lower()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self._db.shutdown()
+        except sdb.Error as exc:
+            raise translate_error(exc, "close failed") from exc
+
+
+class SlateAdmin:
+    """Checkpoints and clones of one database path."""
+
+    def __init__(self, object_store: Any, path: str) -> None:
+        builder = sdb.AdminBuilder(path, object_store)
+        self._admin = builder.build()
+        self._object_store = object_store
+        self.path = path
+
+    async def create_checkpoint(self, name: str) -> str:
+        try:
+            result = await self._admin.create_detached_checkpoint(
+                sdb.CheckpointOptions(lifetime_ms=None, source=None, name=name)
+            )
+        except sdb.Error as exc:
+            raise translate_error(exc, f"checkpoint {name!r} failed") from exc
+        return str(result.id)
+
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        try:
+            await self._admin.delete_checkpoint(checkpoint_id)
+        except sdb.Error as exc:
+            raise translate_error(exc, f"deleting checkpoint {checkpoint_id} failed") from exc
+
+    async def list_checkpoints(self) -> list[str]:
+        try:
+            checkpoints = await self._admin.list_checkpoints(None)
+        except sdb.Error as exc:
+            raise translate_error(exc, "listing checkpoints failed") from exc
+        return [str(c.id) for c in checkpoints]
+
+    async def clone_to(self, target_path: str, checkpoint_id: str) -> None:
+        """Create ``target_path`` as a copy-on-write clone of a checkpoint."""
+        try:
+            builder = sdb.AdminBuilder(target_path, self._object_store).build()
+            clone = builder.create_clone_builder_from_source(
+                sdb.CloneSourceSpec(path=self.path, checkpoint=checkpoint_id, projection_range=None)
+            )
+            await clone.build()
+        except sdb.Error as exc:
+            raise translate_error(exc, f"cloning checkpoint {checkpoint_id} failed") from exc
+
+    async def delete_database(self) -> None:
+        try:
+            await self._admin.delete_db(True)
+        except sdb.Error as exc:
+            raise translate_error(exc, f"deleting database {self.path!r} failed") from exc
+
+
+async def gather_gets(handle: SlateHandle, keys: Sequence[bytes]) -> list[bytes | None]:
+    """Issue several gets at once: the binding overlaps them well."""
+    return list(await asyncio.gather(*(handle.get(k) for k in keys)))

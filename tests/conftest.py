@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import RunningDaemon, start_daemon
+
+DaemonFactory = Callable[..., RunningDaemon]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Start daemons with ``start_daemon``; every one is stopped afterwards."""
+    started: list[RunningDaemon] = []
+
+    def factory(*args: str, workdir: Path | None = None, **kwargs: Any) -> RunningDaemon:
+        daemon = start_daemon(workdir or tmp_path, *args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in started:
+        if daemon.process.poll() is None:
+            try:
+                daemon.stop(timeout=30)
+            except Exception:
+                daemon.kill()
+
+
+@pytest.fixture
+def daemon(daemon_factory: DaemonFactory) -> RunningDaemon:
+    """One daemon on memory storage."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def file_daemon(daemon_factory: DaemonFactory, tmp_path: Path) -> RunningDaemon:
+    """One daemon on file storage under tmp_path/data."""
+    return daemon_factory(storage_url=f"file://{tmp_path}/data")
