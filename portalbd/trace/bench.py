@@ -125,7 +125,7 @@ class Bench:
         self.traces = list(traces)
         self.configs = sweep.configs()
         self.opt = options
-        self.console = console or Console(stderr=True)
+        self.console = console or wide_console()
         self.s3: daemon_proc.MotoServer | None = None
 
     def run(self) -> dict[str, Any]:
@@ -239,6 +239,14 @@ class Bench:
             "store": store,
             **summary,
         }
+
+
+def wide_console() -> Console:
+    """stderr console; 140 columns when not a terminal, so tables are not cut."""
+    c = Console(stderr=True)
+    if not c.is_terminal:
+        c = Console(stderr=True, width=140)
+    return c
 
 
 def _slug(text: str) -> str:

@@ -154,7 +154,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     header, ops = format.load(_existing(args.trace))
     opts = ReplayOptions(speed=args.speed, connections=args.connections)
-    console = Console(stderr=True)
+    console = bench.wide_console()
     measured = []
     for i in range(args.iterations):
         r = replay(args.uri, ops, opts)
@@ -178,7 +178,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from portalbd.trace import bench, report, results
 
-    console = Console(stderr=True)
+    console = bench.wide_console()
     if args.compare:
         old, new = (json.loads(_existing(p).read_text()) for p in args.compare)
         for name, doc in (("OLD", old), ("NEW", new)):

@@ -181,8 +181,9 @@ class Replayer:
                 p += 1
             state["prefix"] = p
 
-        def skip(i: int, why: str) -> None:
-            res.skipped[why] = res.skipped.get(why, 0) + 1
+        def skip(i: int, why: str | None) -> None:
+            if why is not None:
+                res.skipped[why] = res.skipped.get(why, 0) + 1
             res.errors[i] = -1
             state["inflight"] += 1
             finish(i, -1)
@@ -263,7 +264,7 @@ class Replayer:
                     )
                 else:  # Disconnect: connections close at the end of the replay
                     state["inflight"] -= 1
-                    skip(i, "disconnect")
+                    skip(i, None)
                     return
             except nbd.Error as e:
                 # Refused locally (libnbd strict checks): count as a failed request.

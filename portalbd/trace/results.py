@@ -18,6 +18,9 @@ from portalbd.trace.replay import ReplayResult
 
 SCHEMA_ID = "portalbd-trace-bench/1"
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))
+# Bytes moved over the wire (the total MiB/s); Trim, WriteZeroes and Cache get a
+# per-type MiB/s of the range they cover, which is not data transferred.
+TRANSFER_TYPES = (OpType.Read, OpType.Write)
 DATA_TYPES = (OpType.Read, OpType.Write, OpType.Trim, OpType.WriteZeroes, OpType.Cache)
 MIB = 1024 * 1024
 
@@ -120,7 +123,7 @@ def summarize(results: Sequence[ReplayResult]) -> dict[str, Any]:
     lat = np.concatenate([np.frombuffer(r.latency_ns, dtype=np.int64) for r in results])
     errs = np.concatenate([np.frombuffer(r.errors, dtype=np.int32) for r in results])
     ran = errs >= 0  # -1 marks requests skipped (unsupported, beyond the end)
-    data_mask = np.isin(types, [int(t) for t in DATA_TYPES])
+    data_mask = np.isin(types, [int(t) for t in TRANSFER_TYPES])
     by_type: dict[str, Any] = {}
     for t in OpType:
         m = (types == int(t)) & ran

@@ -1,0 +1,114 @@
+"""What recording a trace costs.
+
+1. The hook alone: nanoseconds per `TraceRecorder.request_done` call while the
+   writer thread compresses in the background (zstd), against a tight loop.
+2. End to end (needs the daemon): the same request-heavy replay against
+   `portalbd` without and with `--trace`, alternating, best of N each; prints
+   ops/s and the overhead in percent.  Target: under 10%.
+
+    .venv/bin/python benchmarks/trace_recording_overhead.py [--requests N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from portalbd.trace import daemon_proc, format
+from portalbd.trace.daemon_proc import DaemonConfig
+from portalbd.trace.format import OpType, TraceOp
+from portalbd.trace.recorder import TraceRecorder
+from portalbd.trace.replay import replay
+
+
+def hook_cost(n: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.jsonl.zst"
+        # Room for every call: this measures the hook and the writer, not the drop path.
+        rec = TraceRecorder(format.open_write(path), path, "bench", 1 << 30, max_pending=n + 1)
+        now = time.monotonic_ns()
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            rec.request_done(1, 1, 0, i * 4096, 4096, now, 1000, 0)
+        t1 = time.perf_counter_ns()
+        rec.close()
+        t2 = time.perf_counter_ns()
+        info = format.describe(path)
+        print(
+            f"hook: {(t1 - t0) / n:.0f} ns per request_done ({n} calls); "
+            f"writer sustained {info['ops'] / ((t2 - t0) / 1e9):.0f} records/s; "
+            f"{info['ops']} written, {info['dropped']} dropped, "
+            f"{path.stat().st_size / n:.1f} bytes per record compressed"
+        )
+
+
+def workload(n: int, depth: int) -> list[TraceOp]:
+    """4 KiB random reads and writes, `depth` in flight, on a 1 GiB device."""
+    rnd = random.Random(7)
+    ops = []
+    for i in range(n):
+        kind = OpType.Write if i % 2 == 0 else OpType.Read
+        off = rnd.randrange(0, (1 << 30) // 4096) * 4096
+        # Arrivals `depth` at a time, each batch after the previous completed.
+        batch = i // depth
+        ops.append(TraceOp(i, batch * 1000, 1, kind, off, 4096, 0, 900, 0))
+    return ops
+
+
+def end_to_end(n: int, rounds: int, depth: int) -> None:
+    try:
+        daemon_proc.portalbd_command()
+    except daemon_proc.DaemonError as e:
+        print(f"end to end: skipped ({e})")
+        return
+    if rounds < 1:
+        return
+    ops = workload(n, depth)
+    best: dict[bool, float] = {False: 0.0, True: 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for tracing in (False, True):
+                work = Path(tmp) / f"r{r}-{int(tracing)}"
+                trace = work / "trace.jsonl.zst" if tracing else None
+                work.mkdir()
+                d = daemon_proc.start(
+                    DaemonConfig(storage="memory"), work, 1 << 30, trace=trace, workload="bench"
+                )
+                try:
+                    res = replay(d.uri, ops)
+                finally:
+                    d.stop()
+                rate = n / (res.elapsed_ns / 1e9)
+                best[tracing] = max(best[tracing], rate)
+                extra = ""
+                if trace is not None:
+                    info = format.describe(trace)
+                    extra = f" ({info['ops']} recorded, {info['dropped']} dropped)"
+                print(
+                    f"round {r + 1} trace={'on ' if tracing else 'off'}: {rate:8.0f} ops/s{extra}"
+                )
+    overhead = (best[False] - best[True]) / best[False] * 100
+    print(
+        f"end to end, best of {rounds}: {best[False]:.0f} ops/s without, "
+        f"{best[True]:.0f} ops/s with recording: overhead {overhead:+.1f}%"
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hook-calls", type=int, default=1_000_000)
+    p.add_argument("--requests", type=int, default=20_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--depth", type=int, default=16)
+    args = p.parse_args()
+    hook_cost(args.hook_calls)
+    end_to_end(args.requests, args.rounds, args.depth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
