@@ -1,0 +1,28 @@
+# portalbd's run-time requirements, in one place. Keep it equal to
+# `[project].dependencies` in pyproject.toml: tests/test_nix.py fails when
+# the two drift apart.
+{
+  # PyPI name = attribute in the nixpkgs Python package set.
+  python = {
+    boto3 = "boto3";
+    grpcio = "grpcio";
+    jsonschema = "jsonschema";
+    matplotlib = "matplotlib";
+    numpy = "numpy";
+    prometheus-client = "prometheus-client";
+    protobuf = "protobuf";
+    sh = "sh";
+    slatedb = "slatedb";
+    textual = "textual";
+    tomlkit = "tomlkit";
+    uvloop = "uvloop";
+    zstandard = "zstandard";
+  };
+
+  # PyPI name = top-level nixpkgs package. These are programs portalbd runs
+  # (nixpkgs does not ship them as Python packages): they are dropped from
+  # the wheel's requirement check and put on PATH instead.
+  programs = {
+    py-spy = "py-spy";
+  };
+}

@@ -1,0 +1,506 @@
+"""What CI can check of the Nix side without KVM or a nixpkgs checkout.
+
+- every .nix file parses (`nix-instantiate --parse`);
+- every VM test script, assembled exactly as nixos/tests/lib.nix assembles it,
+  type-checks against the driver stub and passes pyflakes' rules;
+- the Nix dependency list matches pyproject.toml;
+- the systemd template unit passes `systemd-analyze verify` and carries the
+  module's hardening;
+- the daemon's sd_notify handshake: READY=1 only once the NBD port accepts
+  connections, STOPPING=1 on SIGTERM, nothing on a failed start;
+- with a copy of nixpkgs' lib/ (PORTALBD_NIXPKGS_LIB), the NixOS module is
+  evaluated for real: rendered config, units, and assertion messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomlkit
+
+from portalbd import config as portalbd_config
+
+ROOT = Path(__file__).resolve().parent.parent
+VM_TESTS = ROOT / "nixos" / "tests"
+STUB_DIR = VM_TESTS / "driver_stub"
+TEMPLATE_UNIT = ROOT / "contrib" / "systemd" / "portalbd@.service"
+MODULE = ROOT / "nixos" / "modules" / "portalbd.nix"
+SKIP_DIRS = {".git", ".venv", "node_modules", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+
+# Globals the driver defines for a test script (Driver.test_symbols()).
+DRIVER_SYMBOLS = [
+    "start_all", "test_script", "machines_qemu", "machines_nspawn", "vlans", "driver", "log",
+    "os", "create_machine", "subtest", "run_tests", "join_all", "retry", "serial_stdout_off",
+    "serial_stdout_on", "polling_condition", "BaseMachine", "t", "debug",
+]  # fmt: skip
+
+NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\nexperimental-features ="}
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (./dev test installs it)")
+    return path
+
+
+def nix_eval(expr: str) -> Any:
+    """Evaluate a Nix expression strictly and return it as JSON data."""
+    p = subprocess.run(
+        [_need("nix-instantiate"), "--eval", "--strict", "--json", "-E", expr],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=NIX_ENV,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def nix_files() -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        found += [Path(dirpath) / f for f in filenames if f.endswith(".nix")]
+    return sorted(found)
+
+
+def vm_tests() -> list[Path]:
+    return sorted(p for p in VM_TESTS.glob("*.nix") if p.name != "lib.nix")
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", nix_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_nix_file_parses(path: Path) -> None:
+    p = subprocess.run(
+        [_need("nix-instantiate"), "--parse", str(path)],
+        capture_output=True,
+        text=True,
+        env=NIX_ENV,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+
+
+def test_parse_errors_name_file_and_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.nix"
+    broken.write_text("{\n  a = 1;\n  b = ;\n}\n")
+    p = subprocess.run(
+        [_need("nix-instantiate"), "--parse", str(broken)],
+        capture_output=True,
+        text=True,
+        env=NIX_ENV,
+    )
+    assert p.returncode != 0
+    assert "syntax error" in p.stderr and f"{broken}:3" in p.stderr, p.stderr
+
+
+def test_flake_lists_every_vm_test() -> None:
+    flake = (ROOT / "flake.nix").read_text()
+    listed = re.search(r"vmTests = \[(.*?)\];", flake, re.S)
+    assert listed is not None
+    assert sorted(re.findall(r'"([\w-]+)"', listed.group(1))) == [p.stem for p in vm_tests()]
+    for test in vm_tests():
+        assert test.with_suffix(".py").is_file(), f"{test.name} has no script beside it"
+
+
+# -- VM test scripts -------------------------------------------------------------
+
+
+def assembled_script(test: Path) -> tuple[str, list[str]]:
+    """The script the driver would run for `test`, and the test's node names.
+
+    The test file is called with `pkgs` and `lib` that throw when touched, which
+    proves the script does not depend on them (so CI sees exactly what runs).
+    """
+    info = nix_eval(
+        f"""let t = import {test} {{ pkgs = throw "pkgs"; lib = throw "lib"; }};
+        in {{ script = t.testScript; nodes = builtins.attrNames t.nodes; name = t.name; }}"""
+    )
+    assert info["name"].startswith("portalbd-"), info["name"]
+    return info["script"], info["nodes"]
+
+
+def machine_names(nodes: list[str]) -> list[str]:
+    names = [re.sub(r"^[^A-Za-z_]|[^A-Za-z0-9_]", "_", n) for n in nodes]
+    return [*names, "machine"] if len(names) == 1 and "machine" not in names else names
+
+
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, list[str]]]:
+    """name -> (script as the driver runs it, the same with the stub header, node names)."""
+    out = tmp_path_factory.mktemp("vm-scripts")
+    result = {}
+    for test in vm_tests():
+        script, nodes = assembled_script(test)
+        module = test.stem.replace("-", "_")
+        raw = out / f"raw_{module}.py"
+        raw.write_text(script)
+        header = "from nixos_test_driver import *  # noqa: F403\n"
+        header += "".join(f"{name}: Machine\n" for name in machine_names(nodes))
+        typed = out / f"{module}.py"
+        typed.write_text(header + script)
+        result[test.stem] = (raw, typed, nodes)
+    return result
+
+
+def test_vm_scripts_type_check(
+    assembled: dict[str, tuple[Path, Path, list[str]]], tmp_path: Path
+) -> None:
+    files = [str(typed) for _, typed, _ in assembled.values()]
+    p = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--config-file", "",
+         "--cache-dir", str(tmp_path / "cache"), "--python-version", "3.11", *files],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "MYPYPATH": str(STUB_DIR)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_vm_scripts_pass_pyflakes(assembled: dict[str, tuple[Path, Path, list[str]]]) -> None:
+    """nixpkgs lints every test script with pyflakes; ruff's F rules are the same checks."""
+    for name, (raw, _, nodes) in assembled.items():
+        builtins = DRIVER_SYMBOLS + machine_names(nodes)
+        p = subprocess.run(
+            [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F",
+             "--config", f"builtins = {json.dumps(builtins)}", str(raw)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 0, f"{name}: {p.stdout}{p.stderr}"
+
+
+def test_mypy_catches_a_wrong_driver_call(tmp_path: Path) -> None:
+    """The stub is strict enough to catch the typical slip."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from nixos_test_driver import *  # noqa: F403\nmachine: Machine\n"
+        'machine.wait_for_open_port("10809")\nmachine.succeed("true", timeout="1")\n'
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--config-file", "",
+         "--cache-dir", str(tmp_path / "cache"), str(bad)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "MYPYPATH": str(STUB_DIR)},
+    )  # fmt: skip
+    assert p.returncode == 1, p.stdout
+    assert 'Argument 1 to "wait_for_open_port" of "Machine" has incompatible type' in p.stdout
+    assert 'Argument "timeout" to "succeed" of "Machine"' in p.stdout
+
+
+def test_python_literals_from_nix() -> None:
+    rendered = nix_eval(
+        """(import ./nixos/tests/lib.nix).pythonLiteral
+           { a = null; b = [ true false 3 ]; c = "q\\"x\\n"; d = { e = 1; }; }"""
+    )
+    assert eval(rendered) == {"a": None, "b": [True, False, 3], "c": 'q"x\n', "d": {"e": 1}}
+
+
+# -- package ----------------------------------------------------------------------
+
+
+def _normalise(requirement: str) -> str:
+    name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_nix_dependencies_match_pyproject() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = {_normalise(r) for r in pyproject["project"]["dependencies"]}
+    deps = nix_eval("import ./overlays/python-deps.nix")
+    listed = set(deps["python"]) | set(deps["programs"])
+    assert listed == wanted, (
+        f"overlays/python-deps.nix is missing {sorted(wanted - listed)} "
+        f"and has extra {sorted(listed - wanted)}"
+    )
+
+
+def test_slatedb_pin_matches_pyproject() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pinned = re.search(r'"slatedb==([\d.]+)"', pyproject)
+    nix = re.search(r'version = "([\d.]+)";', (ROOT / "overlays" / "slatedb.nix").read_text())
+    assert pinned and nix and pinned.group(1) == nix.group(1)
+
+
+# -- systemd template unit ------------------------------------------------------------
+
+
+def test_template_unit_verifies(tmp_path: Path) -> None:
+    daemon = shutil.which("portalbd") or str(Path(sys.executable).parent / "portalbd")
+    text = TEMPLATE_UNIT.read_text().replace("/usr/local/bin/portalbd", daemon)
+    (tmp_path / "portalbd@.service").write_text(text)
+    (tmp_path / "portalbd@main.service").symlink_to("portalbd@.service")
+    p = subprocess.run(
+        [_need("systemd-analyze"), "verify", "--man=no", str(tmp_path / "portalbd@main.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stderr.strip() == "", p.stderr
+
+
+def test_template_unit_verify_reports_mistakes(tmp_path: Path) -> None:
+    text = TEMPLATE_UNIT.read_text().replace("ProtectSystem=strict", "ProtectSystem=bogus")
+    (tmp_path / "portalbd@.service").write_text(text)
+    (tmp_path / "portalbd@main.service").symlink_to("portalbd@.service")
+    p = subprocess.run(
+        [_need("systemd-analyze"), "verify", "--man=no", str(tmp_path / "portalbd@main.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert "Failed to parse protect system value, ignoring: bogus" in p.stderr, p.stderr
+
+
+def test_template_unit_has_the_module_hardening() -> None:
+    module = MODULE.read_text()
+    block = re.search(r"hardening = \{(.*?)\n      \};", module, re.S)
+    assert block is not None
+    module_keys = set(re.findall(r"^\s+([A-Z]\w+) =", block.group(1), re.M))
+    unit_keys = set(re.findall(r"^([A-Z]\w+)=", TEMPLATE_UNIT.read_text(), re.M))
+    assert module_keys <= unit_keys, sorted(module_keys - unit_keys)
+    for key in ("Type", "NotifyAccess", "KillMode", "TimeoutStopSec", "Restart"):
+        assert re.search(rf'\b{key} = "?([\w-]+)', module)
+        ours = re.search(rf'\b{key} = "?([\w-]+)', module)
+        theirs = re.search(rf"^{key}=([\w-]+)", TEMPLATE_UNIT.read_text(), re.M)
+        assert ours and theirs and ours.group(1) == theirs.group(1), key
+
+
+# -- sd_notify ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(60)
+    yield sock
+    sock.close()
+
+
+def _daemon(tmp_path: Path, port: int, notify: str) -> subprocess.Popen[bytes]:
+    exe = shutil.which("portalbd") or str(Path(sys.executable).parent / "portalbd")
+    return subprocess.Popen(
+        [exe, "--instance", "notifytest", "--storage-url", "memory://",
+         "--disk-size-gb", "1", "--nbd-address", f"127.0.0.1:{port}",
+         "--socket", str(tmp_path / "control.sock")],
+        env={**os.environ, "NOTIFY_SOCKET": notify},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _messages(sock: socket.socket) -> dict[str, str]:
+    datagram = sock.recv(4096).decode()
+    return dict(line.split("=", 1) for line in datagram.splitlines() if "=" in line)
+
+
+def test_daemon_notifies_ready_then_stopping(tmp_path: Path, notify_socket: socket.socket) -> None:
+    port = _free_port()
+    proc = _daemon(tmp_path, port, str(tmp_path / "notify"))
+    try:
+        ready = _messages(notify_socket)
+        assert ready.get("READY") == "1", ready
+        # Ready means listening: the port must accept a connection right now.
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass
+        assert (tmp_path / "control.sock").exists()
+        proc.send_signal(signal.SIGTERM)
+        stopping = _messages(notify_socket)
+        assert stopping.get("STOPPING") == "1", stopping
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_daemon_notifies_abstract_socket(tmp_path: Path) -> None:
+    name = f"portalbd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(60)
+        proc = _daemon(tmp_path, _free_port(), "@" + name)
+        try:
+            assert _messages(sock).get("READY") == "1"
+            proc.send_signal(signal.SIGTERM)
+            assert _messages(sock).get("STOPPING") == "1"
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+
+def test_failed_start_never_reports_ready(tmp_path: Path, notify_socket: socket.socket) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _daemon(tmp_path, port, str(tmp_path / "notify"))
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "startup failed" in err.decode(), err.decode()
+    notify_socket.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        notify_socket.recv(4096)
+
+
+# -- the NixOS module, evaluated (needs nixpkgs' lib/) -----------------------------------------
+
+
+def nixpkgs_lib() -> Path | None:
+    candidates = [os.environ.get("PORTALBD_NIXPKGS_LIB"), "/var/cache/portalbd-nix/lib"]
+    for c in candidates:
+        if c and (Path(c) / "default.nix").is_file():
+            return Path(c)
+    return None
+
+
+needs_lib = pytest.mark.skipif(
+    nixpkgs_lib() is None,
+    reason="no copy of nixpkgs' lib/ (set PORTALBD_NIXPKGS_LIB to evaluate the module)",
+)
+
+
+def evaluate_module(tmp_path: Path, configuration: str) -> dict[str, Any]:
+    cfg = tmp_path / "configuration.nix"
+    cfg.write_text(configuration)
+    args = f"{{ nixpkgsLib = {nixpkgs_lib()}; configuration = {cfg}; }}"
+    result: dict[str, Any] = nix_eval(f"import ./tests/nix/eval-module.nix {args}")
+    return result
+
+
+# A configuration written for the original module, unchanged.
+ORIGINAL_STYLE = """{ pkgs, ... }: {
+  services.portalbd.instances.test = {
+    enable = true;
+    settings = {
+      device.disk_size_gb = 1;
+      nbd.address = "127.0.0.1:10809";
+      socket = "/run/portalbd-test/portalbd.sock";
+      storage.url = "s3://portalbd-test/data";
+      lsm = { flush_interval_ms = 100; l0_max_ssts = 64; };
+      record = { path = "/var/lib/portalbd-test/mkfs.trace.json"; workload = "mkfs.ext4"; };
+    };
+    environmentFile = "/run/secrets/portalbd.env";
+  };
+}
+"""
+
+
+@needs_lib
+def test_original_configuration_evaluates(tmp_path: Path) -> None:
+    result = evaluate_module(tmp_path, ORIGINAL_STYLE)
+    assert result["failed"] == [] and result["warnings"] == []
+    service = result["services"]["portalbd-test"]["serviceConfig"]
+    assert service["Type"] == "notify"
+    assert service["EnvironmentFile"] == "/run/secrets/portalbd.env"
+    # Its socket and trace directories become systemd-managed directories.
+    assert "portalbd-test" in service["RuntimeDirectory"]
+    assert "portalbd-test" in service["StateDirectory"]
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX", "AF_INET", "AF_INET6"]
+    rendered = service["ExecStart"][2]["config"]
+    assert rendered["lsm"] == {"flush_interval_ms": 100, "l0_max_ssts": 64}
+    # The rendered file is one the daemon accepts.
+    loaded = portalbd_config.parse(tomlkit.dumps(rendered), "rendered")
+    assert loaded.instance.name == "test"
+    assert loaded.socket == "/run/portalbd-test/portalbd.sock"
+    assert loaded.storage.url == "s3://portalbd-test/data"
+    assert loaded.record is not None
+
+
+@needs_lib
+def test_defaults_follow_the_instance_name(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{ services.portalbd.instances.db = { enable = true; settings.nbd.address = "";
+             settings.nbd.socket = "/run/portalbd/db/nbd.sock"; attach.enable = true; }; }""",
+    )
+    assert result["failed"] == []
+    service = result["services"]["portalbd-db"]["serviceConfig"]
+    rendered = service["ExecStart"][2]["config"]
+    assert rendered["socket"] == "/run/portalbd/db/control.sock"
+    assert rendered["storage"]["url"] == "file:///var/lib/portalbd/db/store"
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert service["DynamicUser"] is True
+    attach = result["services"]["portalbd-db-attach"]["serviceConfig"]["ExecStart"]
+    assert attach[1:] == ["-unix", "/run/portalbd/db/nbd.sock", "/dev/nbd0", "-N", "portalbd"]
+    assert result["kernelModules"] == ["nbd"]
+    portalbd_config.parse(tomlkit.dumps(rendered), "rendered")
+
+
+@needs_lib
+def test_assertion_messages(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{
+          services.portalbd.instances = {
+            a = { enable = true; settings.storage.url = null; environmentFile = "secrets.env"; };
+            b = { enable = true; settings.socket = "/run/portalbd/a/control.sock";
+                  settings.nbd.address = "127.0.0.1:10809"; };
+            c = { enable = true; settings.nbd.address = ""; };
+          };
+        }""",
+    )
+    failed = result["failed"]
+    assert (
+        'services.portalbd.instances.a.settings.storage.url must be set (use "memory://" for a '
+        "disk that lives in RAM)." in failed
+    )
+    assert (
+        "services.portalbd.instances.a.environmentFile must be an absolute path, got secrets.env."
+        in failed
+    )
+    assert (
+        "services.portalbd: TCP ports must differ between instances: port 10809 is used by a, b."
+        in failed
+    )
+    assert (
+        "services.portalbd: sockets must differ between instances: "
+        "socket /run/portalbd/a/control.sock is used by a, b." in failed
+    )
+    assert (
+        "services.portalbd.instances.c has no NBD listener: "
+        "set settings.nbd.address or settings.nbd.socket." in failed
+    )
+    assert len(failed) == 5, failed
+
+
+@needs_lib
+def test_static_user_and_firewall(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{ services.portalbd.instances.x = { enable = true; user = "portalbd-x";
+             openFirewall = true; settings.nbd.address = "[::]:10900"; }; }""",
+    )
+    assert result["failed"] == []
+    service = result["services"]["portalbd-x"]["serviceConfig"]
+    assert service["User"] == service["Group"] == "portalbd-x"
+    assert "DynamicUser" not in service
+    assert result["users"] == ["portalbd-x"] and result["groups"] == ["portalbd-x"]
+    assert result["firewall"] == [10900]
