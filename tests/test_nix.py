@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -200,6 +201,44 @@ def test_mypy_catches_a_wrong_driver_call(tmp_path: Path) -> None:
     assert p.returncode == 1, p.stdout
     assert 'Argument 1 to "wait_for_open_port" of "Machine" has incompatible type' in p.stdout
     assert 'Argument "timeout" to "succeed" of "Machine"' in p.stdout
+
+
+def _methods(tree: ast.Module, classes: set[str]) -> dict[str, list[str]]:
+    """Parameter names of the methods of the named classes (later classes win)."""
+    found: dict[str, list[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in classes:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    args = item.args
+                    found[item.name] = [
+                        a.arg for a in args.posonlyargs + args.args + args.kwonlyargs
+                    ]
+    return found
+
+
+@pytest.mark.skipif(
+    not os.environ.get("NIXOS_TEST_DRIVER_SRC"),
+    reason="set NIXOS_TEST_DRIVER_SRC to nixpkgs' nixos/lib/test-driver/src/test_driver",
+)
+def test_stub_matches_the_driver_source() -> None:
+    """Every Machine method the stub declares exists in the driver, with the same parameters."""
+    src = Path(os.environ["NIXOS_TEST_DRIVER_SRC"])
+    machine_src = src / "machine" / "__init__.py"
+    if not machine_src.exists():
+        machine_src = src / "machine.py"  # drivers before the machine/ package
+    real = _methods(ast.parse(machine_src.read_text()), {"BaseMachine", "Machine", "QemuMachine"})
+    stub = _methods(ast.parse((STUB_DIR / "nixos_test_driver.pyi").read_text()), {"Machine"})
+    assert set(stub) <= set(real), sorted(set(stub) - set(real))
+    mismatched = {name: (args, real[name]) for name, args in stub.items() if args != real[name]}
+    assert not mismatched, mismatched
+    driver = (src / "driver.py").read_text()
+    symbols = re.search(r"general_symbols = dict\((.*?)\n        \)", driver, re.S)
+    assert symbols is not None
+    names = set(re.findall(r"^\s+(\w+)=", symbols.group(1), re.M))
+    declared = {"start_all", "join_all", "run_tests", "serial_stdout_on", "serial_stdout_off",
+                "subtest", "retry", "polling_condition", "driver", "log"}  # fmt: skip
+    assert declared <= names, sorted(declared - names)
 
 
 def test_python_literals_from_nix() -> None:
