@@ -10,9 +10,12 @@ store is being asked to do.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portalbd.store import uniffi_patch
 
@@ -21,6 +24,16 @@ uniffi_patch.apply()
 import slatedb.uniffi as sdb  # noqa: E402  (the patch must come first)
 
 from portalbd.config import LsmConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from portalbd.store.object_metrics import ObjectStoreCounters
+    from portalbd.store.s3 import S3Settings
+
+log = logging.getLogger("portalbd.store")
+
+# After SlateDB gives up on the object store (retry budget spent) the
+# database is closed for good ("panic"); we reopen it, at most this often.
+REOPEN_INTERVAL_S = 2.0
 
 
 class StoreError(Exception):
@@ -108,7 +121,14 @@ _SST_BLOCK_SIZES = {
 }
 
 
-def resolve_object_store(store_url: str) -> Any:
+def resolve_object_store(store_url: str, s3: S3Settings | None = None) -> Any:
+    if s3 is not None:
+        from portalbd.store.s3 import S3SetupError, build_object_store
+
+        try:
+            return build_object_store(s3)
+        except S3SetupError as exc:
+            raise StoreError(str(exc)) from exc
     try:
         return sdb.ObjectStore.resolve(store_url)
     except sdb.Error as exc:
@@ -123,6 +143,17 @@ class SlateHandle:
         self.path = path
         self.counters = counters
         self.closed = False
+        # Set by open(): how to build this database again after a panic.
+        self._reopen: Callable[[], Any] | None = None
+        self._recorder: Any = None
+        self._metrics: ObjectStoreCounters | None = None
+        self._broken: str | None = None
+        self._last_reopen = 0.0
+        self._reopen_lock = asyncio.Lock()
+        self.reopens = 0
+        # Called after a reopen: what the old database acknowledged but never
+        # made durable is gone, so caches above must forget it.
+        self.on_reopen: Callable[[], None] | None = None
 
     @classmethod
     async def open(
@@ -134,6 +165,7 @@ class SlateHandle:
         *,
         max_retries: int | None = None,
         small: bool = False,
+        metrics: ObjectStoreCounters | None = None,
     ) -> SlateHandle:
         """Open (or create) the database at ``path`` inside ``object_store``.
 
@@ -157,18 +189,76 @@ class SlateHandle:
             builder.with_sst_block_size(
                 getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[lsm.sst_block_size])
             )
+        recorder = None
+        if metrics is not None:
+            recorder = metrics.new_recorder()
+            builder.with_metrics_recorder(recorder)
         try:
             db = await builder.build()
         except sdb.Error as exc:
+            if metrics is not None:
+                metrics.retire(recorder)
             raise translate_error(exc, f"cannot open database {path!r}") from exc
-        return cls(db, path, counters or StoreCounters())
+        handle = cls(db, path, counters or StoreCounters())
+        handle._recorder, handle._metrics = recorder, metrics
+
+        async def reopen() -> Any:
+            again = await cls.open(
+                object_store, path, lsm, max_retries=max_retries, small=small, metrics=metrics
+            )
+            return again
+
+        handle._reopen = reopen
+        return handle
+
+    def _failed(self, exc: BaseException, what: str) -> StoreError:
+        """Translate an error; notice when SlateDB has given up on the store."""
+        error = translate_error(exc, what)
+        if not isinstance(error, StoreFenced) and self.status_closed_reason() == "panic":
+            self._broken = str(error)
+        return error
+
+    async def _recover(self) -> None:
+        """Reopen a database SlateDB closed after an object-store outage.
+
+        Reopening replays the WAL from the bucket; writes the dead instance
+        acknowledged but never uploaded are lost, which is why FLUSH failed.
+        Attempts are spaced so an outage costs one timeout per interval, and
+        every caller in between gets an immediate error instead of a hang.
+        """
+        async with self._reopen_lock:
+            if self._broken is None or self.closed:
+                return
+            if self._reopen is None:
+                raise StoreError(f"storage failed: {self._broken}")
+            wait = self._last_reopen + REOPEN_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                raise StoreError(f"storage unavailable, reconnecting: {self._broken}")
+            self._last_reopen = time.monotonic()
+            try:
+                fresh: SlateHandle = await self._reopen()
+            except StoreError as exc:
+                raise StoreError(f"storage unavailable, reconnect failed: {exc}") from exc
+            old_db, old_recorder = self._db, self._recorder
+            self._db, self._recorder = fresh._db, fresh._recorder
+            self._broken = None
+            self.reopens += 1
+            log.warning("reopened database %s after an object-store failure", self.path)
+            with contextlib.suppress(Exception):
+                await old_db.shutdown()
+            if self._metrics is not None and old_recorder is not None:
+                self._metrics.retire(old_recorder)
+            if self.on_reopen is not None:
+                self.on_reopen()
 
     async def get(self, key: bytes) -> bytes | None:
         self.counters.gets += 1
+        if self._broken is not None:
+            await self._recover()
         try:
             value: bytes | None = await self._db.get(key)
         except sdb.Error as exc:
-            raise translate_error(exc, "read failed") from exc
+            raise self._failed(exc, "read failed") from exc
         if value is not None:
             self.counters.bytes_got += len(value)
         return value
@@ -188,10 +278,12 @@ class SlateHandle:
                 counters.puts += 1
                 counters.bytes_put += len(value)
         counters.batches += 1
+        if self._broken is not None:
+            await self._recover()
         try:
             await self._db.write(batch)
         except sdb.Error as exc:
-            raise translate_error(exc, "write failed") from exc
+            raise self._failed(exc, "write failed") from exc
 
     async def flush(self, *, memtable: bool = False) -> None:
         """Make every write so far durable in the object store.
@@ -200,6 +292,8 @@ class SlateHandle:
         checkpoint needs, because checkpoints only see SSTs and the WAL.
         """
         self.counters.flushes += 1
+        if self._broken is not None:
+            await self._recover()
         try:
             if memtable:
                 await self._db.flush_with_options(
@@ -208,11 +302,13 @@ class SlateHandle:
             else:
                 await self._db.flush()
         except sdb.Error as exc:
-            raise translate_error(exc, "flush failed") from exc
+            raise self._failed(exc, "flush failed") from exc
 
     async def scan(self, start: bytes, end: bytes, limit: int = 1 << 30) -> list[tuple[bytes, int]]:
         """Keys in [start, end) with their value lengths, in order."""
         self.counters.scans += 1
+        if self._broken is not None:
+            await self._recover()
         rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
         out: list[tuple[bytes, int]] = []
         try:
@@ -223,7 +319,7 @@ class SlateHandle:
                     break
                 out.extend((kv.key, len(kv.value)) for kv in batch)
         except sdb.Error as exc:
-            raise translate_error(exc, "scan failed") from exc
+            raise self._failed(exc, "scan failed") from exc
         return out
 
     def status_closed_reason(self) -> str | None:
@@ -241,6 +337,10 @@ class SlateHandle:
             await self._db.shutdown()
         except sdb.Error as exc:
             raise translate_error(exc, "close failed") from exc
+        finally:
+            if self._metrics is not None and self._recorder is not None:
+                self._metrics.retire(self._recorder)
+                self._recorder = None
 
 
 class SlateAdmin:
