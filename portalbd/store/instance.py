@@ -21,10 +21,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portalbd.config import LsmConfig
 from portalbd.store.location import StorageLocation
+from portalbd.store.object_metrics import ObjectStoreCounters
 from portalbd.store.slate import (
     SlateAdmin,
     SlateHandle,
@@ -32,6 +33,9 @@ from portalbd.store.slate import (
     StoreError,
     resolve_object_store,
 )
+
+if TYPE_CHECKING:
+    from portalbd.store.s3 import S3Settings
 
 CATALOG_KEY = b"catalog"
 CATALOG_FORMAT = 1
@@ -126,6 +130,7 @@ class InstanceStore:
         data: SlateHandle,
         lsm: LsmConfig,
         max_retries: int | None,
+        object_metrics: ObjectStoreCounters | None = None,
     ) -> None:
         self.location = location
         self.object_store = object_store
@@ -134,6 +139,7 @@ class InstanceStore:
         self.data = data
         self.lsm = lsm
         self.max_retries = max_retries
+        self.object_metrics = object_metrics or ObjectStoreCounters()
 
     @property
     def counters(self) -> StoreCounters:
@@ -141,13 +147,24 @@ class InstanceStore:
 
     @classmethod
     async def open(
-        cls, location: StorageLocation, lsm: LsmConfig, *, max_retries: int | None = None
+        cls,
+        location: StorageLocation,
+        lsm: LsmConfig,
+        *,
+        max_retries: int | None = None,
+        s3: S3Settings | None = None,
     ) -> InstanceStore:
         if location.kind == "file":
             Path("/" + location.prefix).mkdir(parents=True, exist_ok=True)
-        object_store = resolve_object_store(location.store_url)
+        object_store = resolve_object_store(location.store_url, s3)
+        metrics = ObjectStoreCounters()
         catalog_db = await SlateHandle.open(
-            object_store, location.path("catalog"), lsm, max_retries=max_retries, small=True
+            object_store,
+            location.path("catalog"),
+            lsm,
+            max_retries=max_retries,
+            small=True,
+            metrics=metrics,
         )
         raw = await catalog_db.get(CATALOG_KEY)
         if raw is None:
@@ -161,8 +178,16 @@ class InstanceStore:
             generation_path(location, catalog.live_generation),
             lsm,
             max_retries=max_retries,
+            metrics=metrics,
         )
-        return cls(location, object_store, catalog_db, catalog, data, lsm, max_retries)
+        return cls(location, object_store, catalog_db, catalog, data, lsm, max_retries, metrics)
+
+    def fenced(self) -> bool:
+        """True once a newer daemon has opened this storage (SlateDB noticed)."""
+        return "fenced" in (
+            self._catalog_db.status_closed_reason(),
+            self.data.status_closed_reason(),
+        )
 
     async def _commit(self, catalog: Catalog) -> None:
         """Persist a new catalog durably; only then does it take effect."""
@@ -223,6 +248,7 @@ class InstanceStore:
             self.lsm,
             self.data.counters,
             max_retries=self.max_retries,
+            metrics=self.object_metrics,
         )
         return generation, handle
 
