@@ -17,12 +17,11 @@ import hashlib
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from portalbd.guest import GuestResult, GuestRunner, build_image
+from portalbd.guest import GuestError, GuestResult, GuestRunner, build_image
 from tests.kernel_support import KernelDaemon, counter
 
 pytestmark = [
@@ -288,3 +287,147 @@ def test_report_kernel_request_pattern(basic: Run) -> None:
         f"request sizes {sizes}"
     )
     assert stats.get("commands", {}).get("write", 0) > 0
+
+
+LIFECYCLE = r"""
+mnt=/mnt/t
+mkdir -p $mnt
+
+prepare() {
+    attach /dev/nbd0 -N portalbd -persist -nonetlink
+    wait_size /dev/nbd0
+    echo /dev/nbd0 > /tmp/dev
+    # No lazy inode-table init: nothing may write behind the script's back.
+    /sbin/mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 /dev/nbd0
+    mount -t ext4 /dev/nbd0 $mnt
+    for i in 1 2 3; do dd if=/dev/urandom of=$mnt/before$i bs=64k count=16 2>/dev/null; done
+    sync
+    (cd $mnt && sha256sum before*) > /tmp/before.sums
+}
+
+restart() {
+    hostcall restart kill
+    ok=no
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        if dd if=/dev/nbd0 of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; then
+            ok=yes; break
+        fi
+        sleep 0.3
+    done
+    emit reconnected $ok
+    echo $ok > /tmp/reconnected
+}
+
+survive() {
+    if [ "$(cat /tmp/reconnected)" != yes ]; then
+        # The client gave up: detach the dead device and attach a fresh one.
+        umount $mnt || umount -l $mnt
+        /sbin/nbd-client -d /dev/nbd0 || true
+        attach /dev/nbd2 -N portalbd
+        wait_size /dev/nbd2
+        echo /dev/nbd2 > /tmp/dev
+        mount -t ext4 /dev/nbd2 $mnt
+    fi
+    dev=$(cat /tmp/dev)
+    (cd $mnt && sha256sum -c /tmp/before.sums)
+    dd if=/dev/urandom of=$mnt/after bs=64k count=16 2>/dev/null
+    sync
+    umount $mnt
+    /sbin/e2fsck -fn $dev
+}
+
+frozen_snapshot() {
+    dev=$(cat /tmp/dev)
+    mount -t ext4 $dev $mnt
+    mkdir -p $mnt/snap
+    for i in 1 2 3 4; do dd if=/dev/urandom of=$mnt/snap/f$i bs=64k count=8 2>/dev/null; done
+    sync
+    (cd $mnt && sha256sum snap/* before*) > /tmp/snap.sums
+    /sbin/fsfreeze -f $mnt
+    hostcall snapshot frozen
+    /sbin/fsfreeze -u $mnt
+    rm -rf $mnt/snap
+    dd if=/dev/urandom of=$mnt/later bs=64k count=16 2>/dev/null
+    sync
+    umount $mnt
+    /sbin/nbd-client -d $dev
+    hostcall restore frozen
+    attach /dev/nbd3 -N portalbd
+    wait_size /dev/nbd3
+    /sbin/e2fsck -fn /dev/nbd3
+    mount -t ext4 /dev/nbd3 $mnt
+    (cd $mnt && sha256sum -c /tmp/snap.sums)
+    [ ! -e $mnt/later ]
+    umount $mnt
+    /sbin/nbd-client -d /dev/nbd3
+}
+
+step prepare prepare
+step restart restart
+step survive survive
+step snapshot frozen_snapshot
+"""
+
+
+@pytest.fixture(scope="module")
+def lifecycle(runner: GuestRunner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    d = KernelDaemon(tmp_path_factory.mktemp("kernel-lifecycle"))
+    d.start()
+    try:
+        yield boot(runner, d, LIFECYCLE, timeout=300)
+    finally:
+        d.stop()
+
+
+def test_flushed_filesystem_survives_a_daemon_kill_and_restart(lifecycle: Run) -> None:
+    lifecycle.step_ok("prepare")
+    lifecycle.step_ok("restart")
+    assert lifecycle.notes, "the daemon was not restarted"
+    lifecycle.step_ok("survive")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Debian 12's nbd-client 3.24 cannot reconnect on Linux 6.1: in ioctl mode "
+    "NBD_DO_IT returns 0 when the server goes away, which it treats as final, and its "
+    "netlink mode ignores -persist (netlink -persist arrived in nbd 3.27)",
+)
+def test_persist_client_reconnects_by_itself(lifecycle: Run) -> None:
+    assert lifecycle.section("reconnected").strip() == "yes"
+
+
+def test_snapshot_of_frozen_filesystem_restores_and_mounts_clean(lifecycle: Run) -> None:
+    lifecycle.step_ok("snapshot")
+
+
+def test_harness_reports_steps_sections_and_failures(runner: GuestRunner) -> None:
+    script = r"""
+fails() { true; false; echo "not reached"; }
+step fails fails
+step passes true
+printf 'line one\nline two\n' | section text
+hostcall ask something || echo "hostcall failed as expected"
+exit 3
+"""
+
+    def refuse(words: list[str]) -> str:
+        raise ValueError(f"no answer for {words}")
+
+    result = runner.run(script, 1, timeout=120, on_call=refuse)
+    assert result.exit_status == 3
+    assert result.step_status("fails") == 1
+    assert result.step_status("passes") == 0
+    assert result.sections["text"] == "line one\nline two\n"
+    assert "not reached" not in result.output
+    assert "hostcall failed as expected" in result.output
+    assert result.call_errors == ["ask: ValueError: no answer for ['ask', 'something']"]
+    with pytest.raises(GuestError, match="guest exit status 3"):
+        result.check()
+
+
+def test_harness_kills_a_guest_that_overruns_its_timeout(runner: GuestRunner) -> None:
+    result = runner.run("echo started; sleep 600", 1, timeout=6)
+    assert result.timed_out
+    assert result.exit_status is None
+    with pytest.raises(GuestError, match="timed out: True"):
+        result.check()
