@@ -144,6 +144,12 @@ class Device:
         self._clean.clear()
         self.cached_bytes = 0
 
+    def forget_clean_cache(self) -> None:
+        """Drop cached clean blocks: the store under them was reopened after a
+        failure and may no longer hold what it acknowledged before."""
+        self._clean.clear()
+        self.cached_bytes = 0
+
     # --- lookups ---------------------------------------------------------
 
     def _lookup(self, block: int) -> Block | None:
