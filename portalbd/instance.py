@@ -23,6 +23,7 @@ from portalbd.nbd.server import NbdServer, RequestObserver
 from portalbd.stats import ServerStats
 from portalbd.store.instance import InstanceStore
 from portalbd.store.location import StorageLocation, parse_storage_url
+from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
 from portalbd.store.slate import SlateHandle, StoreError
 
 log = logging.getLogger("portalbd")
@@ -82,17 +83,34 @@ class Instance:
         self.nbd_address = ""
         self.recorder: Any = None
         self._admin_lock = asyncio.Lock()
+        self.s3: S3Settings | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # --- start and stop -------------------------------------------------------
 
+    async def check_s3(self) -> None:
+        """Resolve S3 settings and check the bucket before SlateDB touches it."""
+        try:
+            self.s3 = resolve_settings(self.location, self.config.storage.s3)
+            log.info(
+                "S3 storage %s",
+                " ".join(f"{k}={v}" for k, v in self.s3.describe().items()),
+            )
+            await asyncio.to_thread(preflight, self.s3)
+        except S3SetupError as exc:
+            raise StartupError(f"cannot use storage {self.location.display}: {exc}") from exc
+
     async def open(self) -> None:
         cfg = self.config
+        if self.location.kind == "s3":
+            await self.check_s3()
         try:
             self.store = await InstanceStore.open(
                 self.location,
                 cfg.lsm,
                 max_retries=cfg.storage.s3.max_retries if self.location.kind == "s3" else None,
+                s3=self.s3,
             )
         except StoreError as exc:
             raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
@@ -108,6 +126,10 @@ class Instance:
             on_flush=self.stats.flush_latency.record,
         )
         self.device.start()
+        self.store.data.on_reopen = self.device.forget_clean_cache
+        self._watchdog = asyncio.get_running_loop().create_task(
+            self._watch_fencing(), name="portalbd-fencing-watchdog"
+        )
         self.server = NbdServer(
             self.device,
             export_name=cfg.nbd.export_name,
@@ -143,9 +165,31 @@ class Instance:
                 ) from exc
             log.info("NBD listening socket=%s", cfg.nbd.socket)
 
+    async def _watch_fencing(self, interval: float = 1.0) -> None:
+        """Stop serving as soon as a newer daemon takes this storage over.
+
+        SlateDB notices the newer writer when it next writes or polls the
+        manifest; either way its status says "fenced" and we stop, rather
+        than answer clients from a disk someone else now owns.
+        """
+        while not self.fatal.done():
+            await asyncio.sleep(interval)
+            if self.store is not None and self.store.fenced():
+                message = (
+                    f"another portalbd opened storage {self.location.display} and fenced "
+                    "this daemon out; it no longer owns the disk"
+                )
+                log.error("%s", message)
+                if not self.fatal.done():
+                    self.fatal.set_result(message)
+                return
+
     async def close(self) -> str:
         """Stop serving, flush everything, close storage; return a summary."""
         result = "ok"
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.server is not None:
             await self.server.close_listeners()
             await self.server.disconnect_all("daemon shutting down")
@@ -198,6 +242,7 @@ class Instance:
         stats["dirty_bytes"] = device.dirty_bytes + device.draining_bytes
         stats["cached_bytes"] = device.cached_bytes
         stats["store"] = self.store.counters.as_dict()
+        stats["object_store"] = self.store.object_metrics.as_dict()
         stats["device"] = {
             "loads": device.counters.loads,
             "drains": device.counters.drains,
@@ -220,6 +265,7 @@ class Instance:
             "control_socket": str(self.control_socket),
             "generation": self.store.catalog.live_generation,
             "recording": self.recorder is not None,
+            "s3": self.s3.describe() if self.s3 is not None else None,
             "stats": stats,
         }
 
@@ -311,6 +357,7 @@ class Instance:
                 except StoreError as exc:
                     raise cp.BadRequest(f"restore failed, disk unchanged: {exc}") from exc
                 self.device.swap_store(handle)
+                handle.on_reopen = self.device.forget_clean_cache
                 try:
                     await old.close()
                 except StoreError as exc:
