@@ -29,40 +29,62 @@ const { Vec3 } = require('vec3')
 const [worldFolder, portText, botsText, secondsText] = process.argv.slice(2)
 const port = Number(portText), nbots = Number(botsText), seconds = Number(secondsText)
 const VERSION = '__VERSION__'
-const stats = { joined: 0, dug: 0, placed: 0, errors: 0 }
+const stats = { joined: 0, dug: 0, placed: 0, teleports: 0, errors: 0 }
 setTimeout(() => { console.error('hard timeout'); process.exit(2) }, (seconds + 120) * 1000).unref()
 
 const serv = mcServer.createMCServer({
   motd: 'portalbd trace', port, host: '127.0.0.1', 'max-players': nbots + 2, 'online-mode': false,
   logging: false, gameMode: 1, difficulty: 0, worldFolder,
   generation: { name: 'diamond_square', options: { worldHeight: 80, seed: 4242 } },
-  kickTimeout: 30000, plugins: {}, modpe: false, 'view-distance': 4,
+  kickTimeout: 30000, plugins: {}, modpe: false, 'view-distance': 5,
   'player-list-text': { header: 'portalbd', footer: 'trace' },
   'everybody-op': true, 'max-entities': 50, version: VERSION
 })
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
+async function joinBot (i) {
+  // The server accepts connections a moment before it lets players in: retry.
+  for (let attempt = 0; ; attempt++) {
+    const bot = mineflayer.createBot({
+      host: '127.0.0.1', port, username: 'bot' + i, version: VERSION
+    })
+    bot.on('error', () => { stats.errors++ })
+    const ok = await new Promise((resolve) => {
+      bot.once('spawn', () => resolve(true))
+      bot.once('end', () => resolve(false))
+    })
+    if (ok) return bot
+    if (attempt >= 10) throw new Error('bot' + i + ' could not join')
+    await sleep(1000)
+  }
+}
+
 async function runBot (i, until) {
-  const bot = mineflayer.createBot({
-    host: '127.0.0.1', port, username: 'bot' + i, version: VERSION
-  })
-  bot.on('error', () => { stats.errors++ })
-  await new Promise((resolve, reject) => {
-    bot.once('spawn', resolve)
-    bot.once('end', () => reject(new Error('bot' + i + ' disconnected before spawning')))
-  })
+  const bot = await joinBot(i)
   stats.joined++
   const Item = require('prismarine-item')(bot.registry)
   const dirt = bot.registry.itemsByName.dirt.id
   try { await bot.creative.setInventorySlot(36, new Item(dirt, 64)) } catch (e) { stats.errors++ }
+  // Each bot explores its own direction, teleporting ahead now and then so the
+  // server generates (and saves) fresh chunks, like players travelling.
+  const heading = (i * Math.PI) / 2
   let step = 0
   while (Date.now() < until) {
     step++
-    bot.look(Math.random() * Math.PI * 2, 0, true).catch(() => {})
+    if (step % 3 === 0) {
+      const p = bot.entity.position
+      const x = Math.round(p.x - Math.sin(heading) * 96)
+      const z = Math.round(p.z - Math.cos(heading) * 96)
+      bot.chat('/tp ' + x + ' 90 ' + z)
+      stats.teleports++
+      await sleep(1500)
+      continue
+    }
+    bot.look(heading + (Math.random() - 0.5), 0, true).catch(() => {})
     bot.setControlState('forward', true)
-    bot.setControlState('sprint', step % 3 === 0)
-    bot.setControlState('jump', step % 4 === 0)
+    bot.setControlState('sprint', true)
+    bot.setControlState('jump', step % 2 === 0)
     await sleep(700)
     bot.clearControlStates()
     try {
@@ -72,9 +94,9 @@ async function runBot (i, until) {
         stats.dug++
       }
       const ref = bot.blockAt(bot.entity.position.offset(0, -1, 0).floored())
-      if (ref && ref.name !== 'air' && step % 2 === 0) {
+      if (ref && ref.name !== 'air') {
         await bot.equip(dirt, 'hand')
-        await bot.placeBlock(ref, new Vec3(0, 1, 0)).catch(() => {})
+        bot.placeBlock(ref, new Vec3(0, 1, 0)).catch(() => {})  // reply may never come
         stats.placed++
       }
     } catch (e) { stats.errors++ }
@@ -91,6 +113,7 @@ serv.once('listening', async () => {
   }
   await Promise.all(bots)
   await sleep(1000)
+  if (serv.overworld && serv.overworld.waitSaving) await serv.overworld.waitSaving()
   await serv.quit('trace done')
   if (serv.overworld && serv.overworld.waitSaving) await serv.overworld.waitSaving()
   console.log(JSON.stringify(stats))

@@ -12,6 +12,7 @@ import glob
 import os
 import pwd
 import shutil
+import tempfile
 from pathlib import Path
 
 from portalbd.trace.daemon_proc import free_port
@@ -33,14 +34,28 @@ def workload(ctx: GenContext) -> None:
         pw = pwd.getpwnam("postgres")
     except KeyError:
         raise GenError("no 'postgres' user (install the Debian package postgresql)") from None
-    scale, clients, seconds = (1, 2, 10) if ctx.quick else (10, 4, 60)
     as_pg = ["runuser", "-u", "postgres", "--"]
-    rundir = ctx.workdir / "pg"
+    # The postgres user must reach its directories, and the scratch directory
+    # may sit below one only root can enter (pytest's tmp_path): use a fresh
+    # world-traversable one in the system temp dir.
+    public = Path(tempfile.mkdtemp(prefix="portalbd-pgbench-"))
+    try:
+        os.chmod(public, 0o755)
+        _run_postgres(ctx, bindir, pw, as_pg, public)
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def _run_postgres(
+    ctx: GenContext, bindir: Path, pw: pwd.struct_passwd, as_pg: list[str], public: Path
+) -> None:
+    scale, clients, seconds = (1, 2, 10) if ctx.quick else (10, 4, 60)
+    rundir = public / "run"
     rundir.mkdir()
     os.chown(rundir, pw.pw_uid, pw.pw_gid)
     port = str(free_port())
     run(["mkfs.ext4", "-F", "-q", str(ctx.device)])
-    with mounted(ctx.device, ctx.workdir / "mnt") as mnt:
+    with mounted(ctx.device, public / "mnt") as mnt:
         data = mnt / "pgdata"
         data.mkdir()
         os.chown(data, pw.pw_uid, pw.pw_gid)
@@ -65,4 +80,3 @@ def workload(ctx: GenContext) -> None:
         finally:
             run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                 check=False)  # fmt: skip
-        shutil.rmtree(rundir, ignore_errors=True)
