@@ -99,7 +99,7 @@ class Host:
 def boot(runner: GuestRunner, daemon: KernelDaemon, script: str, timeout: float) -> Run:
     run = Run(result=GuestResult(exit_status=None))
     run.result = runner.run(script, daemon.port_file, timeout=timeout, on_call=Host(daemon, run))
-    if daemon.process is not None:
+    if daemon.daemon is not None:
         run.final = daemon.stats()
     return run
 
