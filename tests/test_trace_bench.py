@@ -1,0 +1,90 @@
+"""`portalbd-trace bench` on the shipped sample traces: runs, JSON validates, compares, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from portalbd.trace import format, results
+from portalbd.trace.bench import Sweep
+from portalbd.trace.cli import main, parse_size
+
+TRACES = Path(__file__).resolve().parent.parent / "traces"
+
+
+def sample(name: str) -> Path:
+    path = TRACES / name
+    assert path.exists(), f"sample trace {path} is missing (make it with portalbd-trace gen)"
+    return path
+
+
+def test_sample_traces_are_complete_and_small() -> None:
+    paths = sorted(TRACES.glob("*.jsonl.zst"))
+    assert {p.name.split(".")[0] for p in paths} >= {"mkfs", "pgbench", "minecraft"}
+    assert sum(p.stat().st_size for p in paths) < 8 << 20
+    for p in paths:
+        info = format.describe(p)
+        assert info["complete"] and info["ops"] > 0 and info["dropped"] == 0
+
+
+def test_bench_smoke_on_a_sample_trace_json_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    report_dir = tmp_path / "report"
+    rc = main([
+        "bench", str(sample("mkfs.jsonl.zst")), "--iterations", "1", "--warmup", "0",
+        "--block-size", "4K,64K", "--json", str(out), "--report", str(report_dir),
+    ])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert [r["config"]["block_size"] for r in doc["runs"]] == [4096, 65536]
+    for run in doc["runs"]:
+        assert run["workload"] == "mkfs"
+        assert run["by_type"]["Write"]["ops"] > 0
+        assert run["total"]["errors"] == 0
+        assert run["store"] is not None and run["store"]["puts"] > 0
+    err = capsys.readouterr().err
+    assert "ops/s" in err and "p99.9" in err and "object store" in err
+    index = (report_dir / "index.html").read_text()
+    assert index.count("<img") == 1 + 2 * len(doc["runs"])
+    assert (report_dir / "run0-cdf.svg").read_text().lstrip().startswith("<?xml")
+
+    # A result compared with itself: every change is +0.0%.
+    assert main(["bench", "--compare", str(out), str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "Write" in table and "+0.0%" in table
+
+
+def test_bench_json_schema_rejects_a_broken_document(tmp_path: Path) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        results.validate({"schema": results.SCHEMA_ID, "created": "x", "runs": [{"trace": 1}]})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "something else"}')
+    with pytest.raises(SystemExit, match="OLD is not a bench result"):
+        main(["bench", "--compare", str(bad), str(bad)])
+
+
+def test_bench_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="give a TRACE or --all DIR"):
+        main(["bench"])
+    with pytest.raises(SystemExit, match="no traces"):
+        main(["bench", "--all", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["bench", "x", "--storage", "floppy"])
+    assert "storage must be memory, file or s3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "x", "--block-size", "lots"])
+    assert "not a size: 'lots'" in capsys.readouterr().err
+
+
+def test_sweep_is_the_cartesian_product() -> None:
+    sweep = Sweep(storage=["memory", "file"], block_size=[4096, 65536], compression=["lz4"])
+    configs = sweep.configs()
+    assert len(configs) == 4
+    assert configs[0].label() == "memory bs=4K comp=lz4"
+    assert parse_size("256K") == 256 << 10 and parse_size("1MiB") == 1 << 20
