@@ -15,6 +15,7 @@ seconds, naming the bucket and endpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import uuid
@@ -245,6 +246,12 @@ def build_object_store(settings: S3Settings) -> Any:
 # --- start-up checks -----------------------------------------------------------
 
 
+def _quiet_sdk_logs() -> None:
+    """botocore's debug logs print request signing material: never let them through."""
+    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _boto_client(settings: S3Settings) -> Any:
     import boto3
     from botocore.config import Config as BotoConfig
@@ -254,7 +261,7 @@ def _boto_client(settings: S3Settings) -> Any:
         region_name=settings.region,
         connect_timeout=settings.connect_timeout_ms / 1000,
         read_timeout=timeout,
-        retries={"max_attempts": 1 + min(settings.max_retries, 2), "mode": "standard"},
+        retries={"max_attempts": 1 + min(settings.max_retries, 1), "mode": "standard"},
         s3={"addressing_style": "path" if settings.path_style else "virtual"},
     )
     return boto3.session.Session().client(
@@ -330,6 +337,7 @@ def preflight(settings: S3Settings) -> None:
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
+    _quiet_sdk_logs()
     client = _boto_client(settings)
     try:
         try:

@@ -1,0 +1,331 @@
+"""portalbd on a real S3 server (moto over HTTP): data, crashes, outages, fencing, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DaemonFactory
+from tests.s3support import ACCESS_KEY, SECRET_KEY, MotoServer, OutageProxy, moto_server
+from tests.s3support import nbd_connection as connected
+from tests.support import RunningDaemon, daemon_command, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+BS = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(moto: MotoServer) -> str:
+    return moto.create_bucket(f"pbd-{uuid.uuid4().hex[:12]}")
+
+
+def write_config(path: Path, **s3: Any) -> Path:
+    lines = ["[storage.s3]"]
+    for key, value in s3.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pattern(tag: int, length: int = BS) -> bytes:
+    unit = f"<{tag:012d}>".encode()
+    return (unit * (length // len(unit) + 1))[:length]
+
+
+def run_daemon_to_exit(
+    tmp_path: Path, env: dict[str, str], *args: str, timeout: float = 60
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a daemon expected to fail at start; return the result and how long it took."""
+    full_env = dict(os.environ)
+    full_env.update(env)
+    started = time.monotonic()
+    result = subprocess.run(
+        daemon_command(
+            "--instance",
+            "fail",
+            "--socket",
+            str(tmp_path / "fail.sock"),
+            "--nbd-address",
+            f"127.0.0.1:{free_port()}",
+            *args,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
+    return result, time.monotonic() - started
+
+
+def test_read_write_flush_restart(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/disks/d0"
+    daemon = daemon_factory(storage_url=url, env=moto.env())
+    blocks = {0: pattern(1), 7: pattern(2), 1000: pattern(3)}
+    with connected(daemon.uri) as nbd:
+        for index, data in blocks.items():
+            nbd.pwrite(data, index * BS)
+        nbd.pwrite(b"partial", 3 * BS + 100)
+        nbd.flush()
+        for index, data in blocks.items():
+            assert nbd.pread(BS, index * BS) == data
+    status = daemon.status()
+    assert status["storage_url"] == url
+    assert status["s3"]["bucket"] == bucket
+    assert status["s3"]["endpoint"] == moto.endpoint
+    counts = status["stats"]["object_store"]
+    assert counts["put"] > 0 and counts["list"] > 0
+    assert counts["wal_bytes_put"] > 0
+    assert SECRET_KEY not in json.dumps(status)
+    assert daemon.stop() == 0
+    assert SECRET_KEY not in daemon.log() and ACCESS_KEY not in daemon.log()
+    assert any(k.startswith("disks/d0/gen/") for k in moto.keys(bucket))
+
+    again = daemon_factory(storage_url=url, env=moto.env())
+    with connected(again.uri) as nbd:
+        for index, data in blocks.items():
+            assert nbd.pread(BS, index * BS) == data
+        assert nbd.pread(7, 3 * BS + 100) == b"partial"
+        assert nbd.pread(BS, 5 * BS) == bytes(BS)
+
+
+def test_settings_from_environment_file(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    env_file = tmp_path / "s3.env"
+    env_file.write_text(
+        "# credentials for the test bucket\n"
+        + "".join(f'export {k}="{v}"\n' for k, v in moto.env().items())
+    )
+    config = write_config(tmp_path / "c.toml", environment_file=str(env_file))
+    clean_env = {k: "" for k in moto.env()}
+    daemon = daemon_factory("-c", str(config), storage_url=f"s3://{bucket}", env=clean_env)
+    with connected(daemon.uri) as nbd:
+        nbd.pwrite(pattern(9), 0)
+        nbd.flush()
+    status = daemon.status()
+    assert status["s3"]["credentials"] == f"environment file {env_file}"
+    assert SECRET_KEY not in json.dumps(status) and SECRET_KEY not in daemon.log()
+
+
+def test_sigkill_under_load_keeps_every_flushed_write(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str
+) -> None:
+    """Writes with a flush every few; SIGKILL mid-stream; every flushed write survives."""
+    url = f"s3://{bucket}/crash"
+    daemon = daemon_factory(storage_url=url, env=moto.env())
+    flushed: list[int] = []
+    written: list[int] = []
+    stop = threading.Event()
+    every = 5
+
+    def writer() -> None:
+        try:
+            with connected(daemon.uri) as nbd:
+                seq = 0
+                while not stop.is_set():
+                    nbd.pwrite(pattern(seq), seq * BS)
+                    written.append(seq)
+                    seq += 1
+                    if seq % every == 0:
+                        nbd.flush()
+                        flushed.extend(range(len(flushed), seq))
+        except Exception:
+            return  # the daemon died under us: that is the point
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(flushed) < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.kill()
+    stop.set()
+    thread.join(30)
+    assert len(flushed) >= 60, "the writer made too little progress"
+
+    again = daemon_factory(storage_url=url, env=moto.env())
+    with connected(again.uri) as nbd:
+        for seq in flushed:
+            assert nbd.pread(BS, seq * BS) == pattern(seq), f"flushed write {seq} lost"
+        # unflushed writes may or may not be there, but never torn
+        for seq in written[len(flushed) :]:
+            assert nbd.pread(BS, seq * BS) in (pattern(seq), bytes(BS))
+
+
+def test_fio_verify_over_s3(daemon_factory: DaemonFactory, moto: MotoServer, bucket: str) -> None:
+    daemon = daemon_factory(storage_url=f"s3://{bucket}/fio", env=moto.env())
+    result = subprocess.run(
+        [
+            "fio",
+            "--name=s3verify",
+            "--ioengine=nbd",
+            f"--uri={daemon.uri}",
+            "--rw=randwrite",
+            "--bs=16k",
+            "--size=8m",
+            "--fsync=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--iodepth=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verify" not in result.stderr.lower()
+
+
+def test_snapshot_and_restore(daemon_factory: DaemonFactory, moto: MotoServer, bucket: str) -> None:
+    daemon = daemon_factory(storage_url=f"s3://{bucket}/snap", env=moto.env())
+    with connected(daemon.uri) as nbd:
+        nbd.pwrite(pattern(1), 0)
+        nbd.pwrite(pattern(2), BS)
+    created = daemon.control({"SnapshotCreate": {"name": "before"}})
+    assert created["Snapshot"]["name"] == "before"
+    with connected(daemon.uri) as nbd:
+        nbd.pwrite(pattern(3), 0)
+        nbd.trim(BS, BS)
+        nbd.flush()
+        assert nbd.pread(BS, 0) == pattern(3)
+    assert daemon.control({"SnapshotRestore": {"name": "before"}}) == "Ok"
+    with connected(daemon.uri) as nbd:
+        assert nbd.pread(BS, 0) == pattern(1)
+        assert nbd.pread(BS, BS) == pattern(2)
+        nbd.pwrite(pattern(4), 2 * BS)
+    status = daemon.status()
+    assert status["generation"] == 2
+    assert daemon.stop() == 0
+    again = daemon_factory(storage_url=f"s3://{bucket}/snap", env=moto.env())
+    with connected(again.uri) as nbd:
+        assert nbd.pread(BS, 0) == pattern(1)
+        assert nbd.pread(BS, 2 * BS) == pattern(4)
+    names = [s["name"] for s in again.control("SnapshotList")["SnapshotList"]]
+    assert names == ["before"]
+
+
+def test_endpoint_down_at_start(tmp_path: Path, moto: MotoServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    result, took = run_daemon_to_exit(
+        tmp_path, moto.env(endpoint=dead), "--storage-url", "s3://somebucket/x"
+    )
+    assert result.returncode == 1
+    assert took < 10
+    assert f"cannot reach S3 endpoint {dead}" in result.stderr
+    assert "'somebucket'" in result.stderr
+
+
+def test_missing_bucket(tmp_path: Path, moto: MotoServer, daemon_factory: DaemonFactory) -> None:
+    name = f"pbd-missing-{uuid.uuid4().hex[:8]}"
+    result, took = run_daemon_to_exit(tmp_path, moto.env(), "--storage-url", f"s3://{name}/x")
+    assert result.returncode == 1
+    assert took < 10
+    assert f"bucket {name!r} at {moto.endpoint} does not exist" in result.stderr
+    assert "create_bucket = true" in result.stderr
+
+    config = write_config(tmp_path / "create.toml", create_bucket=True)
+    daemon = daemon_factory("-c", str(config), storage_url=f"s3://{name}/x", env=moto.env())
+    with connected(daemon.uri) as nbd:
+        nbd.pwrite(pattern(5), 0)
+        nbd.flush()
+    assert name in [b["Name"] for b in moto.client().list_buckets()["Buckets"]]
+
+
+def test_wrong_credentials(tmp_path: Path) -> None:
+    with moto_server(tmp_path, auth=True) as strict:
+        env = strict.env()
+        result, took = run_daemon_to_exit(tmp_path, env, "--storage-url", "s3://anybucket/x")
+    assert result.returncode == 1
+    assert took < 10
+    assert f"credentials rejected by {strict.endpoint} for bucket 'anybucket'" in result.stderr
+    assert SECRET_KEY not in result.stderr
+
+
+def test_plain_http_endpoint_needs_allow_http(tmp_path: Path, moto: MotoServer) -> None:
+    config = write_config(tmp_path / "c.toml", allow_http=False)
+    result, _ = run_daemon_to_exit(
+        tmp_path, moto.env(), "-c", str(config), "--storage-url", "s3://b-x/y"
+    )
+    assert result.returncode == 1
+    assert "is plain HTTP but allow_http is false" in result.stderr
+
+
+def flush_error(daemon: RunningDaemon, data: bytes, offset: int) -> str | None:
+    """Write and flush on a fresh connection; the error text, or None on success."""
+    try:
+        with connected(daemon.uri) as nbd:
+            nbd.pwrite(data, offset)
+            nbd.flush()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def test_outage_mid_run_gives_eio_then_recovers(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    proxy = OutageProxy(moto.port)
+    try:
+        config = write_config(tmp_path / "c.toml", request_timeout_ms=1000, max_retries=1)
+        daemon = daemon_factory(
+            "-c", str(config), storage_url=f"s3://{bucket}/outage", env=moto.env(proxy.endpoint)
+        )
+        assert flush_error(daemon, pattern(1), 0) is None
+
+        proxy.down()
+        started = time.monotonic()
+        error = flush_error(daemon, pattern(2), BS)
+        took = time.monotonic() - started
+        assert error is not None and "Input/output error" in error, error
+        assert took < 30, f"flush took {took:.1f}s to fail"
+        print(f"flush failed after {took:.1f}s: {error}")
+        assert daemon.process.poll() is None
+
+        proxy.up()
+        deadline = time.monotonic() + 60
+        while (error := flush_error(daemon, pattern(3), 2 * BS)) is not None:
+            assert time.monotonic() < deadline, f"no recovery: {error}\n{daemon.log()}"
+            time.sleep(1)
+        with connected(daemon.uri) as nbd:
+            assert nbd.pread(BS, 0) == pattern(1)
+            assert nbd.pread(BS, 2 * BS) == pattern(3)
+        assert "reopened database" in daemon.log()
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_newer_daemon_fences_older(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/shared"
+    old = daemon_factory(storage_url=url, env=moto.env(), instance="old")
+    with connected(old.uri) as nbd:
+        nbd.pwrite(pattern(1), 0)
+        nbd.flush()
+    new = daemon_factory(storage_url=url, env=moto.env(), instance="new")
+    assert old.process.wait(30) != 0
+    assert "fenced this daemon out" in old.log()
+    with connected(new.uri) as nbd:
+        assert nbd.pread(BS, 0) == pattern(1)
+        nbd.pwrite(pattern(2), BS)
+        nbd.flush()
