@@ -62,6 +62,26 @@ class InstanceCollector:
             if not op.startswith("bytes_"):
                 store.add_metric([status["instance"], op], count)
         yield store
+        objects = stats.get("object_store", {})
+        requests = CounterMetricFamily(
+            "portalbd_object_store_requests",
+            "Object-store requests SlateDB sent, by request class",
+            labels=["instance", "request"],
+        )
+        for request in ("put", "get", "head", "list", "delete"):
+            requests.add_metric([status["instance"], request], objects.get(request, 0))
+        yield requests
+        yield counter(
+            "object_store_errors", "Object-store requests that failed", objects.get("errors", 0)
+        )
+        uploaded = CounterMetricFamily(
+            "portalbd_object_store_put_bytes",
+            "Bytes SlateDB uploaded, by kind of object",
+            labels=["instance", "kind"],
+        )
+        for kind in ("wal", "sst", "compacted"):
+            uploaded.add_metric([status["instance"], kind], objects.get(f"{kind}_bytes_put", 0))
+        yield uploaded
         latency = GaugeMetricFamily(
             "portalbd_latency_seconds",
             "Request latency percentiles",
