@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,7 +79,10 @@ def test_read_write_flush_restart(
     daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     url = f"s3://{bucket}/disks/d0"
-    daemon = daemon_factory(storage_url=url, env=moto.env())
+    metrics_port = free_port()
+    daemon = daemon_factory(
+        "--metrics-address", f"127.0.0.1:{metrics_port}", storage_url=url, env=moto.env()
+    )
     blocks = {0: pattern(1), 7: pattern(2), 1000: pattern(3)}
     with connected(daemon.uri) as nbd:
         for index, data in blocks.items():
@@ -95,6 +99,10 @@ def test_read_write_flush_restart(
     assert counts["put"] > 0 and counts["list"] > 0
     assert counts["wal_bytes_put"] > 0
     assert SECRET_KEY not in json.dumps(status)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        exported = r.read().decode()
+    assert 'portalbd_object_store_requests_total{instance="t",request="put"}' in exported
+    assert 'portalbd_object_store_put_bytes_total{instance="t",kind="wal"}' in exported
     assert daemon.stop() == 0
     assert SECRET_KEY not in daemon.log() and ACCESS_KEY not in daemon.log()
     assert any(k.startswith("disks/d0/gen/") for k in moto.keys(bucket))
