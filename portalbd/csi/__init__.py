@@ -1,0 +1,1 @@
+"""portalbd-csi: the Kubernetes CSI driver (identity, controller and node services)."""

@@ -1,0 +1,303 @@
+"""The Node service: serve a volume here, mount it, hand it to pods.
+
+Stage = start the volume's portalbd (supervised), attach it as a block
+device, make a filesystem if it is blank, mount it at the staging path.
+Publish = bind-mount the staging mount (or the device, for raw block
+volumes) into the pod's target path. Unpublish and unstage undo exactly
+that; unstage stops the daemon with SIGTERM, which flushes every write to
+storage before it exits. Each step checks what is already there first, so
+repeating an RPC converges instead of failing.
+"""
+
+# Local file, /proc and socket-path checks take microseconds; the node's I/O
+# that can block (tools, daemons) runs as subprocesses.
+# ruff: noqa: ASYNC240
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from portalbd.csi import attach as att
+from portalbd.csi import errors as e
+from portalbd.csi.common import FS_TYPES, capability_problem, rpc
+from portalbd.csi.mounts import detect_fs, grow_fs, is_mounted, make_fs, mount_of, run, unmount
+from portalbd.csi.proto import csi_pb2 as pb
+from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
+from portalbd.csi.supervisor import DaemonSpec, SupervisedDaemon, daemon_pid
+from portalbd.csi.volumes import Registry, StageRecord
+
+log = logging.getLogger("portalbd.csi")
+
+NodeRPC = pb.NodeServiceCapability.RPC
+
+
+async def device_size(device: str) -> int:
+    return int((await run("blockdev", "--getsize64", device)).strip())
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(self, registry: Registry, node_id: str, state_root: Path) -> None:
+        self.registry = registry
+        self.node_id = node_id
+        self.state_root = state_root
+        self.daemons: dict[str, SupervisedDaemon] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, volume_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(volume_id, asyncio.Lock())
+
+    def state_dir(self, volume_id: str) -> Path:
+        if not volume_id or "/" in volume_id or volume_id.startswith("."):
+            raise e.invalid(f"invalid volume_id {volume_id!r}")
+        return self.state_root / volume_id
+
+    def _read_state(self, volume_id: str) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = json.loads((self.state_dir(volume_id) / "stage.json").read_text())
+        except FileNotFoundError:
+            return None
+        return doc
+
+    # --- stage ----------------------------------------------------------------
+
+    @rpc
+    async def NodeStageVolume(self, request: Any, context: Any) -> Any:
+        volume_id = e.require(request.volume_id, "volume_id")
+        staging = e.require(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise e.invalid("volume_capability is required")
+        problem = capability_problem(request.volume_capability)
+        if problem:
+            raise e.invalid(problem)
+        cap = request.volume_capability
+        block = cap.WhichOneof("access_type") == "block"
+        state_dir = self.state_dir(volume_id)
+        async with self.lock(volume_id):
+            record = self.registry.volume(volume_id)
+            if record is None:
+                raise e.not_found(f"volume {volume_id} does not exist")
+            state = self._read_state(volume_id)
+            if state is not None and state["staging_path"] != staging:
+                raise e.exists(
+                    f"volume {volume_id} is already staged at {state['staging_path']} on this node"
+                )
+            fs_type = (cap.mount.fs_type if not block else "") or record.fs_type
+            if not block and fs_type not in FS_TYPES:
+                raise e.invalid(f"filesystem {fs_type!r} is not supported")
+            other = self.registry.staged(volume_id)
+            if other is not None and other.node_id != self.node_id:
+                log.warning(
+                    "volume %s was staged on node %s; taking it over (its daemon gets fenced)",
+                    volume_id,
+                    other.node_id,
+                )
+            spec = DaemonSpec(
+                volume_id=volume_id,
+                storage_url=self.registry.storage_url(volume_id),
+                size_bytes=record.capacity_bytes,
+                block_size=record.block_size,
+                state_dir=state_dir,
+            )
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self.registry.mark_staged(
+                volume_id, StageRecord(self.node_id, str(spec.control_socket), staging)
+            )
+            (state_dir / "stage.json").write_text(
+                json.dumps({"staging_path": staging, "block": block, "fs_type": fs_type})
+            )
+            daemon = self.daemons.get(volume_id)
+            if daemon is None:
+                daemon = SupervisedDaemon(spec)
+                await daemon.start()
+                self.daemons[volume_id] = daemon
+            attachment = await att.attach(state_dir, spec.nbd_socket)
+            if block:
+                Path(staging).mkdir(parents=True, exist_ok=True)
+            elif not is_mounted(staging):
+                found = await detect_fs(attachment.device)
+                if not found:
+                    log.info("volume %s is blank: making %s", volume_id, fs_type)
+                    await make_fs(attachment.device, fs_type)
+                    found = fs_type
+                Path(staging).mkdir(parents=True, exist_ok=True)
+                flags = list(cap.mount.mount_flags)
+                if found == "xfs":
+                    # A volume made from a snapshot carries its source's UUID;
+                    # XFS refuses to mount a duplicate without this.
+                    flags.append("nouuid")
+                options = ["-o", ",".join(flags)] if flags else []
+                await run("mount", "-t", found, *options, attachment.device, staging)
+            log.info("staged volume %s at %s (%s)", volume_id, staging, attachment.device)
+        return pb.NodeStageVolumeResponse()
+
+    @rpc
+    async def NodeUnstageVolume(self, request: Any, context: Any) -> Any:
+        volume_id = e.require(request.volume_id, "volume_id")
+        staging = e.require(request.staging_target_path, "staging_target_path")
+        state_dir = self.state_dir(volume_id)
+        async with self.lock(volume_id):
+            if is_mounted(staging):
+                await run("sync", "-f", staging, check=False)
+                await unmount(staging)
+            await att.detach(state_dir)
+            daemon = self.daemons.pop(volume_id, None)
+            if daemon is None and await daemon_pid(state_dir / "control.sock") is not None:
+                daemon = SupervisedDaemon(
+                    DaemonSpec(volume_id, self.registry.storage_url(volume_id), 0, 0, state_dir)
+                )
+                await daemon.start()  # adopts the running one
+            if daemon is not None:
+                await daemon.stop()
+            staged = self.registry.staged(volume_id)
+            if staged is not None and staged.node_id == self.node_id:
+                self.registry.clear_staged(volume_id)
+            with contextlib.suppress(FileNotFoundError):
+                (state_dir / "stage.json").unlink()
+            for leftover in ("fuse", "control.sock", "nbd.sock"):
+                path = state_dir / leftover
+                with contextlib.suppress(OSError):
+                    path.rmdir() if path.is_dir() else path.unlink()
+            log.info("unstaged volume %s", volume_id)
+        return pb.NodeUnstageVolumeResponse()
+
+    # --- publish --------------------------------------------------------------
+
+    @rpc
+    async def NodePublishVolume(self, request: Any, context: Any) -> Any:
+        volume_id = e.require(request.volume_id, "volume_id")
+        target = e.require(request.target_path, "target_path")
+        staging = e.require(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise e.invalid("volume_capability is required")
+        problem = capability_problem(request.volume_capability)
+        if problem:
+            raise e.invalid(problem)
+        block = request.volume_capability.WhichOneof("access_type") == "block"
+        async with self.lock(volume_id):
+            state = self._read_state(volume_id)
+            if state is None or state["staging_path"] != staging:
+                raise e.precondition(f"volume {volume_id} is not staged at {staging}")
+            current = mount_of(target)
+            if current is not None:
+                readonly = "ro" in current[1].split(",")
+                if readonly != request.readonly:
+                    raise e.exists(
+                        f"{target} is already published {'read-only' if readonly else 'read-write'}"
+                    )
+                return pb.NodePublishVolumeResponse()
+            if block:
+                attachment = await att.current_device(self.state_dir(volume_id))
+                if attachment is None:
+                    raise e.precondition(f"volume {volume_id} has no block device on this node")
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                Path(target).touch()
+                source = attachment.device
+            else:
+                if not is_mounted(staging):
+                    raise e.precondition(f"volume {volume_id} is not mounted at {staging}")
+                Path(target).mkdir(parents=True, exist_ok=True)
+                source = staging
+            await run("mount", "--bind", source, target)
+            if request.readonly:
+                await run("mount", "-o", "remount,bind,ro", target)
+            log.info("published volume %s at %s%s", volume_id, target, " (ro)" * request.readonly)
+        return pb.NodePublishVolumeResponse()
+
+    @rpc
+    async def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
+        volume_id = e.require(request.volume_id, "volume_id")
+        target = e.require(request.target_path, "target_path")
+        async with self.lock(volume_id):
+            await unmount(target)
+            path = Path(target)
+            with contextlib.suppress(FileNotFoundError):
+                path.rmdir() if path.is_dir() else path.unlink()
+            log.info("unpublished volume %s from %s", volume_id, target)
+        return pb.NodeUnpublishVolumeResponse()
+
+    # --- information and growth -----------------------------------------------
+
+    @rpc
+    async def NodeGetVolumeStats(self, request: Any, context: Any) -> Any:
+        e.require(request.volume_id, "volume_id")
+        path = e.require(request.volume_path, "volume_path")
+        if not os.path.exists(path):
+            raise e.not_found(f"volume path {path} does not exist")
+        if self._read_state(request.volume_id) is None:
+            raise e.not_found(f"volume {request.volume_id} is not staged on this node")
+        if os.path.isfile(path) or path.startswith("/dev/"):
+            size = await device_size(path)
+            usage = [pb.VolumeUsage(unit=pb.VolumeUsage.BYTES, total=size)]
+            return pb.NodeGetVolumeStatsResponse(usage=usage)
+        st = os.statvfs(path)
+        return pb.NodeGetVolumeStatsResponse(
+            usage=[
+                pb.VolumeUsage(
+                    unit=pb.VolumeUsage.BYTES,
+                    total=st.f_blocks * st.f_frsize,
+                    available=st.f_bavail * st.f_frsize,
+                    used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+                ),
+                pb.VolumeUsage(
+                    unit=pb.VolumeUsage.INODES,
+                    total=st.f_files,
+                    available=st.f_favail,
+                    used=st.f_files - st.f_ffree,
+                ),
+            ]
+        )
+
+    @rpc
+    async def NodeExpandVolume(self, request: Any, context: Any) -> Any:
+        volume_id = e.require(request.volume_id, "volume_id")
+        volume_path = e.require(request.volume_path, "volume_path")
+        async with self.lock(volume_id):
+            state = self._read_state(volume_id)
+            attachment = await att.current_device(self.state_dir(volume_id))
+            if state is None or attachment is None:
+                raise e.not_found(f"volume {volume_id} is not staged on this node")
+            if not os.path.exists(volume_path):
+                raise e.not_found(f"volume path {volume_path} does not exist")
+            await att.refresh_size(attachment)
+            size = await device_size(attachment.device)
+            wanted = request.capacity_range.required_bytes if request.capacity_range else 0
+            if wanted > size:
+                raise e.precondition(
+                    f"volume {volume_id} is served with {size} bytes; unstage and stage it "
+                    f"again to serve {wanted} (portalbd volumes grow offline)"
+                )
+            if not state["block"]:
+                await grow_fs(attachment.device, state["staging_path"], state["fs_type"])
+            log.info("expanded volume %s on this node to %d bytes", volume_id, size)
+        return pb.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    @rpc
+    async def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
+        kinds = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS, NodeRPC.EXPAND_VOLUME)
+        caps = [pb.NodeServiceCapability(rpc=NodeRPC(type=k)) for k in kinds]
+        return pb.NodeGetCapabilitiesResponse(capabilities=caps)
+
+    @rpc
+    async def NodeGetInfo(self, request: Any, context: Any) -> Any:
+        return pb.NodeGetInfoResponse(node_id=self.node_id)
+
+    async def close(self) -> None:
+        """Stop supervising; the daemons keep serving their mounted volumes."""
+        for daemon in self.daemons.values():
+            daemon._stopping = True
+            if daemon._monitor is not None:
+                daemon._monitor.cancel()
+        self.daemons.clear()
+
+
+def have_tools() -> list[str]:
+    """Tools the node service needs that this machine lacks."""
+    tools = ("mount", "umount", "blkid", "blockdev", "losetup", "nbdfuse", "fusermount3")
+    return [t for t in tools if shutil.which(t) is None]

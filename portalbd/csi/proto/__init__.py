@@ -1,0 +1,1 @@
+"""Generated CSI v1 stubs; regenerate with ``python -m portalbd.csi.stubs``."""

@@ -1,0 +1,213 @@
+"""Keep one portalbd daemon running per staged volume.
+
+The daemon is started with the volume's storage URL and size, serves NBD on
+a Unix socket in the volume's state directory, and is restarted with the
+same arguments if it dies. It runs in its own session, so restarting the
+CSI driver does not take staged volumes down; a new driver adopts the
+daemon it finds answering on the volume's control socket.
+"""
+
+# Local file, /proc and socket-path checks take microseconds; the node's I/O
+# that can block (tools, daemons) runs as subprocesses.
+# ruff: noqa: ASYNC109, ASYNC110, ASYNC230, ASYNC240
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from portalbd.csi.errors import internal
+
+log = logging.getLogger("portalbd.csi")
+
+RESTART_DELAY_S = 1.0
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+async def control(path: Path, request: Any, timeout: float = 60) -> Any:
+    """One request on a daemon's control socket."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    if not line:
+        raise ConnectionError(f"{path}: control socket closed")
+    return json.loads(line)
+
+
+async def daemon_pid(control_socket: Path) -> int | None:
+    """The pid of the daemon answering on this socket, if one does."""
+    if not control_socket.exists():
+        return None
+    try:
+        status = await control(control_socket, "Status", timeout=5)
+    except (OSError, ConnectionError, TimeoutError, ValueError):
+        return None
+    pid = status.get("Status", {}).get("pid") if isinstance(status, dict) else None
+    return int(pid) if pid else None
+
+
+def portalbd_command() -> list[str]:
+    """Run the daemon with the interpreter that runs us (works in any venv)."""
+    return [sys.executable, "-m", "portalbd.daemon"]
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSpec:
+    volume_id: str
+    storage_url: str
+    size_bytes: int
+    block_size: int
+    state_dir: Path
+
+    @property
+    def control_socket(self) -> Path:
+        return self.state_dir / "control.sock"
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.state_dir / "nbd.sock"
+
+    def argv(self) -> list[str]:
+        return [
+            *portalbd_command(),
+            "--instance",
+            self.volume_id,
+            "--storage-url",
+            self.storage_url,
+            "--size-bytes",
+            str(self.size_bytes),
+            "--block-size",
+            str(self.block_size),
+            "--nbd-address",
+            "",
+            "--nbd-socket",
+            str(self.nbd_socket),
+            "--socket",
+            str(self.control_socket),
+        ]
+
+
+class SupervisedDaemon:
+    def __init__(self, spec: DaemonSpec) -> None:
+        self.spec = spec
+        self.pid: int | None = None
+        self.restarts = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Start (or adopt) the daemon and wait until it answers."""
+        pid = await daemon_pid(self.spec.control_socket)
+        if pid is not None:
+            log.info("adopting running daemon volume=%s pid=%d", self.spec.volume_id, pid)
+            self.pid = pid
+        else:
+            await self._spawn()
+        self._monitor = asyncio.create_task(self._watch())
+
+    async def _spawn(self) -> None:
+        spec = self.spec
+        longest = max(len(str(spec.control_socket)), len(str(spec.nbd_socket)))
+        if longest > MAX_SOCKET_PATH:
+            raise internal(
+                f"socket paths under {spec.state_dir} are {longest} bytes, more than a Unix "
+                f"socket allows ({MAX_SOCKET_PATH}): use a shorter --state-dir"
+            )
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (spec.control_socket, spec.nbd_socket):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        log_path = spec.state_dir / "portalbd.log"
+        with open(log_path, "ab") as log_file:
+            self._process = await asyncio.create_subprocess_exec(
+                *spec.argv(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+            )
+        self.pid = self._process.pid
+        for _ in range(1200):
+            if self._process.returncode is not None:
+                break
+            if spec.nbd_socket.exists() and await daemon_pid(spec.control_socket):
+                log.info("daemon started volume=%s pid=%d", spec.volume_id, self.pid)
+                return
+            await asyncio.sleep(0.05)
+        if self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        tail = log_path.read_text(errors="replace")[-1500:].strip()
+        raise internal(f"portalbd for volume {spec.volume_id} did not start: {tail}")
+
+    async def _wait_exit(self) -> None:
+        if self._process is not None:
+            await self._process.wait()
+            return
+        while self.pid is not None and Path(f"/proc/{self.pid}").exists():
+            await asyncio.sleep(1)
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            await self._wait_exit()
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.error(
+                "daemon for volume %s exited unexpectedly; restarting (restart %d)",
+                self.spec.volume_id,
+                self.restarts,
+            )
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self._stopping:
+                return
+            try:
+                await self._spawn()
+            except Exception as exc:
+                log.error("restarting daemon for volume %s failed: %s", self.spec.volume_id, exc)
+
+    async def stop(self, timeout: float = 120) -> None:
+        """SIGTERM: the daemon flushes everything to storage before it exits."""
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self._process is not None:
+                if self._process.returncode is not None:
+                    break
+            elif not Path(f"/proc/{pid}").exists():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            log.error("daemon for volume %s ignored SIGTERM; killing it", self.spec.volume_id)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self._process is not None:
+            code = await self._process.wait()
+            if code != 0:
+                log.error("daemon for volume %s exited %d on stop", self.spec.volume_id, code)
+        self.pid = None

@@ -1,0 +1,186 @@
+"""Running portalbd-csi for tests, and leaving nothing behind.
+
+Everything a test's driver creates (mounts, loop devices, nbdfuse and
+portalbd processes) lives under one temporary directory, so cleanup can find
+it all by path even when the test failed half way through a stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from portalbd.csi.mounts import mounts
+from portalbd.csi.proto import csi_pb2 as pb
+from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
+from tests.support import BIN
+
+MODE = pb.VolumeCapability.AccessMode.Mode
+
+
+def mount_cap(fs_type: str = "", mode: int = MODE.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(fs_type=fs_type),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),  # type: ignore[arg-type]
+    )
+
+
+def block_cap() -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        block=pb.VolumeCapability.BlockVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=MODE.SINGLE_NODE_WRITER),
+    )
+
+
+@dataclass
+class Driver:
+    process: subprocess.Popen[bytes]
+    base: Path
+    state: Path
+    socket: Path
+    log_path: Path
+    channel: grpc.Channel
+    identity: pb_grpc.IdentityStub
+    controller: pb_grpc.ControllerStub
+    node: pb_grpc.NodeStub
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_driver(base: Path, *extra: str, mode: str = "all", state: Path | None = None) -> Driver:
+    base.mkdir(parents=True, exist_ok=True)
+    state = state or base / "state"
+    socket = base / "csi.sock"
+    log_path = base / "csi.log"
+    argv = [
+        str(BIN / "portalbd-csi"),
+        "--endpoint",
+        f"unix://{socket}",
+        "--root",
+        f"file://{base}/root",
+        "--state-dir",
+        str(state),
+        "--node-id",
+        "test-node",
+        "--mode",
+        mode,
+        "--log-level",
+        "debug",
+        *extra,
+    ]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"portalbd-csi did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    channel = grpc.insecure_channel(f"unix://{socket}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return Driver(
+        process,
+        base,
+        state,
+        socket,
+        log_path,
+        channel,
+        pb_grpc.IdentityStub(channel),
+        pb_grpc.ControllerStub(channel),
+        pb_grpc.NodeStub(channel),
+    )
+
+
+def stop_driver(driver: Driver) -> None:
+    driver.channel.close()
+    if driver.process.poll() is None:
+        driver.process.send_signal(signal.SIGTERM)
+        try:
+            driver.process.wait(30)
+        except subprocess.TimeoutExpired:
+            driver.process.kill()
+            driver.process.wait()
+
+
+def _quiet(*argv: str) -> None:
+    subprocess.run(argv, capture_output=True, check=False, timeout=60)
+
+
+def cleanup_tree(base: Path) -> None:
+    """Undo whatever a driver left under ``base``: mounts, loops, FUSE, processes."""
+    prefix = str(base.resolve())
+    inside = [(p, fs) for p, fs, _ in mounts() if p == prefix or p.startswith(prefix + "/")]
+    fuse = [p for p, source in inside if source == "/dev/fuse"]
+    others = [p for p, source in inside if source != "/dev/fuse"]
+    for point in sorted(others, key=len, reverse=True):
+        _quiet("fsfreeze", "--unfreeze", point)
+        _quiet("umount", point)
+        if any(p == point for p, _, _ in mounts()):
+            _quiet("umount", "-l", point)
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+    for line in loops.splitlines():
+        if prefix in line:
+            _quiet("losetup", "-d", line.split(":", 1)[0])
+    for point in sorted(fuse, key=len, reverse=True):
+        _quiet("fusermount3", "-u", point)
+        if any(p == point for p, _, _ in mounts()):
+            _quiet("fusermount3", "-uz", point)
+    for pid in _processes_mentioning(prefix):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(prefix) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in _processes_mentioning(prefix):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            if text.encode() in cmdline:
+                found.append(int(entry))
+    return found
+
+
+@contextlib.contextmanager
+def running_driver(base: Path, *extra: str, mode: str = "all") -> Iterator[Driver]:
+    # Unix socket paths are limited to 107 bytes: pytest's tmp paths are too
+    # long for the per-volume sockets, so the state lives in a short one.
+    state = Path(tempfile.mkdtemp(prefix="pbdcsi-", dir="/tmp"))
+    try:
+        driver = start_driver(base, *extra, mode=mode, state=state)
+        try:
+            yield driver
+        finally:
+            stop_driver(driver)
+    finally:
+        cleanup_tree(base)
+        cleanup_tree(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def rpc_error(call: Any, request: Any) -> grpc.RpcError:
+    """Call an RPC that must fail; return the error for its code and message."""
+    try:
+        call(request)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError(f"{call} succeeded but should have failed")

@@ -1,0 +1,324 @@
+"""Node staging for real: portalbd daemons, nbdfuse, loop devices, mkfs, mounts.
+
+Needs root, /dev/fuse, nbdfuse and losetup (what the machines have; the
+kernel NBD client is not loaded here). Every test runs its own driver under
+its own temporary directory, and cleanup removes whatever is left there
+(mounts, loop devices, processes) even when a step failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from portalbd.csi.proto import csi_pb2 as pb
+from portalbd.csi.supervisor import control
+from tests.csi_support import Driver, block_cap, mount_cap, rpc_error, running_driver
+
+MIB = 1 << 20
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="staging mounts filesystems: needs root"),
+    pytest.mark.skipif(
+        not Path("/dev/fuse").exists() or shutil.which("nbdfuse") is None,
+        reason="needs /dev/fuse and nbdfuse",
+    ),
+]
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[Driver]:
+    # The whole tmp_path: staging and target paths live there too, so cleanup
+    # after a failure finds their mounts.
+    with running_driver(tmp_path) as running:
+        yield running
+
+
+def new_volume(driver: Driver, name: str, size: int, fs_type: str = "ext4") -> str:
+    volume = driver.controller.CreateVolume(
+        pb.CreateVolumeRequest(
+            name=name,
+            capacity_range=pb.CapacityRange(required_bytes=size),
+            volume_capabilities=[mount_cap()],
+            parameters={"fsType": fs_type},
+        )
+    ).volume
+    volume_id: str = volume.volume_id
+    return volume_id
+
+
+def stage(driver: Driver, vid: str, staging: Path, cap: pb.VolumeCapability | None = None) -> None:
+    driver.node.NodeStageVolume(
+        pb.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), volume_capability=cap or mount_cap()
+        )
+    )
+
+
+def unstage(driver: Driver, vid: str, staging: Path) -> None:
+    driver.node.NodeUnstageVolume(
+        pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
+    )
+
+
+def publish(
+    driver: Driver,
+    vid: str,
+    staging: Path,
+    target: Path,
+    readonly: bool = False,
+    cap: pb.VolumeCapability | None = None,
+) -> None:
+    driver.node.NodePublishVolume(
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=cap or mount_cap(),
+            readonly=readonly,
+        )
+    )
+
+
+def unpublish(driver: Driver, vid: str, target: Path) -> None:
+    driver.node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
+    )
+
+
+def daemon_pids(vid: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"portalbd.daemon" in cmdline and vid.encode() in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def fs_size(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Path) -> None:
+    vid = new_volume(driver, "data", 64 * MIB)
+    staging, target, ro_target = tmp_path / "staging", tmp_path / "pod/vol", tmp_path / "pod/ro"
+    stage(driver, vid, staging)
+    stage(driver, vid, staging)  # idempotent
+    error = rpc_error(
+        driver.node.NodeStageVolume,
+        pb.NodeStageVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(tmp_path / "elsewhere"),
+            volume_capability=mount_cap(),
+        ),
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "already staged at" in (error.details() or "")
+    publish(driver, vid, staging, target)
+    publish(driver, vid, staging, target)  # idempotent
+    publish(driver, vid, staging, ro_target, readonly=True)
+    error = rpc_error(
+        driver.node.NodePublishVolume,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=mount_cap(),
+            readonly=True,
+        ),
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    payload = os.urandom(3 * MIB)
+    (target / "blob").write_bytes(payload)
+    (target / "dir").mkdir()
+    (target / "dir/note.txt").write_text("portalbd")
+    assert (ro_target / "dir/note.txt").read_text() == "portalbd"
+    with pytest.raises(OSError) as exc:
+        (ro_target / "nope").write_text("x")
+    assert exc.value.errno == errno.EROFS
+
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
+    )
+    byte_usage = next(u for u in stats.usage if u.unit == pb.VolumeUsage.BYTES)
+    assert byte_usage.used >= 3 * MIB and byte_usage.total > 50 * MIB
+
+    error = rpc_error(driver.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is staged on node test-node" in (error.details() or "")
+    error = rpc_error(
+        driver.controller.ControllerExpandVolume,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=128 * MIB)
+        ),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "offline expansion" in (error.details() or "")
+
+    for path in (target, ro_target):
+        unpublish(driver, vid, path)
+        unpublish(driver, vid, path)  # idempotent
+        assert not path.exists()
+    unstage(driver, vid, staging)
+    unstage(driver, vid, staging)  # idempotent
+    assert daemon_pids(vid) == []
+
+    stage(driver, vid, staging)
+    publish(driver, vid, staging, target)
+    assert (target / "blob").read_bytes() == payload
+    assert (target / "dir/note.txt").read_text() == "portalbd"
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> None:
+    vid = new_volume(driver, "source", 320 * MIB, fs_type="xfs")  # xfs wants >= 300 MiB
+    staging = tmp_path / "staging"
+    stage(driver, vid, staging)
+    (staging / "before.txt").write_text("in the snapshot")
+    # Online: through the serving daemon, with the filesystem frozen around it.
+    snapshot = driver.controller.CreateSnapshot(
+        pb.CreateSnapshotRequest(source_volume_id=vid, name="snap")
+    ).snapshot
+    (staging / "after.txt").write_text("not in the snapshot")
+
+    clone = driver.controller.CreateVolume(
+        pb.CreateVolumeRequest(
+            name="clone",
+            volume_capabilities=[mount_cap()],
+            volume_content_source=pb.VolumeContentSource(
+                snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id)
+            ),
+        )
+    ).volume
+    clone_staging = tmp_path / "clone-staging"
+    stage(driver, clone.volume_id, clone_staging)
+    assert (clone_staging / "before.txt").read_text() == "in the snapshot"
+    assert not (clone_staging / "after.txt").exists()
+    (clone_staging / "clone-only.txt").write_text("x")
+    unstage(driver, clone.volume_id, clone_staging)
+    assert (staging / "after.txt").exists() and not (staging / "clone-only.txt").exists()
+    unstage(driver, vid, staging)
+
+    # Offline expansion: the controller records the size, the next stage serves
+    # it, and NodeExpandVolume grows the filesystem.
+    before = 0
+    stage(driver, vid, staging)
+    before = fs_size(staging)
+    unstage(driver, vid, staging)
+    grown = driver.controller.ControllerExpandVolume(
+        pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=512 * MIB)
+        )
+    )
+    assert grown.capacity_bytes == 512 * MIB and grown.node_expansion_required
+    stage(driver, vid, staging)
+    response = driver.node.NodeExpandVolume(
+        pb.NodeExpandVolumeRequest(
+            volume_id=vid,
+            volume_path=str(staging),
+            staging_target_path=str(staging),
+            capacity_range=pb.CapacityRange(required_bytes=512 * MIB),
+        )
+    )
+    assert response.capacity_bytes == 512 * MIB
+    after = fs_size(staging)
+    assert after > before + 150 * MIB
+    assert (staging / "before.txt").read_text() == "in the snapshot"
+    error = rpc_error(
+        driver.node.NodeExpandVolume,
+        pb.NodeExpandVolumeRequest(
+            volume_id=vid,
+            volume_path=str(staging),
+            capacity_range=pb.CapacityRange(required_bytes=1024 * MIB),
+        ),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "grow offline" in (error.details() or "")
+    unstage(driver, vid, staging)
+
+    # Snapshot while unstaged: taken offline, straight from storage.
+    offline = driver.controller.CreateSnapshot(
+        pb.CreateSnapshotRequest(source_volume_id=vid, name="snap-offline")
+    ).snapshot
+    assert offline.size_bytes == 512 * MIB
+    for snap in (snapshot, offline):
+        driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    for volume_id in (clone.volume_id, vid):
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+    assert not any((driver.base / "root/volumes").iterdir())
+
+
+def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None:
+    vid = new_volume(driver, "raw", 16 * MIB)
+    staging, target = tmp_path / "staging", tmp_path / "pod/dev"
+    stage(driver, vid, staging, block_cap())
+    publish(driver, vid, staging, target, cap=block_cap())
+    publish(driver, vid, staging, target, cap=block_cap())
+    data = os.urandom(MIB)
+    fd = os.open(target, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 4 * MIB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+
+    stage(driver, vid, staging, block_cap())
+    publish(driver, vid, staging, target, cap=block_cap())
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        assert os.pread(fd, MIB, 4 * MIB) == data
+    finally:
+        os.close(fd)
+
+    # The supervisor restarts a daemon that dies.
+    (old,) = daemon_pids(vid)
+    os.kill(old, signal.SIGKILL)
+    socket = driver.state / vid / "control.sock"
+    deadline = time.monotonic() + 60
+    new: list[int] = []
+    while time.monotonic() < deadline:
+        new = [p for p in daemon_pids(vid) if p != old]
+        if new and socket.exists():
+            break
+        time.sleep(0.2)
+    assert new, driver.log()[-3000:]
+    status = asyncio.run(_status(socket))
+    assert status.get("Status", {}).get("pid") == new[0], status
+    assert "exited unexpectedly; restarting" in driver.log()
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    assert daemon_pids(vid) == []
+
+
+async def _status(socket: Path) -> dict[str, dict[str, int]]:
+    """Status once the daemon has opened its storage (it answers errors before)."""
+    reply: dict[str, dict[str, int]] = {}
+    for _ in range(300):
+        try:
+            reply = await control(socket, "Status", timeout=5)
+        except OSError:
+            reply = {}
+        if "Status" in reply:
+            return reply
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"daemon never reported its status: {reply}")
