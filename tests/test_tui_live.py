@@ -9,17 +9,10 @@ the control socket (not through the TUI's own client).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import nbd
 import pytest
@@ -27,6 +20,8 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 from textual.widgets._toast import Toast
 
+from tests.conftest import DaemonFactory
+from tests.support import RunningDaemon, control_request
 from tui.app import PortalbdApp
 from tui.config import Settings
 from tui.model import Instance, State
@@ -36,94 +31,40 @@ from tui.widgets.tables import InstanceTable, SnapshotTable
 
 pytestmark = pytest.mark.slow
 
-PORTALBD = [sys.executable, "-m", "portalbd.daemon"]
 MiB = 1024 * 1024
 
 
-def control(sock: Path, request: Any, timeout: float = 30.0) -> Any:
-    """One raw request, independent of the TUI's client."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+def expose(run: Path, daemon: RunningDaemon, name: str) -> None:
+    """Make the daemon discoverable as `<run>/<name>/control.sock`, the documented layout.
 
-
-@dataclass
-class Daemon:
-    name: str
-    args: list[str]
-    socket: Path
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*PORTALBD, *self.args], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"portalbd {self.name} exited:\n{self.log.read_text()}")
-            try:
-                control(self.socket, "Status", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"portalbd {self.name} did not start:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    @property
-    def uri(self) -> str:
-        address = control(self.socket, "Status")["Status"]["nbd_address"]
-        return f"nbd://{address}/portalbd"
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
+    `start_daemon` keeps its socket in the test's workdir; a symlink puts it where
+    discovery looks without changing how the daemon is started. When the daemon
+    stops, its socket file goes and the link dangles, as a stopped instance's
+    directory under /run would.
+    """
+    link = run / name / "control.sock"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(daemon.control_socket)
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[tuple[Path, Daemon, Daemon]]:
+def daemons(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> tuple[Path, RunningDaemon, RunningDaemon]:
     run = tmp_path / "run"
-    made: list[Daemon] = []
-
-    def make(name: str, storage: str, gib: int) -> Daemon:
-        sock = run / name / "control.sock"
-        args = ["--instance", name, "--storage-url", storage, "--disk-size-gb", str(gib)]
-        args += ["--nbd-address", "127.0.0.1:0", "--socket", str(sock)]
-        d = Daemon(name, args, sock, tmp_path / f"{name}.log")
-        made.append(d)
-        d.start()
-        return d
-
-    try:
-        mem = make("mem", "memory://", 1)
-        disk = make("disk", f"file://{tmp_path / 'disk-data'}", 2)
-        yield run, mem, disk
-    finally:
-        for d in made:
-            d.stop()
+    mem = daemon_factory(instance="mem", storage_url="memory://", disk_size_gb=1)
+    disk = daemon_factory(
+        instance="disk", storage_url=f"file://{tmp_path / 'disk-data'}", disk_size_gb=2
+    )
+    expose(run, mem, "mem")
+    expose(run, disk, "disk")
+    return run, mem, disk
 
 
-async def wait_for(pilot: Pilot[None], what: str, check: Callable[[], bool], limit: float = 30) -> None:
+async def wait_for(
+    pilot: Pilot[None], what: str, check: Callable[[], bool], limit: float = 30
+) -> None:
     deadline = time.monotonic() + limit
     while not check():
         if time.monotonic() > deadline:
@@ -143,16 +84,18 @@ def cell(app: PortalbdApp, inst: Instance, column: str) -> str:
 
 
 def toasts(app: PortalbdApp) -> list[str]:
-    return [str(t.render()) for t in app.screen.query(Toast)]
+    return [t.render().plain for t in app.screen.query(Toast)]
 
 
 def disk_pattern(byte: int) -> bytes:
     return bytes([byte]) * MiB
 
 
-def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
+def test_tui_against_real_daemons(
+    daemons: tuple[Path, RunningDaemon, RunningDaemon], daemon_factory: DaemonFactory
+) -> None:
     run, mem, disk = daemons
-    settings = Settings(roots=(run,), refresh_s=0.2, status_timeout_s=1.0, action_timeout_s=60)
+    settings = Settings(roots=(run,), refresh_s=0.5, status_timeout_s=1.0, action_timeout_s=60)
     app = PortalbdApp(settings)
 
     # Data the snapshot will hold, written before the TUI starts.
@@ -162,10 +105,13 @@ def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
     h.flush()
 
     async def scenario() -> None:
-        async with app.run_test(size=(120, 40)) as pilot:
+        async with app.run_test(size=(120, 40), notifications=True) as pilot:
             # Overview: both discovered, with their sizes.
-            await wait_for(pilot, "both up", lambda: len(app.fleet) == 2
-                           and all(i.state is State.UP for i in app.fleet))
+            await wait_for(
+                pilot,
+                "both up",
+                lambda: len(app.fleet) == 2 and all(i.state is State.UP for i in app.fleet),
+            )
             await pilot.pause(0.3)
             m, d = find(app, "mem"), find(app, "disk")
             assert cell(app, m, "size") == "1 GiB" and cell(app, d, "size") == "2 GiB"
@@ -181,7 +127,7 @@ def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
             await wait_for(pilot, "name prompt", lambda: isinstance(app.screen, SnapshotNameScreen))
             name_input = app.screen.query_one(Input)
             assert name_input.value.startswith("snap-")  # a suggestion, replaced by typing
-            await pilot.press("ctrl+a", *"bad name")  # hmm: validated while typing
+            await pilot.press("ctrl+a", *"bad name")  # checked while typing
             await pilot.pause()
             assert "only letters" in str(app.screen.query_one("#problem").render())
             await pilot.press("enter")  # refused by validation: the prompt stays
@@ -193,9 +139,13 @@ def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
                 "snapshot listed",
                 lambda: [s.name for s in d.snapshots or ()] == ["before-change"],
             )
-            listed = control(disk.socket, "SnapshotList")["SnapshotList"]
+            listed = control_request(disk.control_socket, "SnapshotList")["SnapshotList"]
             assert [s["name"] for s in listed] == ["before-change"]
-            assert any("snapshot before-change created" in t for t in toasts(app))
+            await wait_for(
+                pilot,
+                "toast",
+                lambda: any("snapshot before-change created" in t for t in toasts(app)),
+            )
 
             # Change the disk, then restore through the UI with the client still
             # attached: the daemon refuses, the TUI says why and offers force.
@@ -209,8 +159,10 @@ def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
             await wait_for(
                 pilot,
                 "force offer",
-                lambda: isinstance(app.screen, ConfirmScreen)
-                and "refused" in str(app.screen.query_one(".dialog--title").render()),
+                lambda: (
+                    isinstance(app.screen, ConfirmScreen)
+                    and "refused" in str(app.screen.query_one(".dialog--title").render())
+                ),
             )
             reason = str(app.screen.query_one(".dialog--body").render())
             assert "1 NBD client is connected" in reason
@@ -223,11 +175,12 @@ def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
             # someone else): the daemon's error is shown, nothing crashes.
             await pilot.press("d")
             await wait_for(pilot, "delete confirm", lambda: isinstance(app.screen, ConfirmScreen))
-            assert control(disk.socket, {"SnapshotDelete": {"name": "before-change"}}) == "Ok"
-            await pilot.press("y")
-            await wait_for(
-                pilot, "error toast", lambda: any("not found" in t for t in toasts(app))
+            assert (
+                control_request(disk.control_socket, {"SnapshotDelete": {"name": "before-change"}})
+                == "Ok"
             )
+            await pilot.press("y")
+            await wait_for(pilot, "error toast", lambda: any("not found" in t for t in toasts(app)))
             await pilot.press("escape")
             await wait_for(pilot, "overview", lambda: not isinstance(app.screen, InstanceScreen))
 
@@ -236,28 +189,34 @@ def test_tui_against_real_daemons(daemons: tuple[Path, Daemon, Daemon]) -> None:
             await wait_for(pilot, "mem down", lambda: m.state is State.DOWN)
             await pilot.pause(0.3)
             assert "down" in cell(app, m, "state") and d.state is State.UP
+            table = app.screen.query_one(InstanceTable)
+            table.move_cursor(row=table.get_row_index(m.key))
             await pilot.press("c")  # acting on a down instance is refused politely
-            await pilot.pause(0.2)
-            mem.start()
+            await wait_for(
+                pilot,
+                "refusal",
+                lambda: any("mem is down: cannot create a snapshot" in t for t in toasts(app)),
+            )
+            daemon_factory(instance="mem", storage_url="memory://", disk_size_gb=1)
             await wait_for(pilot, "mem back", lambda: m.state is State.UP)
             await pilot.pause(0.3)
             assert "up" in cell(app, m, "state") and cell(app, m, "size") == "1 GiB"
 
             # A daemon that stops answering is unresponsive, then recovers.
-            disk.signal(signal.SIGSTOP)
+            disk.process.send_signal(signal.SIGSTOP)
             try:
                 await wait_for(pilot, "disk unresponsive", lambda: d.state is State.UNRESPONSIVE)
             finally:
-                disk.signal(signal.SIGCONT)
+                disk.process.send_signal(signal.SIGCONT)
             await wait_for(pilot, "disk answering", lambda: d.state is State.UP)
             events = [e.text for e in d.events]
             assert "answering again" in events
 
     asyncio.run(scenario())
-    h.close()
+    del h  # the forced restore disconnected it
 
     # The restore really happened: a fresh client reads the snapshot's data.
     h = nbd.NBD()
     h.connect_uri(disk.uri)
     assert h.pread(MiB, 0) == disk_pattern(0xAA)
-    h.close()
+    h.shutdown()

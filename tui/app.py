@@ -17,7 +17,7 @@ from typing import TypeVar
 from rich.text import Text
 from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.reactive import reactive
+from textual.reactive import var
 from textual.screen import Screen
 
 from tui import __doc__ as tui_doc
@@ -36,6 +36,8 @@ from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
 from tui.view import is_client_refusal
 
 T = TypeVar("T")
+SNAPSHOT_REREAD_S = 10.0
+RENDER_DELAY_S = 0.05
 Clock = Callable[[], tuple[float, float]]
 
 
@@ -53,7 +55,7 @@ class PortalbdApp(App[None]):
     ]
 
     # Bumped after every change to the fleet; screens watch it and re-render.
-    revision: reactive[int] = reactive(0, init=False)
+    revision: var[int] = var(0, init=False)  # a var: changing it must not repaint the app
 
     def __init__(
         self,
@@ -71,6 +73,8 @@ class PortalbdApp(App[None]):
         self._clients: dict[str, ControlClient] = {}
         self._polling: set[str] = set()
         self._snapshot_wanted: set[str] = set()
+        self._snapshots_fetched: dict[str, float] = {}
+        self._render_pending = False
         for socket in self.settings.sockets:
             self.fleet.add(socket, explicit=True)
 
@@ -81,7 +85,9 @@ class PortalbdApp(App[None]):
         if theme in self.available_themes:
             self.theme = theme
         else:
-            self.notify(f"unknown theme {theme!r}; try the Theme command", severity="error")
+            self.notify(
+                f"unknown theme {theme!r}; try the Theme command", severity="error", markup=False
+            )
         self.push_screen(OverviewScreen())
         if self.live:
             self.refresh_now()
@@ -103,7 +109,7 @@ class PortalbdApp(App[None]):
                     inst.log(wall, "info", f"found {socket}")
         for inst in self.fleet:
             self.poll(inst)
-        self.revision += 1
+        self.changed()
 
     def poll(self, inst: Instance, *, snapshots: bool = False) -> None:
         if not self.live:
@@ -124,9 +130,13 @@ class PortalbdApp(App[None]):
             inst.record_status(t, wall, status)
             wanted = inst.key in self._snapshot_wanted
             known = inst.snapshots
-            if wanted or known is None or len(known) != status.snapshot_count:
+            # The count catches most changes made elsewhere (portalctl, CSI);
+            # the periodic re-read catches a delete plus a create in between.
+            stale = t - self._snapshots_fetched.get(inst.key, -1e9) > SNAPSHOT_REREAD_S
+            if wanted or stale or known is None or len(known) != status.snapshot_count:
                 self._snapshot_wanted.discard(inst.key)
                 inst.set_snapshots(await client.snapshot_list(timeout))
+                self._snapshots_fetched[inst.key] = t
         except Unresponsive as exc:
             inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"unresponsive: {exc}")
         except Unreachable as exc:
@@ -137,7 +147,17 @@ class PortalbdApp(App[None]):
             inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"internal error: {exc!r}")
         finally:
             self._polling.discard(inst.key)
-            self.revision += 1
+            self.changed()
+
+    def changed(self) -> None:
+        """Ask for one re-render soon; many polls finishing together cost one render."""
+        if not self._render_pending:
+            self._render_pending = True
+            self.set_timer(RENDER_DELAY_S, self._bump)
+
+    def _bump(self) -> None:
+        self._render_pending = False
+        self.revision += 1
 
     def action_refresh(self) -> None:
         for inst in self.fleet:
@@ -157,20 +177,25 @@ class PortalbdApp(App[None]):
     def _failed(self, inst: Instance, what: str, exc: BaseException) -> None:
         message = str(exc) if isinstance(exc, ControlError) else f"internal error: {exc!r}"
         inst.log(self.clock()[1], "error", f"{what} failed: {message}")
-        self.notify(message, title=f"{inst.name}: {what} failed", severity="error", timeout=8)
-        self.revision += 1
+        self.notify(
+            message, title=f"{inst.name}: {what} failed", severity="error", timeout=8, markup=False
+        )
+        self.changed()
 
     def _done(self, inst: Instance, text: str) -> None:
         inst.log(self.clock()[1], "info", text)
-        self.notify(text, title=inst.name)
+        self.notify(text, title=inst.name, markup=False)
         self.poll(inst, snapshots=True)
-        self.revision += 1
+        self.changed()
 
     def _can_act(self, inst: Instance, what: str) -> bool:
         if inst.state is State.UP:
             return True
         self.notify(
-            f"{inst.name} is {inst.state.value}: cannot {what}", severity="warning", timeout=5
+            f"{inst.name} is {inst.state.value}: cannot {what}",
+            severity="warning",
+            timeout=5,
+            markup=False,
         )
         return False
 
@@ -266,7 +291,7 @@ class PortalbdApp(App[None]):
                 self._failed(inst, f"restore {name}", exc)
                 return
             inst.log(self.clock()[1], "warning", f"restore {name} refused: {exc}")
-            self.revision += 1
+            self.changed()
             self._offer_force(inst, name, str(exc))
         except Exception as exc:
             self._failed(inst, f"restore {name}", exc)

@@ -20,7 +20,9 @@ class PortalbdScreen(Screen[None]):
         self.watch(self.app, "revision", self._on_revision, init=True)
 
     def _on_revision(self, _: object = None) -> None:
-        if self.is_current:
+        # Only the top screen: one under a modal would re-composite the dimmed
+        # background every second for nothing. It catches up on resume.
+        if self.is_active:
             self.render_fleet()
 
     def on_screen_resume(self) -> None:

@@ -57,7 +57,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self._title, classes="dialog--title")
+            yield Label(Text(self._title), classes="dialog--title")
             yield Static(self._body, classes="dialog--body")
             with Horizontal(classes="dialog--buttons"):
                 yield Button("Cancel", id="no")
@@ -106,7 +106,7 @@ class SnapshotNameScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(f"New snapshot of {self._instance}", classes="dialog--title")
+            yield Label(Text(f"New snapshot of {self._instance}"), classes="dialog--title")
             yield Static(
                 "Flushes the disk, then records its current contents under this name.",
                 classes="dialog--body",
@@ -122,12 +122,17 @@ class SnapshotNameScreen(ModalScreen[str | None]):
                 yield Button("Cancel", id="cancel")
                 yield Button("Create", id="create", variant="primary")
 
+    def on_mount(self) -> None:
+        # A blinking cursor re-composites the dimmed screen underneath twice a
+        # second; a steady one costs nothing while the prompt waits.
+        self.query_one(Input).cursor_blink = False
+
     def on_input_changed(self, event: Input.Changed) -> None:
         self._show_problem(event.validation_result)
 
     def _show_problem(self, result: ValidationResult | None) -> None:
         text = "" if result is None or result.is_valid else "; ".join(result.failure_descriptions)
-        self.query_one("#problem", Label).update(text)
+        self.query_one("#problem", Label).update(Text(text))
         self.query_one("#create", Button).disabled = bool(text)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -145,7 +150,7 @@ class SnapshotNameScreen(ModalScreen[str | None]):
         name = self.query_one("#name", Input).value.strip()
         problem = snapshot_name_problem(name, self._existing)
         if problem is not None:
-            self.query_one("#problem", Label).update(problem)
+            self.query_one("#problem", Label).update(Text(problem))
             return
         self.dismiss(name)
 

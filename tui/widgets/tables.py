@@ -12,6 +12,7 @@ from rich.console import JustifyMethod
 from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey
 
 from tui.model import Instance, Snapshot
 from tui.view import Column, columns_for_width, row, snapshot_row
@@ -45,7 +46,9 @@ class InstanceTable(DataTable[Text]):
                 self.add_row(*cells, key=inst.key)
                 continue
             for col, cell in zip(columns, cells, strict=True):
-                self.update_cell(inst.key, col.key, cell, update_width=True)
+                # Re-measuring columns costs a layout pass: only when a cell outgrows one.
+                wider = cell.cell_len > self.columns[ColumnKey(col.key)].content_width
+                self.update_cell(inst.key, col.key, cell, update_width=wider)
         if keep is not None and keep in self.rows:
             self.move_cursor(row=self.get_row_index(keep))
 
