@@ -88,3 +88,14 @@ def test_sweep_is_the_cartesian_product() -> None:
     assert len(configs) == 4
     assert configs[0].label() == "memory bs=4K comp=lz4"
     assert parse_size("256K") == 256 << 10 and parse_size("1MiB") == 1 << 20
+
+
+def test_bench_profile_writes_a_flame_graph(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    rc = main([
+        "bench", str(sample("minecraft.jsonl.zst")), "--iterations", "1", "--warmup", "0",
+        "--profile", str(profiles),
+    ])  # fmt: skip
+    assert rc == 0
+    svgs = list(profiles.glob("*.svg"))
+    assert len(svgs) == 1 and "<svg" in svgs[0].read_text()

@@ -86,3 +86,20 @@ def test_missing_tools_are_reported(
     monkeypatch.setenv("PATH", "/nonexistent")
     assert main(["gen", "mkfs", "--quick", "--out", str(tmp_path / "t.jsonl")]) == 1
     assert "missing tools: nbdfuse" in capsys.readouterr().err
+
+
+def test_gen_mkfs_with_the_kernel_client(tmp_path: Path) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86 is not installed")
+    out = tmp_path / "kernel.jsonl.zst"
+    argv = ["gen", "mkfs", "--client", "kernel", "--quick", "--out", str(out)]
+    assert main(argv) == 0
+    check_trace(out, "mkfs", 20)
+    _, ops = format.load(out)
+    assert len({op.conn for op in ops}) == 1  # nbd-client: one connection
+
+
+def test_kernel_client_runs_only_mkfs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["gen", "pgbench", "--client", "kernel", "--out", str(tmp_path / "t.jsonl")]
+    assert main(argv) == 1
+    assert "runs only the mkfs workload" in capsys.readouterr().err

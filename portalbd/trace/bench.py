@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -156,7 +157,7 @@ class Bench:
                 for n, (path, header, ops) in enumerate(loaded):
                     for k, cfg in enumerate(configs):
                         label = cfg.label() if cfg is not None else f"uri {self.opt.uri}"
-                        progress.update(task, description=f"{path.name} [{label}]")
+                        progress.update(task, description=escape(f"{path.name} [{label}]"))
                         base = done_before
 
                         def report(done: int, _n: int, base: int = base) -> None:
@@ -254,7 +255,8 @@ def _slug(text: str) -> str:
 
 
 def render_run(run: dict[str, Any]) -> Table:
-    t = Table(title=f"{Path(run['trace']).name}  [{run['label']}]  {run['elapsed_s']:.2f}s")
+    title = f"{Path(run['trace']).name}  [{run['label']}]  {run['elapsed_s']:.2f}s"
+    t = Table(title=escape(title))
     for col in ("op", "ops", "ops/s", "MiB/s", "p50 us", "p90", "p99", "p99.9", "max", "err"):
         t.add_column(col, justify="right")
     rows = [*run["by_type"].items(), ("total", run["total"])]

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workdir", type=Path, help="scratch directory (default: a temp dir)")
     g.add_argument("--server", choices=["portalbd", "nbdkit"], default="portalbd",
                    help="recording server (nbdkit: memory plugin + log filter)")  # fmt: skip
-    g.add_argument("--client", choices=["fuse"], default="fuse",
-                   help="how the workload reaches the device (nbdfuse + loop device)")  # fmt: skip
+    g.add_argument("--client", choices=["fuse", "kernel"], default="fuse",
+                   help="fuse: nbdfuse + loop device on this host; kernel: the Linux NBD "
+                        "client in a qemu guest (mkfs only)")  # fmt: skip
     return p
 
 

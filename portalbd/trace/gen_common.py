@@ -217,9 +217,16 @@ def generate(
     block_size: int | None = None,
     workdir: Path | None = None,
     server: str = "portalbd",
+    client: str = "fuse",
 ) -> None:
     body, default_size = workloads()[name]
-    check_tools(["nbdfuse", "losetup", "fusermount3", "mount", "umount"])
+    if client == "kernel":
+        if name != "mkfs":
+            raise GenError("--client kernel runs only the mkfs workload (the guest has no "
+                           "PostgreSQL or Node)")  # fmt: skip
+        check_tools(["qemu-system-x86_64"])
+    else:
+        check_tools(["nbdfuse", "losetup", "fusermount3", "mount", "umount"])
     size = size or default_size
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +236,13 @@ def generate(
         workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir, 0o755)  # services running as other users reach their data below
         target = recording_server(stack, server, workdir, out, name, size, block_size)
+        if client == "kernel":
+            from portalbd.trace.gen_kernel import mkfs_in_guest
+
+            mkfs_in_guest(target.uri, quick)
+            target.finish()
+            log(f"trace written to {out}")
+            return
         with contextlib.ExitStack() as dev_stack:
             device = attach(dev_stack, target.uri, workdir)
             t0 = time.monotonic()
@@ -248,6 +262,7 @@ def run_generator(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             workdir=args.workdir,
             server=args.server,
+            client=args.client,
         )
     except GenError as e:
         print(f"portalbd-trace gen {args.workload}: {e}", file=sys.stderr)

@@ -53,7 +53,7 @@ def _cdf_chart(run: dict[str, Any], path: Path) -> str:
 
 
 def _summary_chart(runs: list[dict[str, Any]], path: Path) -> str:
-    labels = [f"{Path(r['trace']).stem}\n{r['label']}" for r in runs]
+    labels = [f"{Path(r['trace']).name.split('.')[0]}\n{r['label']}" for r in runs]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(runs) + 2), 3.5))
     ax.bar(range(len(runs)), [r["total"]["mib_per_s"] for r in runs])
     ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize="x-small")
