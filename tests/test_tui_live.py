@@ -57,8 +57,7 @@ def daemons(
     disk = daemon_factory(
         instance="disk", storage_url=f"file://{tmp_path / 'disk-data'}", disk_size_gb=2
     )
-    expose(run, mem, "mem")
-    expose(run, disk, "disk")
+    expose(run, disk, "disk")  # "mem" is exposed once the TUI runs: it must appear by itself
     return run, mem, disk
 
 
@@ -106,7 +105,9 @@ def test_tui_against_real_daemons(
 
     async def scenario() -> None:
         async with app.run_test(size=(120, 40), notifications=True) as pilot:
-            # Overview: both discovered, with their sizes.
+            # Overview: both discovered, with their sizes; the second while running.
+            await wait_for(pilot, "disk up", lambda: len(app.fleet) == 1)
+            expose(run, mem, "mem")
             await wait_for(
                 pilot,
                 "both up",

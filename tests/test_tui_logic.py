@@ -379,3 +379,43 @@ def test_control_client_rejects_garbage(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert not os.path.exists(path) or path.is_socket()
+
+
+# --- the console script in a real terminal -----------------------------------
+
+
+def test_console_script_runs_in_a_terminal_and_quits(tmp_path: Path) -> None:
+    """`portalbd-tui` starts on a pseudo-terminal, draws, and exits on `q` with status 0."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "portalbd-tui"
+    primary, secondary = pty.openpty()
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="100", LINES="30")
+    missing = tmp_path / "gone" / "control.sock"
+    proc = subprocess.Popen(
+        [str(script), "--no-discover", "--socket", str(missing), "--refresh", "0.2"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+        close_fds=True,
+    )
+    os.close(secondary)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"socket not found" not in seen and time.monotonic() < deadline:
+            if select.select([primary], [], [], 0.2)[0]:
+                seen += os.read(primary, 65536)
+        assert b"socket not found" in seen  # the instance is shown down, with the reason
+        os.write(primary, b"q")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
+    assert b"Traceback" not in seen

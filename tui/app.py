@@ -365,6 +365,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="a daemon slower than this to answer is shown unresponsive (3)",
     )
     parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="show a made-up fleet instead of real instances (to try the interface)",
+    )
+    parser.add_argument(
         "--theme",
         default="auto",
         help="auto (follow the terminal's background), dark, light, ansi, or a Textual theme",
@@ -375,6 +380,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if args.no_discover and not args.socket:
         parser.error("--no-discover needs at least one --socket")
     return Settings(
+        demo=args.demo,
         sockets=tuple(p.absolute() for p in args.socket),
         discover=not args.no_discover,
         refresh_s=args.refresh,
@@ -384,7 +390,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    PortalbdApp(parse_args(argv)).run()
+    settings = parse_args(argv)
+    if settings.demo:
+        from tui.demo import demo_fleet
+
+        PortalbdApp(settings, fleet=demo_fleet(), live=False).run()
+    else:
+        PortalbdApp(settings).run()
 
 
 if __name__ == "__main__":

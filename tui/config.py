@@ -26,6 +26,7 @@ class Settings:
     # Snapshot create/restore may flush and clone on object storage.
     action_timeout_s: float = 120.0
     theme: str = "auto"
+    demo: bool = False
 
 
 def terminal_is_light(env: Mapping[str, str] | None = None) -> bool | None:
