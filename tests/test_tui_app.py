@@ -1,0 +1,155 @@
+"""The app's behaviour on fixed data (no daemon): keys, dialogs, palette, layout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from textual.command import CommandList, CommandPalette
+from textual.pilot import Pilot
+from textual.widgets import Button, Input, Label
+from textual.widgets._toast import Toast
+
+from tui.app import PortalbdApp
+from tui.config import Settings
+from tui.demo import demo_fleet
+from tui.model import Fleet
+from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
+from tui.screens.instance import InstanceScreen
+from tui.screens.overview import OverviewScreen
+from tui.widgets.tables import InstanceTable
+
+Scenario = Callable[[PortalbdApp, Pilot[None]], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def run(scenario: Scenario, fleet: Fleet | None = None, size: tuple[int, int] = (100, 30)) -> None:
+    app = PortalbdApp(
+        Settings(discover=False, roots=(Path("/nonexistent"),), theme="dark"),
+        fleet=demo_fleet() if fleet is None else fleet,
+        live=False,
+    )
+
+    async def go() -> None:
+        async with app.run_test(size=size, notifications=True) as pilot:
+            await pilot.pause()
+            await scenario(app, pilot)
+
+    asyncio.run(go())
+
+
+def toasts(app: PortalbdApp) -> list[str]:
+    return [t.render().plain for t in app.screen.query(Toast)]
+
+
+def test_every_binding_is_in_the_command_palette() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "enter")
+        assert isinstance(app.screen, InstanceScreen)
+        await pilot.press("ctrl+p")
+        assert isinstance(app.screen, CommandPalette)
+        await pilot.pause(0.5)
+        options = app.screen.query_one(CommandList)
+        prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        text = "\n".join(prompts)
+        for description in ("New snapshot", "Delete", "Restore", "Back", "Theme", "Quit"):
+            assert description in text
+        # Running one from the palette is the same as pressing its key.
+        await pilot.press(*"New snap")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, SnapshotNameScreen)
+
+    run(scenario)
+
+
+def test_snapshot_name_prompt_validates_while_typing() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "c")  # from the overview, on "db"
+        assert isinstance(app.screen, SnapshotNameScreen)
+        name = app.screen.query_one(Input)
+        problem = app.screen.query_one("#problem", Label)
+        create = app.screen.query_one("#create", Button)
+        assert name.value.startswith("snap-")
+        for typed, message in (
+            ("", "a name is required"),
+            ("-x", "must start with a letter or digit"),
+            ("a b", "only letters, digits, '.', '_' and '-'"),
+            ("before-upgrade", "a snapshot named 'before-upgrade' already exists"),
+        ):
+            name.value = typed
+            await pilot.pause()
+            assert str(problem.render()) == message
+            assert create.disabled
+            await pilot.press("enter")
+            assert isinstance(app.screen, SnapshotNameScreen)  # still asking
+        name.value = "fine-name"
+        await pilot.pause()
+        assert str(problem.render()) == "" and not create.disabled
+        await pilot.press("escape")
+        assert isinstance(app.screen, OverviewScreen)
+
+    run(scenario)
+
+
+def test_confirmations_default_to_cancel_and_say_what_happens() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "enter", "d")  # db, first snapshot: before-upgrade
+        assert isinstance(app.screen, ConfirmScreen)
+        body = str(app.screen.query_one(".dialog--body").render())
+        assert "Deletes snapshot before-upgrade" in body and "cannot be undone" in body
+        await pilot.press("enter")  # Cancel has the focus
+        assert isinstance(app.screen, InstanceScreen)
+        await pilot.press("r")
+        body = str(app.screen.query_one(".dialog--body").render())
+        assert "become those of snapshot before-upgrade" in body
+        assert "2 clients are connected" in body
+        await pilot.press("n")
+        assert isinstance(app.screen, InstanceScreen)
+
+    run(scenario)
+
+
+def test_actions_on_a_down_instance_are_refused_with_a_reason() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("c")  # the cursor starts on "backup", which is down
+        await pilot.pause()
+        assert isinstance(app.screen, OverviewScreen)
+        assert any("backup is down: cannot create a snapshot" in t for t in toasts(app))
+        await pilot.press("enter", "r")
+        await pilot.pause()
+        assert any("No snapshot selected" in t for t in toasts(app))
+
+    run(scenario)
+
+
+def test_columns_follow_the_width() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        table = app.screen.query_one(InstanceTable)
+        assert "url" not in {c.value for c in table.columns}
+        await pilot.resize_terminal(200, 40)
+        await pilot.pause()
+        assert "url" in {c.value for c in table.columns}
+        assert table.get_cell_at(table.cursor_coordinate).plain == "backup"
+
+    run(scenario)
+
+
+def test_empty_state_says_where_it_looks() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        text = str(app.screen.query_one("#empty").render())
+        assert "No portalbd instances found" in text
+
+    run(scenario, fleet=Fleet())
