@@ -59,7 +59,14 @@ class Driver:
         return self.log_path.read_text(errors="replace")
 
 
-def start_driver(base: Path, *extra: str, mode: str = "all", state: Path | None = None) -> Driver:
+def start_driver(
+    base: Path,
+    *extra: str,
+    mode: str = "all",
+    state: Path | None = None,
+    root: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Driver:
     base.mkdir(parents=True, exist_ok=True)
     state = state or base / "state"
     socket = base / "csi.sock"
@@ -69,7 +76,7 @@ def start_driver(base: Path, *extra: str, mode: str = "all", state: Path | None 
         "--endpoint",
         f"unix://{socket}",
         "--root",
-        f"file://{base}/root",
+        root or f"file://{base}/root",
         "--state-dir",
         str(state),
         "--node-id",
@@ -81,7 +88,9 @@ def start_driver(base: Path, *extra: str, mode: str = "all", state: Path | None 
         *extra,
     ]
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     deadline = time.monotonic() + 30
     while not socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -161,12 +170,18 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def running_driver(base: Path, *extra: str, mode: str = "all") -> Iterator[Driver]:
+def running_driver(
+    base: Path,
+    *extra: str,
+    mode: str = "all",
+    root: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Driver]:
     # Unix socket paths are limited to 107 bytes: pytest's tmp paths are too
     # long for the per-volume sockets, so the state lives in a short one.
     state = Path(tempfile.mkdtemp(prefix="pbdcsi-", dir="/tmp"))
     try:
-        driver = start_driver(base, *extra, mode=mode, state=state)
+        driver = start_driver(base, *extra, mode=mode, state=state, root=root, env=env)
         try:
             yield driver
         finally:
