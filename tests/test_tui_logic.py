@@ -419,3 +419,17 @@ def test_console_script_runs_in_a_terminal_and_quits(tmp_path: Path) -> None:
             proc.wait()
         os.close(primary)
     assert b"Traceback" not in seen
+
+
+def test_latency_without_samples_and_client_peers() -> None:
+    st = Status.from_json(
+        {
+            "clients": [{"peer": "127.0.0.1:5000", "id": 1}, {"peer": "unix"}],
+            "stats": {"flush_latency_us": {"count": 0, "p99": 0.0}, "connections": 2},
+        }
+    )
+    assert st.flush_latency.p99 is None
+    assert st.client_peers == ("127.0.0.1:5000", "unix")
+    inst, _ = Fleet().add(Path("/run/portalbd/x/control.sock"))
+    inst.record_status(0.0, 0.0, st)
+    assert "from 127.0.0.1:5000, unix" in "\n".join(line.plain for line in summary_lines(inst))

@@ -45,6 +45,8 @@ class Latency:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Latency:
+        if _num(d, "count") == 0:
+            return cls()  # no samples: a 0.0 percentile would read as "instant"
         return cls(p50=_num(d, "p50"), p99=_num(d, "p99"), max=_num(d, "max"))
 
 
@@ -79,6 +81,9 @@ class Status:
     read_latency: Latency = field(default_factory=Latency)
     write_latency: Latency = field(default_factory=Latency)
     flush_latency: Latency = field(default_factory=Latency)
+    # Peer addresses of the connected clients, when the daemon lists them
+    # (`"clients": [{"peer": "127.0.0.1:5000", ...}]`); otherwise only counts.
+    client_peers: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Status:
@@ -125,7 +130,20 @@ class Status:
             read_latency=Latency.from_json(_dict(latency, "read")),
             write_latency=Latency.from_json(_dict(latency, "write")),
             flush_latency=Latency.from_json(flush),
+            client_peers=_peers(d.get("clients", stats.get("clients"))),
         )
+
+
+def _peers(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        return ()
+    peers = []
+    for client in value:
+        if isinstance(client, dict) and client.get("peer"):
+            peers.append(str(client["peer"]))
+        elif isinstance(client, str):
+            peers.append(client)
+    return tuple(peers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -214,6 +214,7 @@ def summary_lines(inst: Instance) -> list[Text]:
     lines.append(
         _facts(
             ("clients", f"{st.connections} ({st.connections_total} since start)"),
+            *((("from", ", ".join(st.client_peers)),) if st.client_peers else ()),
             ("in flight", str(st.inflight)),
             ("up", fmt_duration(st.uptime_s)),
             ("pid", DASH if st.pid is None else str(st.pid)),
