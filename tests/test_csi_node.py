@@ -188,6 +188,23 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
 
 
+def test_failed_stage_leaves_nothing_behind(driver: Driver, tmp_path: Path) -> None:
+    vid = new_volume(driver, "unlucky", 16 * MIB)
+    staging = tmp_path / "not-a-directory"
+    staging.write_text("a file where the mount point should be")
+    error = rpc_error(
+        driver.node.NodeStageVolume,
+        pb.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=str(staging), volume_capability=mount_cap()
+        ),
+    )
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert f"File exists: '{staging}'" in (error.details() or "")
+    assert daemon_pids(vid) == []
+    assert not (driver.state / vid / "stage.json").exists()
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))  # not staged any more
+
+
 def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> None:
     vid = new_volume(driver, "source", 320 * MIB, fs_type="xfs")  # xfs wants >= 300 MiB
     staging = tmp_path / "staging"

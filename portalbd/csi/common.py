@@ -76,7 +76,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except CommandFailed as exc:
             log.error("%s: %s", name, exc)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except OSError as exc:
+        except (OSError, ValueError, KeyError) as exc:
             log.exception("%s failed", name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         raise AssertionError("unreachable: context.abort raises")

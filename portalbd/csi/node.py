@@ -112,28 +112,36 @@ class NodeService(pb_grpc.NodeServicer):
             (state_dir / "stage.json").write_text(
                 json.dumps({"staging_path": staging, "block": block, "fs_type": fs_type})
             )
-            daemon = self.daemons.get(volume_id)
-            if daemon is None:
-                daemon = SupervisedDaemon(spec)
-                await daemon.start()
-                self.daemons[volume_id] = daemon
-            attachment = await att.attach(state_dir, spec.nbd_socket)
-            if block:
-                Path(staging).mkdir(parents=True, exist_ok=True)
-            elif not is_mounted(staging):
-                found = await detect_fs(attachment.device)
-                if not found:
-                    log.info("volume %s is blank: making %s", volume_id, fs_type)
-                    await make_fs(attachment.device, fs_type)
-                    found = fs_type
-                Path(staging).mkdir(parents=True, exist_ok=True)
-                flags = list(cap.mount.mount_flags)
-                if found == "xfs":
-                    # A volume made from a snapshot carries its source's UUID;
-                    # XFS refuses to mount a duplicate without this.
-                    flags.append("nouuid")
-                options = ["-o", ",".join(flags)] if flags else []
-                await run("mount", "-t", found, *options, attachment.device, staging)
+            was_staged = state is not None
+            try:
+                daemon = self.daemons.get(volume_id)
+                if daemon is None:
+                    daemon = SupervisedDaemon(spec)
+                    await daemon.start()
+                    self.daemons[volume_id] = daemon
+                attachment = await att.attach(state_dir, spec.nbd_socket)
+                if block:
+                    Path(staging).mkdir(parents=True, exist_ok=True)
+                elif not is_mounted(staging):
+                    found = await detect_fs(attachment.device)
+                    if not found:
+                        log.info("volume %s is blank: making %s", volume_id, fs_type)
+                        await make_fs(attachment.device, fs_type)
+                        found = fs_type
+                    Path(staging).mkdir(parents=True, exist_ok=True)
+                    flags = list(cap.mount.mount_flags)
+                    if found == "xfs":
+                        # A volume made from a snapshot carries its source's UUID;
+                        # XFS refuses to mount a duplicate without this.
+                        flags.append("nouuid")
+                    options = ["-o", ",".join(flags)] if flags else []
+                    await run("mount", "-t", found, *options, attachment.device, staging)
+            except BaseException:
+                if not was_staged:  # leave nothing half-made behind for a retry
+                    log.warning("staging volume %s failed; undoing it", volume_id)
+                    with contextlib.suppress(Exception):
+                        await self._teardown(volume_id, staging)
+                raise
             log.info("staged volume %s at %s (%s)", volume_id, staging, attachment.device)
         return pb.NodeStageVolumeResponse()
 
@@ -141,31 +149,36 @@ class NodeService(pb_grpc.NodeServicer):
     async def NodeUnstageVolume(self, request: Any, context: Any) -> Any:
         volume_id = e.require(request.volume_id, "volume_id")
         staging = e.require(request.staging_target_path, "staging_target_path")
-        state_dir = self.state_dir(volume_id)
+        self.state_dir(volume_id)  # validates the id before anything is touched
         async with self.lock(volume_id):
-            if is_mounted(staging):
-                await run("sync", "-f", staging, check=False)
-                await unmount(staging)
-            await att.detach(state_dir)
-            daemon = self.daemons.pop(volume_id, None)
-            if daemon is None and await daemon_pid(state_dir / "control.sock") is not None:
-                daemon = SupervisedDaemon(
-                    DaemonSpec(volume_id, self.registry.storage_url(volume_id), 0, 0, state_dir)
-                )
-                await daemon.start()  # adopts the running one
-            if daemon is not None:
-                await daemon.stop()
-            staged = self.registry.staged(volume_id)
-            if staged is not None and staged.node_id == self.node_id:
-                self.registry.clear_staged(volume_id)
-            with contextlib.suppress(FileNotFoundError):
-                (state_dir / "stage.json").unlink()
-            for leftover in ("fuse", "control.sock", "nbd.sock"):
-                path = state_dir / leftover
-                with contextlib.suppress(OSError):
-                    path.rmdir() if path.is_dir() else path.unlink()
+            await self._teardown(volume_id, staging)
             log.info("unstaged volume %s", volume_id)
         return pb.NodeUnstageVolumeResponse()
+
+    async def _teardown(self, volume_id: str, staging: str) -> None:
+        """Unmount, detach, stop the daemon (its final flush), forget the stage."""
+        state_dir = self.state_dir(volume_id)
+        if is_mounted(staging):
+            await run("sync", "-f", staging, check=False)
+            await unmount(staging)
+        await att.detach(state_dir)
+        daemon = self.daemons.pop(volume_id, None)
+        if daemon is None and await daemon_pid(state_dir / "control.sock") is not None:
+            daemon = SupervisedDaemon(
+                DaemonSpec(volume_id, self.registry.storage_url(volume_id), 0, 0, state_dir)
+            )
+            await daemon.start()  # adopts the running one
+        if daemon is not None:
+            await daemon.stop()
+        staged = self.registry.staged(volume_id)
+        if staged is not None and staged.node_id == self.node_id:
+            self.registry.clear_staged(volume_id)
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / "stage.json").unlink()
+        for leftover in ("fuse", "control.sock", "nbd.sock"):
+            path = state_dir / leftover
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
 
     # --- publish --------------------------------------------------------------
 
