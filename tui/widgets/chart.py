@@ -19,7 +19,7 @@ class Bars(Widget):
 
     COMPONENT_CLASSES = {"bars--bar"}
     DEFAULT_CSS = """
-    Bars { height: 2; }
+    Bars { width: 1fr; height: 2; }
     Bars > .bars--bar { color: $accent; }
     """
 
