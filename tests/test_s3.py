@@ -178,7 +178,9 @@ def test_sigkill_under_load_keeps_every_flushed_write(
             assert nbd.pread(BS, seq * BS) in (pattern(seq), bytes(BS))
 
 
-def test_fio_verify_over_s3(daemon_factory: DaemonFactory, moto: MotoServer, bucket: str) -> None:
+def test_fio_verify_over_s3(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
     daemon = daemon_factory(storage_url=f"s3://{bucket}/fio", env=moto.env())
     result = subprocess.run(
         [
@@ -198,6 +200,7 @@ def test_fio_verify_over_s3(daemon_factory: DaemonFactory, moto: MotoServer, buc
         text=True,
         timeout=120,
         check=False,
+        cwd=tmp_path,  # fio leaves a verify state file in its working directory
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verify" not in result.stderr.lower()
