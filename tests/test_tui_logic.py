@@ -325,6 +325,7 @@ def test_discovery_follows_the_documented_layout(
     assert default_roots({"XDG_RUNTIME_DIR": "/run/user/5"}, uid=5) == [
         Path("/run/portalbd"),
         Path("/run/user/5/portalbd"),
+        Path("/tmp/portalbd-5"),
     ]
     assert default_roots({}, uid=5) == [Path("/run/portalbd"), Path("/tmp/portalbd-5")]
 

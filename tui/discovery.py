@@ -1,8 +1,8 @@
 """Finding control sockets by the documented layout, without asking anyone.
 
 Daemons run as root put their socket in `/run/portalbd/<instance>/`, user
-daemons in `$XDG_RUNTIME_DIR/portalbd/<instance>/` (or `/tmp/portalbd-<uid>/`
-without XDG_RUNTIME_DIR). Scanning is a few `stat` calls, cheap enough to repeat
+daemons in `$XDG_RUNTIME_DIR/portalbd/<instance>/`, or `/tmp/portalbd-<uid>/`
+where XDG_RUNTIME_DIR was unset (the rule of `portalbd.paths`). Scanning is a few `stat` calls, cheap enough to repeat
 every refresh so that new instances appear on their own.
 """
 
@@ -24,8 +24,9 @@ def default_roots(env: Mapping[str, str] | None = None, uid: int | None = None) 
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime:
         roots.append(Path(runtime) / "portalbd")
-    else:
-        roots.append(Path(f"/tmp/portalbd-{uid}"))
+    # Always: a daemon started where XDG_RUNTIME_DIR was unset (cron, sudo, a
+    # container) puts its socket here even when this shell has one.
+    roots.append(Path(f"/tmp/portalbd-{uid}"))
     return roots
 
 
