@@ -2,8 +2,9 @@
 
 Daemons run as root put their socket in `/run/portalbd/<instance>/`, user
 daemons in `$XDG_RUNTIME_DIR/portalbd/<instance>/`, or `/tmp/portalbd-<uid>/`
-where XDG_RUNTIME_DIR was unset (the rule of `portalbd.paths`). Scanning is a few `stat` calls, cheap enough to repeat
-every refresh so that new instances appear on their own.
+where XDG_RUNTIME_DIR was unset (the rule of `portalbd.paths`). Scanning is a
+few `stat` calls, cheap enough to repeat every refresh so that new instances
+appear on their own.
 """
 
 from __future__ import annotations
