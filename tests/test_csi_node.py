@@ -232,6 +232,10 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
     (clone_staging / "clone-only.txt").write_text("x")
     unstage(driver, clone.volume_id, clone_staging)
     assert (staging / "after.txt").exists() and not (staging / "clone-only.txt").exists()
+    # Deleting a snapshot of a served volume goes through its daemon too.
+    driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snapshot.snapshot_id))
+    status = asyncio.run(_status(driver.state / vid / "control.sock"))
+    assert status["Status"]["snapshot_count"] == 0
     unstage(driver, vid, staging)
 
     # Offline expansion: the controller records the size, the next stage serves
@@ -276,8 +280,7 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
         pb.CreateSnapshotRequest(source_volume_id=vid, name="snap-offline")
     ).snapshot
     assert offline.size_bytes == 512 * MIB
-    for snap in (snapshot, offline):
-        driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=offline.snapshot_id))
     for volume_id in (clone.volume_id, vid):
         driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
     assert not any((driver.base / "root/volumes").iterdir())
