@@ -208,7 +208,7 @@ def summary_lines(inst: Instance) -> list[Text]:
             ("used", fmt_bytes(st.used_bytes)),
             ("dirty", fmt_bytes(st.dirty_bytes)),
             ("cached", fmt_bytes(st.cached_bytes)),
-            ("snapshots", str(st.snapshot_count)),
+            ("snaps", str(st.snapshot_count)),
             ("gen", DASH if st.generation is None else str(st.generation)),
         )
     )
