@@ -105,6 +105,7 @@ class Device:
         self.cached_bytes = 0
         self._loading: dict[int, _Load] = {}
         self._drain_lock = asyncio.Lock()
+        self._drains_done = 0  # changes whenever the store may hold newer blocks
         self._room = asyncio.Event()
         self._room.set()
         self._wake_writeback = asyncio.Event()
@@ -243,19 +244,50 @@ class Device:
             self._copy_piece(view, piece, value)
         return view
 
+    async def _fetch(self, blocks: Sequence[int]) -> dict[int, Block] | None:
+        """Read blocks straight from the store, bypassing the clean cache.
+
+        For when the cache cannot hold them (disabled, smaller than one
+        request, or other readers evict them first). None when a drain
+        finished meanwhile: the values may then be older than memory was.
+        """
+        drains = self._drains_done
+        try:
+            values = await asyncio.gather(*(self.store.get(block_key(b)) for b in blocks))
+        except StoreError as exc:
+            raise DeviceError(str(exc)) from exc
+        if self._drains_done != drains:
+            return None
+        return {b: HOLE if v is None else v for b, v in zip(blocks, values, strict=True)}
+
     async def read(self, offset: int, length: int) -> bytes | memoryview:
         self._check_failed()
+        parts = list(pieces(offset, length, self.block_size))
+        loaded = False
         while True:
             result = self.read_nowait(offset, length)
             if result is not None:
                 return result
-            missing = [
-                p.block
-                for p in pieces(offset, length, self.block_size)
-                if self._lookup(p.block) is None
-            ]
-            if missing:
+            missing = [p.block for p in parts if self._lookup(p.block) is None]
+            if not loaded:
+                loaded = True
                 await self._load_all(missing)
+                continue
+            # Loaded, yet not all in memory: the cache could not keep them.
+            fetched = await self._fetch(missing)
+            if fetched is None:
+                continue
+            out = bytearray(length)
+            view = memoryview(out)
+            for piece in parts:
+                value = self._lookup(piece.block)
+                if value is None:
+                    value = fetched.get(piece.block)
+                if value is None:
+                    break  # evicted while we fetched: try again
+                self._copy_piece(view, piece, value)
+            else:
+                return view
 
     # --- writes ----------------------------------------------------------
 
@@ -273,7 +305,13 @@ class Device:
                 self._wake_writeback.set()
         self._dirty[block] = value
 
-    def _apply(self, piece: Piece, data: memoryview | None, explicit_zero: bool) -> None:
+    def _apply(
+        self,
+        piece: Piece,
+        data: memoryview | None,
+        explicit_zero: bool,
+        bases: dict[int, Block] | None = None,
+    ) -> None:
         """Change one block in memory; ``data`` None means zeros."""
         bs = self.block_size
         block = piece.block
@@ -291,6 +329,8 @@ class Device:
             buf = current
         else:
             base = current if current is not None else self._lookup(block)
+            if base is None and bases is not None:
+                base = bases.get(block)
             assert base is not None, "partial update of a block that is not loaded"
             buf = bytearray(base) if base else bytearray(bs)
             self._set_dirty(block, buf)
@@ -324,13 +364,28 @@ class Device:
             await self._room.wait()
             self._check_failed()
         parts = list(pieces(offset, length, self.block_size))
+        loaded = False
+        bases: dict[int, Block] | None = None
         while True:
             missing = [p.block for p in parts if self._needs_load(p)]
             if not missing:
                 break
-            await self._load_all(missing)
+            if not loaded:
+                loaded = True
+                await self._load_all(missing)
+                continue
+            # Loaded, yet not all in memory: the cache could not keep them.
+            fetched = await self._fetch(missing)
+            if fetched is not None and all(
+                piece.whole(self.block_size)
+                or self._lookup(piece.block) is not None
+                or piece.block in fetched
+                for piece in parts
+            ):
+                bases = fetched
+                break
         for piece in parts:
-            self._apply(piece, data, explicit_zero)
+            self._apply(piece, data, explicit_zero, bases)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self._modify(offset, len(data), data)
@@ -425,6 +480,7 @@ class Device:
                         self.dirty_bytes += self.block_size
                 raise
             finally:
+                self._drains_done += 1
                 self._draining = {}
                 self.draining_bytes = 0
                 self._room.set()
