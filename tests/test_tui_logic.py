@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tui.format import (
     fmt_duration,
     fmt_latency_us,
     fmt_mib_s,
+    resample,
     sparkline,
 )
 from tui.model import Fleet, Rates, State, Status, name_from_socket, rates_between
@@ -103,6 +105,14 @@ def test_sparkline_and_bars_scale_to_their_peak() -> None:
     assert (top, bottom) == (" █", "██")
     assert bar_rows([0.001, 100], 2, 1) == ["▁█"]  # light activity is never invisible
     assert bar_rows([5], 3, 1) == ["  █"]  # new history grows from the right
+
+
+def test_resample_keeps_the_whole_history_in_the_width() -> None:
+    assert resample([1, 2, 3], 5) == [1, 2, 3]
+    assert resample([1, 3, 5, 7], 2) == [2, 6]
+    assert resample([1, 9, 1, 1], 2, "max") == [9, 1]  # a latency spike survives
+    assert len(resample(deque(range(300), maxlen=300), 29)) == 29
+    assert resample([1.0], 0) == []
 
 
 # --- model ------------------------------------------------------------------

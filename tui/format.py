@@ -143,3 +143,24 @@ def bar_rows(values: Sequence[float], width: int, height: int) -> list[str]:
     for r in range(height - 1, -1, -1):  # top row first
         rows.append("".join(_EIGHTHS[min(8, max(0, lv - r * 8))] for lv in levels))
     return rows
+
+
+def resample(values: Sequence[float], width: int, combine: str = "mean") -> list[float]:
+    """At most `width` points covering all of `values`, oldest first.
+
+    A chart narrower than its history would otherwise show only the last
+    `width` seconds; instead each column summarises a run of neighbouring
+    samples: their mean for rates, their max for latencies (a spike must not
+    be averaged away).
+    """
+    values = list(values)  # deques (the history) cannot be sliced
+    n = len(values)
+    if width <= 0:
+        return []
+    if n <= width:
+        return values
+    out = []
+    for col in range(width):
+        chunk = values[col * n // width : (col + 1) * n // width]
+        out.append(max(chunk) if combine == "max" else sum(chunk) / len(chunk))
+    return out

@@ -21,6 +21,7 @@ from tui.format import (
     fmt_latency_us,
     fmt_mib_s,
     fmt_time,
+    resample,
     sparkline,
 )
 from tui.model import Event, Instance, Snapshot, State
@@ -106,7 +107,7 @@ def _snaps(inst: Instance) -> str:
 
 def _trend(width: int) -> Callable[[Instance], Text]:
     def cell(inst: Instance) -> Text:
-        return Text(sparkline(inst.history.total_bps, width), style="cyan")
+        return Text(sparkline(resample(inst.history.total_bps, width), width), style="cyan")
 
     return cell
 

@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, Static
 
-from tui.format import fmt_count, fmt_latency_us, fmt_mib_s
+from tui.format import fmt_count, fmt_duration, fmt_latency_us, fmt_mib_s
 from tui.model import Instance, State
 from tui.screens.base import PortalbdScreen
 from tui.view import summary_lines
@@ -67,6 +67,7 @@ class InstanceScreen(PortalbdScreen):
         rates = inst.rates if live else None
         st = inst.status if live else None
         h = inst.history
+        span = fmt_duration(len(h.total_bps) * self.portalbd.settings.refresh_s)
         iops = [r + w for r, w in zip(h.read_iops, h.write_iops, strict=True)]
         self.query_one("#iops", Chart).show(
             iops,
@@ -77,6 +78,7 @@ class InstanceScreen(PortalbdScreen):
                 fmt_count(rates.write_iops if rates else None),
             ),
             fmt_count(max(iops)) if iops else "",
+            span,
         )
         mibs = list(h.total_bps)
         self.query_one("#mibs", Chart).show(
@@ -88,6 +90,7 @@ class InstanceScreen(PortalbdScreen):
                 fmt_mib_s(rates.write_bps if rates else None),
             ),
             fmt_mib_s(max(mibs)) if mibs else "",
+            span,
         )
         p99 = [max(r, w) for r, w in zip(h.read_p99, h.write_p99, strict=True)]
         self.query_one("#latency", Chart).show(
@@ -103,6 +106,8 @@ class InstanceScreen(PortalbdScreen):
                 fmt_latency_us(st.flush_latency.p99 if st else None),
             ),
             fmt_latency_us(max(p99)) if p99 else "",
+            span,
+            combine="max",
         )
         snapshots = inst.snapshots or []
         pane = self.query_one("#snapshots-pane")

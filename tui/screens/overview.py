@@ -9,7 +9,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Footer, Header, Static
 
-from tui.format import fmt_count, fmt_mib_s
+from tui.format import fmt_count, fmt_duration, fmt_mib_s
 from tui.model import Instance, State
 from tui.screens.base import PortalbdScreen
 from tui.view import summary_lines
@@ -79,7 +79,8 @@ class OverviewScreen(PortalbdScreen):
         )
         data = list(inst.history.total_bps)
         peak = f"{fmt_mib_s(max(data))} MiB/s" if data else ""
-        self.query_one("#trend", Chart).show(data, value, peak)
+        span = f"last {fmt_duration(len(data) * self.portalbd.settings.refresh_s)}"
+        self.query_one("#trend", Chart).show(data, value, peak, span if data else "")
 
     def highlighted(self) -> Instance | None:
         key = self.query_one(InstanceTable).highlighted_key()

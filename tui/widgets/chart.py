@@ -11,7 +11,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Static
 
-from tui.format import bar_rows
+from tui.format import bar_rows, resample
 
 
 class Bars(Widget):
@@ -24,10 +24,12 @@ class Bars(Widget):
     """
 
     data: reactive[tuple[float, ...]] = reactive(tuple)
+    combine: reactive[str] = reactive("mean")
 
     def render(self) -> Text:
         style = self.get_component_rich_style("bars--bar")
-        rows = bar_rows(self.data, self.size.width, self.size.height)
+        width = self.size.width
+        rows = bar_rows(resample(self.data, width, self.combine), width, self.size.height)
         return Text("\n".join(rows), style=style, no_wrap=True, overflow="crop")
 
 
@@ -51,7 +53,18 @@ class Chart(Vertical):
         yield Static("—", classes="chart--value")
         yield Bars()
 
-    def show(self, data: Sequence[float], value: Text | str, peak: str = "") -> None:
+    def show(
+        self,
+        data: Sequence[float],
+        value: Text | str,
+        peak: str = "",
+        span: str = "",
+        combine: str = "mean",
+    ) -> None:
+        """Chart all of `data`; `span` says how much time that is, `combine` how
+        samples sharing a column are merged ("mean" or "max")."""
         self.query_one(".chart--value", Static).update(value)
-        self.query_one(Bars).data = tuple(data)
-        self.border_subtitle = f"peak {peak}" if peak else ""
+        bars = self.query_one(Bars)
+        bars.combine = combine
+        bars.data = tuple(data)
+        self.border_subtitle = " · ".join(x for x in (f"peak {peak}" if peak else "", span) if x)
