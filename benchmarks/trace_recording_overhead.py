@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +61,12 @@ def workload(n: int, depth: int) -> list[TraceOp]:
     return ops
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (less disturbed by a busy machine than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def end_to_end(n: int, rounds: int, depth: int) -> None:
     try:
         daemon_proc.portalbd_command()
@@ -68,10 +76,12 @@ def end_to_end(n: int, rounds: int, depth: int) -> None:
     if rounds < 1:
         return
     ops = workload(n, depth)
-    best: dict[bool, float] = {False: 0.0, True: 0.0}
+    rate: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for tracing in (False, True):
+            # Alternate which goes first so drift on a shared machine hits both.
+            for tracing in (False, True) if r % 2 == 0 else (True, False):
                 work = Path(tmp) / f"r{r}-{int(tracing)}"
                 trace = work / "trace.jsonl.zst" if tracing else None
                 work.mkdir()
@@ -79,30 +89,37 @@ def end_to_end(n: int, rounds: int, depth: int) -> None:
                     DaemonConfig(storage="memory"), work, 1 << 30, trace=trace, workload="bench"
                 )
                 try:
+                    c0 = cpu_seconds(d.process.pid)
                     res = replay(d.uri, ops)
+                    c1 = cpu_seconds(d.process.pid)
                 finally:
                     d.stop()
-                rate = n / (res.elapsed_ns / 1e9)
-                best[tracing] = max(best[tracing], rate)
+                rate[tracing].append(n / (res.elapsed_ns / 1e9))
+                cpu[tracing].append((c1 - c0) / n * 1e6)
                 extra = ""
                 if trace is not None:
                     info = format.describe(trace)
                     extra = f" ({info['ops']} recorded, {info['dropped']} dropped)"
                 print(
-                    f"round {r + 1} trace={'on ' if tracing else 'off'}: {rate:8.0f} ops/s{extra}"
+                    f"round {r + 1} trace={'on ' if tracing else 'off'}: "
+                    f"{rate[tracing][-1]:8.0f} ops/s, {cpu[tracing][-1]:6.1f} us daemon CPU "
+                    f"per request{extra}"
                 )
-    overhead = (best[False] - best[True]) / best[False] * 100
+    med = {k: statistics.median(v) for k, v in rate.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(
-        f"end to end, best of {rounds}: {best[False]:.0f} ops/s without, "
-        f"{best[True]:.0f} ops/s with recording: overhead {overhead:+.1f}%"
+        f"median of {rounds}: {med[False]:.0f} ops/s without, {med[True]:.0f} with recording "
+        f"({(med[False] - med[True]) / med[False] * 100:+.1f}% throughput); daemon CPU per "
+        f"request {mcpu[False]:.1f} us without, {mcpu[True]:.1f} us with "
+        f"({(mcpu[True] - mcpu[False]) / mcpu[False] * 100:+.1f}%)"
     )
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--hook-calls", type=int, default=1_000_000)
-    p.add_argument("--requests", type=int, default=20_000)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--depth", type=int, default=16)
     args = p.parse_args()
     hook_cost(args.hook_calls)

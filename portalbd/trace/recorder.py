@@ -42,7 +42,7 @@ class TraceRecorder:
         device_size_bytes: int,
         *,
         max_pending: int = 1 << 18,
-        interval_s: float = 0.02,
+        interval_s: float = 0.1,
     ) -> None:
         self.path = path
         self.workload = workload
