@@ -2,7 +2,7 @@
 
 `request_done` runs on the daemon's event loop once per request, so it only
 appends a tuple to a deque (thread-safe, no lock, no syscall).  A writer
-thread wakes every few milliseconds, turns what accumulated into JSON lines
+thread wakes every 100 ms, turns what accumulated into JSON lines
 and writes them through the (optional) compressor, which releases the GIL
 while it works.  Memory is bounded: past `max_pending` unwritten records new
 ones are dropped and counted (the footer says how many) rather than stalling
