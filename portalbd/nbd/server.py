@@ -28,6 +28,9 @@ log = logging.getLogger("portalbd.nbd")
 
 MAX_INFLIGHT = 256  # per connection; reading pauses above this
 RESUME_INFLIGHT = 128
+# A client that has not finished the handshake by then is dropped: handshaking
+# connections count against max_connections, so stalled ones must not stay.
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class RequestObserver(Protocol):
@@ -168,6 +171,7 @@ class NbdConnection(asyncio.Protocol):
         self._writing_paused = False
         self._stopping = False
         self._counted = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # --- connection lifecycle -----------------------------------------------
 
@@ -191,8 +195,19 @@ class NbdConnection(asyncio.Protocol):
             exports=[server.export()], default_export=server.export_name, refusal=refusal
         )
         transport.write(self.handshake.greeting())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._handshake_expired
+        )
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.handshake is not None:
+            self._abort(f"handshake not finished within {HANDSHAKE_TIMEOUT:g}s")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         server = self.server
         if self._counted:
             server.connections.discard(self)
@@ -270,6 +285,9 @@ class NbdConnection(asyncio.Protocol):
             self.transport.close()
         elif isinstance(event, p.TransmissionReady):
             self.handshake = None
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+                self._handshake_timer = None
             self.structured = event.structured_replies
             self.block_status_ok = p.BASE_ALLOCATION in event.meta_contexts
             self.export_size = event.export.size
