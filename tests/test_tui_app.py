@@ -153,3 +153,24 @@ def test_empty_state_says_where_it_looks() -> None:
         assert "No portalbd instances found" in text
 
     run(scenario, fleet=Fleet())
+
+
+def test_event_log_appends_only_what_is_new_even_past_its_capacity() -> None:
+    from tui.model import EVENT_LINES
+    from tui.widgets.event_log import EventLog
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "enter")
+        log = app.screen.query_one(EventLog)
+        db = next(i for i in app.fleet if i.name == "db")
+        assert len(log.lines) == 3
+        for n in range(EVENT_LINES + 50):  # more than the deque keeps
+            db.log(1_764_000_100.0 + n, "info", f"event {n}")
+        log.show(db)
+        await pilot.pause()
+        texts = [line.text for line in log.lines]
+        assert texts[-1].endswith(f"event {EVENT_LINES + 49}")
+        assert len(texts) == EVENT_LINES  # the log's own cap; oldest dropped
+        assert sum(t.endswith("event 60") for t in texts) == 1  # nothing written twice
+
+    run(scenario)

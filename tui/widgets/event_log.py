@@ -31,6 +31,6 @@ class EventLog(RichLog):
             self.clear()
             shown = max(0, inst.event_total - len(events))
         new = inst.event_total - shown
-        for event in events[len(events) - new :] if new > 0 else []:
+        for event in events[max(0, len(events) - new) :] if new > 0 else []:
             self.write(event_text(event))
         self._shown = (id(inst.events), inst.event_total)
