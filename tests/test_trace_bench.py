@@ -37,12 +37,12 @@ def test_bench_smoke_on_a_sample_trace_json_validates(
     report_dir = tmp_path / "report"
     rc = main([
         "bench", str(sample("mkfs.jsonl.zst")), "--iterations", "1", "--warmup", "0",
-        "--block-size", "4K,64K", "--json", str(out), "--report", str(report_dir),
+        "--block-size", "64K,256K", "--json", str(out), "--report", str(report_dir),
     ])  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())
     results.validate(doc)
-    assert [r["config"]["block_size"] for r in doc["runs"]] == [4096, 65536]
+    assert [r["config"]["block_size"] for r in doc["runs"]] == [65536, 262144]
     for run in doc["runs"]:
         assert run["workload"] == "mkfs"
         assert run["by_type"]["Write"]["ops"] > 0
@@ -99,3 +99,16 @@ def test_bench_profile_writes_a_flame_graph(tmp_path: Path) -> None:
     assert rc == 0
     svgs = list(profiles.glob("*.svg"))
     assert len(svgs) == 1 and "<svg" in svgs[0].read_text()
+
+
+def test_bench_on_file_and_s3_storage(tmp_path: Path) -> None:
+    out = tmp_path / "storage.json"
+    rc = main([
+        "bench", str(sample("minecraft.jsonl.zst")), "--iterations", "1", "--warmup", "0",
+        "--storage", "file,s3", "--json", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    results.validate(doc)
+    assert [r["config"]["storage"] for r in doc["runs"]] == ["file", "s3"]
+    assert all(r["store"]["puts"] > 0 and r["total"]["errors"] == 0 for r in doc["runs"])

@@ -145,7 +145,7 @@ def ensure_packages() -> Path:
 
 def workload(ctx: GenContext) -> None:
     modules = ensure_packages()
-    bots, seconds = (2, 20) if ctx.quick else (4, 60)
+    bots, seconds = (2, 12) if ctx.quick else (4, 60)
     script = ctx.workdir / "minecraft.js"
     script.write_text(SCRIPT)
     run(["mkfs.ext4", "-F", "-q", str(ctx.device)])
