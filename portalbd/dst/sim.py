@@ -1,0 +1,655 @@
+"""The simulation: a seeded workload against a real Instance, with crashes.
+
+Everything real runs: the NBD handshake and transmission code, the
+write-back device, SlateDB on an in-memory object store, snapshots and
+restores through the control handler. Only the sockets are replaced, by
+:class:`~portalbd.dst.transport.LoopbackTransport`. A crash abandons the
+instance (its tasks are cancelled, its SlateDB handles are never shut down,
+its buffers are dropped) and opens a new one on the same object store: only
+what SlateDB really made durable is there to be found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portalbd.config import Config
+from portalbd.control import protocol as cp
+from portalbd.dst.oracle import DiskOracle
+from portalbd.dst.transport import LoopbackTransport, Reply, SimClient
+from portalbd.instance import Instance
+from portalbd.nbd import protocol as p
+from portalbd.nbd.server import NbdConnection
+from portalbd.store import instance as store_instance
+from portalbd.store.slate import resolve_object_store
+
+log = logging.getLogger("portalbd.dst")
+
+EXPORT = "dst"
+
+
+class SimulationFailure(AssertionError):
+    def __init__(self, seed: int, step: int, message: str, history: list[str]) -> None:
+        super().__init__(f"seed {seed} step {step}: {message}")
+        self.seed = seed
+        self.step = step
+        self.message = message
+        self.history = history
+
+
+@dataclass(slots=True)
+class Stats:
+    steps: int = 0
+    rounds: int = 0
+    reads: int = 0
+    writes: int = 0
+    fua_writes: int = 0
+    trims: int = 0
+    zeroes: int = 0
+    flushes: int = 0
+    block_statuses: int = 0
+    invalid: int = 0
+    snapshots: int = 0
+    deletes: int = 0
+    restores: int = 0
+    crashes: int = 0
+    crashes_mid_io: int = 0
+    crashes_mid_admin: int = 0
+    reconnects: int = 0
+    bytes_written: int = 0
+    bytes_verified: int = 0
+
+    def summary(self) -> str:
+        return " ".join(f"{name}={getattr(self, name)}" for name in self.__slots__)
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: str  # read write trim zero flush status invalid
+    conn: int
+    offset: int = 0
+    length: int = 0
+    fua: bool = False
+    data: bytes = b""
+    flags: int = 0
+    command: int = 0
+
+
+@dataclass(slots=True)
+class SimConfig:
+    seed: int
+    steps: int
+    block_size: int = 4096
+    blocks: int = 48
+    tail: int = 1000  # the last block is partial: size is not a block multiple
+    connections: int = 3
+    max_chunk: int = 5000
+    flush_interval_ms: int = 0
+    dirty_blocks: int = 16
+    cache_blocks: int = 8
+
+
+@contextlib.contextmanager
+def _shared_store(object_store: Any) -> Iterator[None]:
+    """Make the instance open our in-memory object store, not a fresh one.
+
+    ``memory:///`` resolves to a new empty store each time; a crash test
+    needs the reopened instance to find the old one's objects.
+    """
+    original = getattr(store_instance, "resolve_object_store")  # noqa: B009
+    setattr(store_instance, "resolve_object_store", lambda *args, **kwargs: object_store)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(store_instance, "resolve_object_store", original)  # noqa: B010
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel until they are done: Python 3.11's ``wait_for`` swallows a
+    cancellation that arrives just as its inner future completes (the
+    device's writeback loop sits in one), so a single cancel can be lost."""
+    while tasks:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=0.05)
+        tasks = [task for task in tasks if not task.done()]
+
+
+@dataclass(slots=True)
+class _Conn:
+    client: SimClient
+    transport: LoopbackTransport
+
+
+@dataclass
+class Simulation:
+    cfg: SimConfig
+    stats: Stats = field(default_factory=Stats)
+    history: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.rng = random.Random(cfg.seed)
+        self.size = cfg.blocks * cfg.block_size + cfg.tail
+        self.oracle = DiskOracle(self.size, cfg.block_size)
+        self.snapshots: dict[str, bytes] = {}
+        self.snapshot_counter = 0
+        self.object_store = resolve_object_store("memory:///")
+        self.instance: Instance | None = None
+        self.abandoned: list[Instance] = []
+        self.conns: list[_Conn | None] = []
+        self.conn_counter = 0
+        self.step = 0
+
+    # --- plumbing -------------------------------------------------------------
+
+    def fail(self, message: str) -> SimulationFailure:
+        return SimulationFailure(self.cfg.seed, self.step, message, self.history[-40:])
+
+    def note(self, text: str) -> None:
+        self.history.append(f"[{self.step}] {text}")
+
+    def config(self) -> Config:
+        cfg = Config()
+        cfg.instance.name = f"dst-{self.cfg.seed}"
+        cfg.device.size_bytes = self.size
+        cfg.device.block_size = self.cfg.block_size
+        cfg.device.dirty_bytes = self.cfg.dirty_blocks * self.cfg.block_size
+        cfg.device.cache_bytes = self.cfg.cache_blocks * self.cfg.block_size
+        cfg.nbd.export_name = EXPORT
+        cfg.nbd.address = ""
+        cfg.lsm.flush_interval_ms = self.cfg.flush_interval_ms
+        cfg.lsm.block_cache_size_bytes = 0
+        return cfg
+
+    async def open_instance(self) -> None:
+        instance = Instance(self.config(), Path(f"/nonexistent/dst-{self.cfg.seed}.sock"))
+        with _shared_store(self.object_store):
+            await instance.open()
+        self.instance = instance
+        assert instance.device is not None
+        if instance.device.size != self.size:
+            raise self.fail(f"reopened with size {instance.device.size}, expected {self.size}")
+
+    async def connect(self, slot: int) -> None:
+        assert self.instance is not None and self.instance.server is not None
+        loop = asyncio.get_running_loop()
+        self.conn_counter += 1
+        protocol = NbdConnection(self.instance.server, self.conn_counter)
+        transport = LoopbackTransport(
+            loop, protocol, self.rng, ("sim", self.conn_counter), self.cfg.max_chunk
+        )
+        protocol.connection_made(transport)
+        client = SimClient(transport, f"conn{slot}")
+        structured = self.rng.random() < 0.6
+        meta = structured and self.rng.random() < 0.8
+        go = self.rng.random() < 0.8
+        await client.handshake(structured=structured, meta=meta, go=go, export=EXPORT)
+        if client.size != self.size:
+            raise self.fail(f"handshake says size {client.size}, expected {self.size}")
+        conn = _Conn(client, transport)
+        while len(self.conns) <= slot:
+            self.conns.append(None)
+        self.conns[slot] = conn
+        self.note(f"connect conn{slot} structured={structured} meta={meta} go={go}")
+
+    async def connect_all(self) -> None:
+        for slot in range(self.cfg.connections):
+            await self.connect(slot)
+
+    def conn(self, slot: int) -> SimClient:
+        conn = self.conns[slot]
+        assert conn is not None
+        return conn.client
+
+    async def drop_clients(self) -> None:
+        for conn in self.conns:
+            if conn is not None:
+                conn.transport.crash()
+                await conn.client.stop()
+        self.conns = [None] * len(self.conns)
+
+    async def crash_instance(self) -> None:
+        """Abandon the instance as a SIGKILL would: nothing more reaches storage."""
+        instance = self.instance
+        assert instance is not None and instance.device is not None
+        await self.drop_clients()
+        device = instance.device
+        tasks: list[asyncio.Task[Any]] = []
+        if instance.server is not None:
+            for conn in list(instance.server.connections):
+                tasks.extend(conn._tasks)
+        watchdog = getattr(instance, "_watchdog", None)
+        for task in (device._writeback_task, device._flush_runner, watchdog):
+            if task is not None:
+                tasks.append(task)
+        await _cancel_all(tasks)
+        # Keep the handles referenced and never shut them down: a dead
+        # process does not say goodbye. Opening again fences them.
+        self.abandoned.append(instance)
+        self.instance = None
+        await self.open_instance()
+        await self.connect_all()
+
+    async def read_disk(self) -> bytes:
+        client = self.conn(0)
+        out = bytearray()
+        chunk = 64 * 1024
+        for offset in range(0, self.size, chunk):
+            length = min(chunk, self.size - offset)
+            reply = await client.request(p.Cmd.READ, offset, length)
+            if reply.error:
+                raise self.fail(f"full read at {offset} failed with error {reply.error}")
+            out += reply.data
+        self.stats.bytes_verified += len(out)
+        return bytes(out)
+
+    async def verify_all(self, what: str) -> None:
+        disk = await self.read_disk()
+        if disk != bytes(self.oracle.current):
+            block = next(
+                i // self.cfg.block_size
+                for i in range(self.size)
+                if disk[i] != self.oracle.current[i]
+            )
+            raise self.fail(f"{what}: disk differs from acknowledged writes in block {block}")
+
+    # --- generating operations ------------------------------------------------------
+
+    def _range(self) -> tuple[int, int]:
+        rng = self.rng
+        bs = self.cfg.block_size
+        shape = rng.random()
+        if shape < 0.35:  # aligned, whole blocks
+            blocks = rng.randint(1, 3)
+            offset = rng.randrange(0, self.cfg.blocks - blocks + 1) * bs
+            return offset, blocks * bs
+        if shape < 0.7:  # small, unaligned, inside a block or across one edge
+            length = rng.randint(1, bs)
+            return rng.randrange(0, self.size - length + 1), length
+        if shape < 0.85:  # large, unaligned
+            length = rng.randint(bs, 4 * bs)
+            return rng.randrange(0, self.size - length + 1), length
+        length = rng.randint(1, 2 * bs)  # the partial tail
+        return self.size - length, length
+
+    def _gen_op(self, conn: int, busy: list[tuple[int, int, bool]]) -> _Op | None:
+        rng = self.rng
+        client = self.conn(conn)
+        roll = rng.random()
+        if roll < 0.08:
+            return _Op("flush", conn)
+        if roll < 0.10:
+            return self._gen_invalid(conn)
+        offset, length = self._range()
+        if roll < 0.40:
+            kind = "read"
+        elif roll < 0.78:
+            kind = "write"
+        elif roll < 0.86:
+            kind = "trim"
+        elif roll < 0.94:
+            kind = "zero"
+        elif client.block_status:
+            kind = "status"
+        else:
+            kind = "read"
+        mutating = kind in ("write", "trim", "zero")
+        for start, end, other_mutating in busy:
+            if offset < end and start < offset + length and (mutating or other_mutating):
+                return None
+        busy.append((offset, offset + length, mutating))
+        fua = mutating and rng.random() < 0.2
+        data = rng.randbytes(length) if kind == "write" else b""
+        if kind == "write" and rng.random() < 0.1:
+            data = bytes(length)  # all zeros: stored as a hole
+        flags = p.CMD_FLAG_FUA if fua else 0
+        if kind == "zero" and rng.random() < 0.3:
+            flags |= p.CMD_FLAG_NO_HOLE
+        return _Op(kind, conn, offset, length, fua, data, flags)
+
+    def _gen_invalid(self, conn: int) -> _Op:
+        rng = self.rng
+        choice = rng.randrange(4)
+        if choice == 0:  # past the end
+            length = rng.randint(1, 3 * self.cfg.block_size)
+            offset = self.size - length + rng.randint(1, 100)
+            command = rng.choice([p.Cmd.READ, p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES])
+            data = rng.randbytes(length) if command == p.Cmd.WRITE else b""
+            return _Op("invalid", conn, offset, length, data=data, command=command)
+        if choice == 1:  # a flag the command may not carry
+            return _Op("invalid", conn, 0, 512, flags=p.CMD_FLAG_REQ_ONE, command=p.Cmd.READ)
+        if choice == 2:  # an unknown command
+            return _Op("invalid", conn, 0, 0, command=rng.choice([9, 42, 0xFFFF]))
+        # unknown flag bits on a write (the payload must still be skipped)
+        return _Op(
+            "invalid",
+            conn,
+            0,
+            100,
+            data=rng.randbytes(100),
+            flags=1 << 9,
+            command=p.Cmd.WRITE,
+        )
+
+    def _submit(self, op: _Op) -> asyncio.Future[Reply]:
+        client = self.conn(op.conn)
+        if op.kind == "read":
+            return client.request(p.Cmd.READ, op.offset, op.length)
+        if op.kind == "write":
+            return client.request(p.Cmd.WRITE, op.offset, op.length, op.flags, op.data)
+        if op.kind == "trim":
+            return client.request(p.Cmd.TRIM, op.offset, op.length, op.flags)
+        if op.kind == "zero":
+            return client.request(p.Cmd.WRITE_ZEROES, op.offset, op.length, op.flags)
+        if op.kind == "flush":
+            return client.request(p.Cmd.FLUSH, 0, 0)
+        if op.kind == "status":
+            return client.request(p.Cmd.BLOCK_STATUS, op.offset, op.length)
+        data = op.data if op.command == p.Cmd.WRITE else None
+        return client.request(op.command, op.offset, op.length, op.flags, data)
+
+    # --- one round of concurrent I/O ---------------------------------------------------
+
+    async def io_round(self, crash_after: int | None) -> None:
+        rng = self.rng
+        busy: list[tuple[int, int, bool]] = []
+        ops: list[_Op] = []
+        for _ in range(rng.randint(1, 2 * self.cfg.connections)):
+            op = self._gen_op(rng.randrange(self.cfg.connections), busy)
+            if op is not None:
+                ops.append(op)
+        if not ops:
+            return
+        self.stats.rounds += 1
+        before = bytes(self.oracle.current)
+        self.oracle.begin_round()
+        self.note(
+            "round "
+            + ", ".join(
+                f"conn{o.conn}:{o.kind}{'+fua' if o.fua else ''}@{o.offset}+{o.length}" for o in ops
+            )
+            + (f" CRASH after {crash_after} yields" if crash_after is not None else "")
+        )
+        futures = [self._submit(op) for op in ops]
+        if crash_after is not None:
+            for _ in range(crash_after):
+                await asyncio.sleep(0)
+            results: list[Reply | None] = [
+                f.result() if f.done() and not f.exception() else None for f in futures
+            ]
+        else:
+            gathered = await asyncio.gather(*futures, return_exceptions=True)
+            results = []
+            for op, result in zip(ops, gathered, strict=True):
+                if isinstance(result, BaseException):
+                    raise self.fail(f"{op.kind} on conn{op.conn} failed: {result!r}")
+                results.append(result)
+        flushed = False
+        for op, reply in zip(ops, results, strict=True):
+            acked = reply is not None and reply.error == 0
+            if reply is not None:
+                self._check_reply(op, reply, before)
+            if op.kind == "write":
+                self.oracle.write(op.offset, op.data, acked=acked, forced=op.fua)
+            elif op.kind in ("trim", "zero"):
+                self.oracle.write(op.offset, bytes(op.length), acked=acked, forced=op.fua)
+            elif op.kind == "flush" and acked:
+                flushed = True
+        self.oracle.end_round(flushed=flushed)
+        self.step += len(ops)
+        if crash_after is not None:
+            await self.crash_and_check("crash during I/O")
+            self.stats.crashes_mid_io += 1
+
+    def _check_reply(self, op: _Op, reply: Reply, before: bytes) -> None:
+        stats = self.stats
+        if op.kind == "invalid":
+            stats.invalid += 1
+            if reply.error == 0:
+                raise self.fail(f"invalid request {op} was accepted")
+            return
+        if reply.error:
+            raise self.fail(f"{op.kind}@{op.offset}+{op.length} failed with error {reply.error}")
+        if op.kind == "read":
+            stats.reads += 1
+            want = before[op.offset : op.offset + op.length]
+            if reply.data != want:
+                raise self.fail(
+                    f"read@{op.offset}+{op.length} on conn{op.conn} returned stale or wrong data"
+                )
+            stats.bytes_verified += op.length
+        elif op.kind == "write":
+            stats.writes += 1
+            stats.fua_writes += op.fua
+            stats.bytes_written += op.length
+        elif op.kind == "trim":
+            stats.trims += 1
+        elif op.kind == "zero":
+            stats.zeroes += 1
+        elif op.kind == "flush":
+            stats.flushes += 1
+        elif op.kind == "status":
+            stats.block_statuses += 1
+            self._check_extents(op, reply, before)
+
+    def _check_extents(self, op: _Op, reply: Reply, before: bytes) -> None:
+        total = sum(length for length, _ in reply.extents)
+        if not reply.extents or total > op.length or any(n == 0 for n, _ in reply.extents):
+            raise self.fail(f"block status extents {reply.extents} for length {op.length}")
+        pos = op.offset
+        for length, flags in reply.extents:
+            if flags & p.STATE_HOLE and not flags & p.STATE_ZERO:
+                raise self.fail("block status reports a hole that does not read as zeros")
+            if flags & p.STATE_ZERO and any(before[pos : pos + length]):
+                raise self.fail(f"block status says {pos}+{length} is zero; it is not")
+            pos += length
+
+    # --- crashes ------------------------------------------------------------------------
+
+    async def crash_and_check(self, why: str, uncertain: str | None = None) -> None:
+        self.stats.crashes += 1
+        self.note(f"crash: {why}")
+        await self.crash_instance()
+        disk = await self.read_disk()
+        problems = self.oracle.check_after_crash(disk)
+        if problems:
+            raise self.fail(f"after {why}: " + "; ".join(problems[:5]))
+        await self.sync_snapshots(uncertain)
+
+    async def sync_snapshots(self, uncertain: str | None = None) -> None:
+        """The catalog must list exactly the snapshots the model knows."""
+        assert self.instance is not None and self.instance.store is not None
+        names = {s.name for s in self.instance.store.catalog.snapshots}
+        known = set(self.snapshots)
+        if uncertain is not None:
+            names.discard(uncertain)
+            known.discard(uncertain)
+        if names != known:
+            raise self.fail(f"catalog lists {sorted(names)}, expected {sorted(known)}")
+
+    # --- snapshots and restores ---------------------------------------------------------------
+
+    async def control(self, kind: str, **args: Any) -> Any:
+        assert self.instance is not None
+        try:
+            return await self.instance.handle(cp.Request(kind, args))
+        except cp.BadRequest as exc:  # what the control server would answer
+            return cp.error(str(exc))
+
+    async def snapshot_create(self, crash_after: int | None) -> None:
+        self.snapshot_counter += 1
+        name = f"s{self.snapshot_counter}"
+        self.note(f"snapshot create {name}" + (" CRASH" if crash_after is not None else ""))
+        content = bytes(self.oracle.current)
+        if crash_after is None:
+            response = await self.control("SnapshotCreate", name=name)
+            if "Snapshot" not in response:
+                raise self.fail(f"snapshot create failed: {response}")
+            self.snapshots[name] = content
+            self.stats.snapshots += 1
+            return
+        task = asyncio.ensure_future(self.control("SnapshotCreate", name=name))
+        await self._yield(crash_after)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        self.stats.crashes_mid_admin += 1
+        await self.crash_and_check(f"crash during snapshot create {name}", name)
+        assert self.instance is not None and self.instance.store is not None
+        if self.instance.store.catalog.find(name) is not None:
+            self.snapshots[name] = content
+            self.stats.snapshots += 1
+
+    async def snapshot_delete(self, crash_after: int | None) -> None:
+        if not self.snapshots or self.rng.random() < 0.1:
+            name = "no-such-snapshot"
+            response = await self.control("SnapshotDelete", name=name)
+            if response == "Ok":
+                raise self.fail("deleting a missing snapshot succeeded")
+            return
+        name = self.rng.choice(sorted(self.snapshots))
+        self.note(f"snapshot delete {name}" + (" CRASH" if crash_after is not None else ""))
+        if crash_after is None:
+            response = await self.control("SnapshotDelete", name=name)
+            if response != "Ok":
+                raise self.fail(f"snapshot delete failed: {response}")
+            del self.snapshots[name]
+            self.stats.deletes += 1
+            return
+        task = asyncio.ensure_future(self.control("SnapshotDelete", name=name))
+        await self._yield(crash_after)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        self.stats.crashes_mid_admin += 1
+        await self.crash_and_check(f"crash during snapshot delete {name}", name)
+        assert self.instance is not None and self.instance.store is not None
+        if self.instance.store.catalog.find(name) is None:
+            del self.snapshots[name]
+            self.stats.deletes += 1
+
+    async def restore(self, crash_after: int | None) -> None:
+        if not self.snapshots or self.rng.random() < 0.05:
+            response = await self.control("SnapshotRestore", name="no-such-snapshot", force=True)
+            if response == "Ok":
+                raise self.fail("restoring a missing snapshot succeeded")
+            return
+        name = self.rng.choice(sorted(self.snapshots))
+        content = self.snapshots[name]
+        self.note(f"restore {name}" + (" CRASH" if crash_after is not None else ""))
+        if crash_after is None:
+            # Clients are connected: without force the restore must refuse.
+            response = await self.control("SnapshotRestore", name=name)
+            if response == "Ok":
+                raise self.fail("restore with connected clients and no force succeeded")
+            response = await self.control("SnapshotRestore", name=name, force=True)
+            if response != "Ok":
+                raise self.fail(f"restore failed: {response}")
+            for conn in self.conns:
+                if conn is not None:
+                    await conn.client.stop()
+            self.stats.restores += 1
+            self.oracle.reset(content)
+            await self.connect_all()
+            await self.verify_all(f"after restoring {name}")
+            return
+        task = asyncio.ensure_future(self.control("SnapshotRestore", name=name, force=True))
+        await self._yield(crash_after)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        self.stats.crashes_mid_admin += 1
+        self.stats.crashes += 1
+        self.note(f"crash during restore {name}")
+        await self.crash_instance()
+        disk = await self.read_disk()
+        if disk == content:
+            self.oracle.reset(disk)
+            self.stats.restores += 1
+        else:
+            problems = self.oracle.check_after_crash(disk)
+            if problems:
+                raise self.fail(
+                    f"after a crash during restore of {name} the disk is neither the old "
+                    f"content nor the snapshot: {'; '.join(problems[:5])}"
+                )
+        await self.sync_snapshots()
+
+    async def _yield(self, n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    async def reconnect(self) -> None:
+        slot = self.rng.randrange(self.cfg.connections)
+        self.note(f"reconnect conn{slot}")
+        await self.conn(slot).disconnect()
+        self.stats.reconnects += 1
+        await self.connect(slot)
+
+    # --- the main loop ------------------------------------------------------------------
+
+    async def run(self) -> Stats:
+        await self.open_instance()
+        await self.connect_all()
+        try:
+            while self.step < self.cfg.steps:
+                await self._one_step()
+                for conn in self.conns:
+                    if conn is not None and conn.client.failure:
+                        raise self.fail(conn.client.failure)
+            await self.verify_all("at the end")
+            self.stats.steps = self.step
+            return self.stats
+        finally:
+            await self._shutdown()
+
+    async def _one_step(self) -> None:
+        rng = self.rng
+        roll = rng.random()
+        crash = rng.randint(0, 40)
+        if roll < 0.74:
+            await self.io_round(None)
+        elif roll < 0.78:
+            await self.io_round(crash)
+        elif roll < 0.81:
+            self.step += 1
+            await self.verify_all("full verify")
+        elif roll < 0.85:
+            self.step += 1
+            await self.crash_and_check("crash between operations")
+        elif roll < 0.89:
+            self.step += 1
+            await self.snapshot_create(crash if rng.random() < 0.2 else None)
+        elif roll < 0.91:
+            self.step += 1
+            await self.snapshot_delete(crash if rng.random() < 0.2 else None)
+        elif roll < 0.95:
+            self.step += 1
+            await self.restore(crash if rng.random() < 0.2 else None)
+        else:
+            self.step += 1
+            await self.reconnect()
+
+    async def _shutdown(self) -> None:
+        await self.drop_clients()
+        if self.instance is not None:
+            with contextlib.suppress(Exception):
+                await self.instance.close()
+        for instance in self.abandoned:
+            if instance.store is not None:
+                # Fenced long ago; closing only releases their resources.
+                with contextlib.suppress(Exception):
+                    await instance.store.close()
+        self.abandoned.clear()
+
+
+def run_simulation(cfg: SimConfig) -> Stats:
+    return asyncio.run(Simulation(cfg).run())
