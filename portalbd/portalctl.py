@@ -1,0 +1,300 @@
+"""portalctl: the operator's tool for a running portalbd.
+
+It only speaks the control protocol (docs/control-protocol.md); everything it
+can do, a script can do with ``--json`` or a plain socket. Human output keeps
+the original tool's shape (``OK``, ``Snapshot: NAME``, ``Error: ...`` on
+stderr with exit status 1) so habits and scripts carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from portalbd.control.client import ControlClient, ControlError, NotRunning
+from portalbd.paths import control_socket_path, discover_sockets
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+DEFAULT_INSTANCE = "default"
+
+
+def human_size(n: float) -> str:
+    """Binary units with one decimal, as operators read disk sizes."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, whole = divmod(whole, 86400)
+    hours, whole = divmod(whole, 3600)
+    minutes, secs = divmod(whole, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s"
+
+
+def human_time(unix: float) -> str:
+    """UTC, so the same snapshot reads the same on every machine."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+
+
+def human_latency(us: float) -> str:
+    if us >= 1000:
+        return f"{us / 1000:.1f}ms"
+    return f"{us:.0f}us"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portalctl",
+        description="Manage a running portalbd: status, snapshots, restore.",
+        epilog=(
+            "examples:\n"
+            "  portalctl status\n"
+            "  portalctl --instance disk0 snapshot create before-upgrade\n"
+            "  portalctl snapshot restore before-upgrade --force\n"
+            "  portalctl --json snapshot list | jq '.SnapshotList[].name'"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-s", "--socket", type=Path, metavar="PATH", help="control socket path")
+    where.add_argument(
+        "-i",
+        "--instance",
+        metavar="NAME",
+        help=f"find the socket of this instance (default {DEFAULT_INSTANCE!r})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the daemon's raw JSON response (for scripts)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for the daemon's answer (default 60)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("status", help="show the daemon's status and statistics")
+    snapshot = commands.add_parser("snapshot", help="create, list, inspect, delete, restore")
+    actions = snapshot.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("create", help="snapshot the disk now").add_argument("name")
+    actions.add_parser("list", help="list snapshots in creation order")
+    actions.add_parser("get", help="show one snapshot").add_argument("name")
+    actions.add_parser("delete", help="delete a snapshot").add_argument("name")
+    restore = actions.add_parser("restore", help="make the disk what it was at a snapshot")
+    restore.add_argument("name")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="disconnect connected NBD clients (after flushing) instead of refusing",
+    )
+    return parser
+
+
+def build_request(args: argparse.Namespace) -> Any:
+    if args.command == "status":
+        return "Status"
+    action: str = args.action
+    if action == "list":
+        return "SnapshotList"
+    kind = {
+        "create": "SnapshotCreate",
+        "get": "SnapshotGet",
+        "delete": "SnapshotDelete",
+        "restore": "SnapshotRestore",
+    }[action]
+    fields: dict[str, Any] = {"name": args.name}
+    if action == "restore" and args.force:
+        fields["force"] = True
+    return {kind: fields}
+
+
+# --- human output -----------------------------------------------------------
+
+
+def print_snapshot(snap: dict[str, Any], out: TextIO) -> None:
+    print(f"Snapshot: {snap.get('name')}", file=out)
+    print(f"  ID:      {snap.get('id')}", file=out)
+    print(f"  Created: {human_time(float(snap.get('created_at', 0)))}", file=out)
+    if "size_bytes" in snap:
+        print(f"  Written: {human_size(snap['size_bytes'])}", file=out)
+
+
+def print_snapshot_list(snaps: list[dict[str, Any]], out: TextIO) -> None:
+    if not snaps:
+        print("No snapshots", file=out)
+        return
+    rows = [("NAME", "ID", "CREATED", "WRITTEN")]
+    for s in snaps:
+        size = human_size(s["size_bytes"]) if "size_bytes" in s else "-"
+        rows.append(
+            (str(s.get("name")), str(s.get("id")), human_time(float(s.get("created_at", 0))), size)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        print(f"{line}  {row[3]:>9}".rstrip(), file=out)
+
+
+def print_status(status: dict[str, Any], out: TextIO) -> None:
+    stats: dict[str, Any] = status.get("stats") or {}
+    lines: list[tuple[str, str]] = []
+
+    def add(label: str, value: Any) -> None:
+        lines.append((label, str(value)))
+
+    if "instance" in status:
+        add("Instance", status["instance"])
+    if "version" in status:
+        pid = f" (pid {status['pid']})" if "pid" in status else ""
+        add("Version", f"{status['version']}{pid}")
+    if "uptime_s" in status:
+        add("Uptime", human_duration(float(status["uptime_s"])))
+    if "storage_url" in status:
+        generation = f" (generation {status['generation']})" if "generation" in status else ""
+        add("Storage", f"{status['storage_url']}{generation}")
+    add("Size", human_size(status.get("size_bytes", 0)))
+    blocks = str(status.get("block_count"))
+    if "block_size" in status:
+        blocks += f" x {human_size(status['block_size'])}"
+    add("Blocks", blocks)
+    if "used_bytes" in stats:
+        add("Used", human_size(stats["used_bytes"]))
+    add("Snapshots", status.get("snapshot_count"))
+    nbd = status.get("nbd_address") or ""
+    if status.get("nbd_socket"):
+        nbd = f"{nbd} unix:{status['nbd_socket']}".strip()
+    add("NBD", nbd or "-")
+    if "connections" in stats:
+        add(
+            "Clients",
+            f"{stats['connections']} connected, {stats.get('connections_total', 0)} total",
+        )
+    commands: dict[str, int] = stats.get("commands") or {}
+    if commands:
+        add("Reads", f"{commands.get('read', 0)} ({human_size(stats.get('bytes_read', 0))})")
+        add("Writes", f"{commands.get('write', 0)} ({human_size(stats.get('bytes_written', 0))})")
+        others = [
+            f"{name} {count}"
+            for name, count in commands.items()
+            if name not in ("read", "write") and count
+        ]
+        if others:
+            add("Other", ", ".join(others))
+    if "errors" in stats:
+        add("Errors", stats["errors"])
+    if "dirty_bytes" in stats:
+        add("Dirty", human_size(stats["dirty_bytes"]))
+    if "cached_bytes" in stats:
+        add("Cached", human_size(stats["cached_bytes"]))
+    if "flush_count" in stats:
+        flush = str(stats["flush_count"])
+        summary = stats.get("flush_latency_us") or {}
+        if stats["flush_count"] and "p50" in summary:
+            flush += f" (p50 {human_latency(summary['p50'])}, p99 {human_latency(summary['p99'])})"
+        add("Flushes", flush)
+    for command, summary in (stats.get("latency_us") or {}).items():
+        if commands.get(command):
+            add(
+                f"Latency {command}",
+                f"p50 {human_latency(summary['p50'])}  p90 {human_latency(summary['p90'])}  "
+                f"p99 {human_latency(summary['p99'])}  max {human_latency(summary['max'])}",
+            )
+    if status.get("recording"):
+        add("Recording", "yes (trace in progress)")
+    width = max(len(label) for label, _ in lines) + 2
+    print("portalbd daemon status:", file=out)
+    for label, value in lines:
+        print(f"  {(label + ':').ljust(width)}{value}", file=out)
+
+
+def print_human(response: Any, out: TextIO) -> None:
+    if response == "Ok":
+        print("OK", file=out)
+    elif isinstance(response, dict) and isinstance(response.get("Snapshot"), dict):
+        print_snapshot(response["Snapshot"], out)
+    elif isinstance(response, dict) and isinstance(response.get("SnapshotList"), list):
+        print_snapshot_list(response["SnapshotList"], out)
+    elif isinstance(response, dict) and isinstance(response.get("Status"), dict):
+        print_status(response["Status"], out)
+    else:  # a response this portalctl does not know yet: show it rather than hide it
+        print(json.dumps(response, indent=2), file=out)
+
+
+# --- main -------------------------------------------------------------------
+
+
+def resolve_socket(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    return control_socket_path(args.instance or DEFAULT_INSTANCE)
+
+
+def not_running_message(args: argparse.Namespace, exc: NotRunning) -> str:
+    """Say which instance was looked for, and which ones do seem to run."""
+    if args.socket is not None or exc.reason != "missing":
+        return str(exc)
+    name = args.instance or DEFAULT_INSTANCE
+    message = (
+        f"no portalbd instance {name!r} seems to be running: its control socket "
+        f"{exc.path} does not exist (start it with `portalbd --instance {name}`, "
+        "or pass --socket PATH)"
+    )
+    others = [p for p in discover_sockets() if p != exc.path]
+    if others:
+        message += "; control sockets found: " + ", ".join(str(p) for p in others)
+    return message
+
+
+def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+    args = build_parser().parse_args(argv)
+    path = resolve_socket(args)
+    request = build_request(args)
+    try:
+        with ControlClient(path, timeout=args.timeout) as client:
+            response = client.raw(request)
+    except NotRunning as exc:
+        print(f"Error: {not_running_message(args, exc)}", file=err)
+        return EXIT_ERROR
+    except ControlError as exc:
+        print(f"Error: {exc}", file=err)
+        return EXIT_ERROR
+    failed = isinstance(response, dict) and "Error" in response
+    if args.json:
+        print(json.dumps(response), file=out)
+        return EXIT_ERROR if failed else EXIT_OK
+    if failed:
+        print(f"Error: {response['Error']}", file=err)
+        return EXIT_ERROR
+    print_human(response, out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv, sys.stdout, sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
