@@ -19,6 +19,7 @@ from portalbd import __version__
 from portalbd.config import Config
 from portalbd.control import protocol as cp
 from portalbd.device import Device, DeviceError
+from portalbd.faults import crash_point
 from portalbd.nbd.server import NbdServer, RequestObserver
 from portalbd.stats import ServerStats
 from portalbd.store.instance import InstanceStore
@@ -353,10 +354,12 @@ class Instance:
                 await self.device.flush()
                 try:
                     generation, handle = await self.store.prepare_restore(name)
+                    crash_point("restore:before-commit")
                     old = await self.store.commit_restore(generation, handle)
                 except StoreError as exc:
                     raise cp.BadRequest(f"restore failed, disk unchanged: {exc}") from exc
                 self.device.swap_store(handle)
+                crash_point("restore:after-swap")
                 handle.on_reopen = self.device.forget_clean_cache
                 try:
                     await old.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portalbd.config import LsmConfig
+from portalbd.faults import crash_point
 from portalbd.store.location import StorageLocation
 from portalbd.store.object_metrics import ObjectStoreCounters
 from portalbd.store.slate import (
@@ -240,8 +241,10 @@ class InstanceStore:
         reserved.next_generation = generation + 1
         reserved.parents[generation] = record.generation
         await self._commit(reserved)
+        crash_point("restore:after-reserve")
         source = SlateAdmin(self.object_store, generation_path(self.location, record.generation))
         await source.clone_to(generation_path(self.location, generation), record.checkpoint_id)
+        crash_point("restore:after-clone")
         handle = await SlateHandle.open(
             self.object_store,
             generation_path(self.location, generation),
@@ -257,6 +260,7 @@ class InstanceStore:
         catalog = Catalog.decode(self.catalog.encode())
         catalog.live_generation = generation
         await self._commit(catalog)
+        crash_point("restore:after-commit")
         old, self.data = self.data, handle
         return old
 
@@ -273,6 +277,7 @@ class InstanceStore:
                 await admin.delete_database()
             except StoreError:
                 continue  # retried on the next collection
+            crash_point("gc:after-delete")
         catalog = Catalog.decode(self.catalog.encode())
         for generation in doomed:
             catalog.parents.pop(generation, None)
