@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
@@ -51,12 +52,21 @@ class DaemonError(ControlError):
     """The daemon answered ``{"Error": ...}``."""
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def describe_connect_error(path: Path, exc: OSError) -> ControlError:
     """Turn a failed connect into an error that says what is wrong and where."""
     if isinstance(exc, FileNotFoundError):
         return NotRunning(
             f"control socket {path} does not exist: is the daemon running?", path, "missing"
         )
+    if isinstance(exc, ConnectionRefusedError) and not _is_socket(path):
+        return NotRunning(f"{path} is not a control socket", path, "not-a-socket")
     if isinstance(exc, ConnectionRefusedError):
         return NotRunning(
             f"connection refused on control socket {path}: the socket is stale, "

@@ -1,0 +1,336 @@
+"""portalctl against a real daemon: every command, every error path, exit codes.
+
+The tool runs as the installed console script (a subprocess), so the exit
+status, stdout/stderr split and argument parsing are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portalbd.paths import control_socket_path
+from tests.conftest import DaemonFactory
+from tests.support import BIN, RunningDaemon, connected
+
+PORTALCTL = str(BIN / "portalctl")
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def ctl(
+    *args: str, user: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    command = [PORTALCTL, *args]
+    if user is not None:
+        command = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def sock(daemon: RunningDaemon) -> list[str]:
+    return ["--socket", str(daemon.control_socket)]
+
+
+def test_snapshot_commands_human_output(daemon: RunningDaemon) -> None:
+    listed = ctl(*sock(daemon), "snapshot", "list")
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "No snapshots\n", "")
+
+    created = ctl(*sock(daemon), "snapshot", "create", "before-upgrade")
+    assert created.returncode == 0, created.stderr
+    lines = created.stdout.splitlines()
+    assert lines[0] == "Snapshot: before-upgrade"
+    assert lines[1].startswith("  ID:      ") and UUID.match(lines[1].split()[-1])
+    assert re.fullmatch(r"  Created: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", lines[2])
+    assert lines[3] == "  Written: 0 B"
+    snap_id = lines[1].split()[-1]
+
+    got = ctl(*sock(daemon), "snapshot", "get", "before-upgrade")
+    assert got.returncode == 0 and got.stdout.splitlines()[:2] == lines[:2]
+
+    with connected(daemon.uri) as handle:
+        handle.pwrite(b"x" * 65536 * 4, 0)
+        handle.flush()
+    ctl(*sock(daemon), "snapshot", "create", "s2")
+    table = ctl(*sock(daemon), "snapshot", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "ID", "CREATED", "WRITTEN"]
+    assert table[1].split()[:2] == ["before-upgrade", snap_id]
+    assert table[1].endswith("0 B") and table[2].endswith("256.0 KiB")
+    assert table[2].startswith("s2 ")
+
+    restored = ctl(*sock(daemon), "snapshot", "restore", "before-upgrade")
+    assert (restored.returncode, restored.stdout) == (0, "OK\n")
+    deleted = ctl(*sock(daemon), "snapshot", "delete", "before-upgrade")
+    assert (deleted.returncode, deleted.stdout) == (0, "OK\n")
+    assert [r.split()[0] for r in ctl(*sock(daemon), "snapshot", "list").stdout.splitlines()] == [
+        "NAME",
+        "s2",
+    ]
+
+
+def test_status_human_output(daemon: RunningDaemon) -> None:
+    with connected(daemon.uri) as handle:
+        handle.pwrite(b"y" * 8192, 0)
+        handle.pread(4096, 0)
+        status = ctl(*sock(daemon), "status")
+    assert status.returncode == 0, status.stderr
+    out = status.stdout
+    assert out.startswith("portalbd daemon status:\n")
+    fields = dict(
+        (label.strip(), value.strip())
+        for label, _, value in (line.partition(":") for line in out.splitlines()[1:])
+    )
+    assert fields["Instance"] == "t"
+    assert fields["Size"] == "1.0 GiB"
+    assert fields["Blocks"] == "16384 x 64.0 KiB"
+    assert fields["Snapshots"] == "0"
+    assert fields["NBD"] == f"127.0.0.1:{daemon.port}"
+    assert fields["Storage"].startswith("memory") and fields["Storage"].endswith("(generation 1)")
+    # The total also counts the readiness probe of start_daemon.
+    assert fields["Clients"].startswith("1 connected, ")
+    assert fields["Reads"] == "1 (4.0 KiB)"
+    assert fields["Writes"] == "1 (8.0 KiB)"
+    assert fields["Uptime"].endswith("s")
+    assert "Latency write" in fields
+
+
+def test_json_prints_the_raw_response(daemon: RunningDaemon) -> None:
+    created = ctl("--json", *sock(daemon), "snapshot", "create", "j1")
+    assert created.returncode == 0
+    doc = json.loads(created.stdout)
+    assert set(doc) == {"Snapshot"} and doc["Snapshot"]["name"] == "j1"
+    assert json.loads(ctl("--json", *sock(daemon), "snapshot", "list").stdout) == {
+        "SnapshotList": [doc["Snapshot"]]
+    }
+    status = json.loads(ctl("--json", *sock(daemon), "status").stdout)["Status"]
+    assert status["snapshot_count"] == 1 and status["instance"] == "t"
+    assert json.loads(ctl("--json", *sock(daemon), "snapshot", "delete", "j1").stdout) == "Ok"
+    # A refusal is still the daemon's JSON, on stdout, with exit status 1.
+    missing = ctl("--json", *sock(daemon), "snapshot", "get", "j1")
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout) == {"Error": "snapshot 'j1' not found"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["snapshot", "get", "nope"], "Error: snapshot 'nope' not found\n"),
+        (["snapshot", "delete", "nope"], "Error: snapshot 'nope' not found\n"),
+        (["snapshot", "restore", "nope"], "Error: snapshot 'nope' not found\n"),
+        (
+            ["snapshot", "create", "a/b"],
+            "Error: invalid snapshot name 'a/b': use 1-128 letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-'\n",
+        ),
+        (["snapshot", "create", "dup"], "Error: snapshot 'dup' already exists\n"),
+    ],
+)
+def test_daemon_refusals(daemon: RunningDaemon, args: list[str], message: str) -> None:
+    assert ctl(*sock(daemon), "snapshot", "create", "dup").returncode == 0
+    result = ctl(*sock(daemon), *args)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", message)
+
+
+def test_restore_refused_with_a_client_then_forced(daemon: RunningDaemon) -> None:
+    ctl(*sock(daemon), "snapshot", "create", "s")
+    with connected(daemon.uri):
+        refused = ctl(*sock(daemon), "snapshot", "restore", "s")
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "Error: 1 NBD client is connected; disconnect them first or restore with --force\n"
+        )
+        forced = ctl(*sock(daemon), "snapshot", "restore", "s", "--force")
+        assert (forced.returncode, forced.stdout) == (0, "OK\n")
+
+
+def test_instance_finds_the_default_socket(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    name = f"pctl-{uuid.uuid4().hex[:8]}"
+    path = control_socket_path(name)
+    daemon = daemon_factory("--socket", str(path), instance=name)
+    try:
+        status = ctl("--instance", name, "--json", "status")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["Status"]["control_socket"] == str(path)
+    finally:
+        daemon.stop()
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_instance_not_running() -> None:
+    name = f"absent-{uuid.uuid4().hex[:8]}"
+    result = ctl("--instance", name, "status")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(
+        f"Error: no portalbd instance '{name}' seems to be running: its control socket "
+        f"{control_socket_path(name)} does not exist (start it with `portalbd --instance {name}`, "
+        "or pass --socket PATH)"
+    )
+
+
+def test_socket_missing(tmp_path: Path) -> None:
+    path = tmp_path / "none.sock"
+    result = ctl("--socket", str(path), "snapshot", "list")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"Error: control socket {path} does not exist: is the daemon running?\n"
+
+
+def test_stale_socket_is_connection_refused(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays; nobody listens: what a killed daemon leaves
+    result = ctl("--socket", str(path), "status")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: connection refused on control socket {path}: the socket is stale, "
+        "no daemon is running there\n"
+    )
+
+
+def test_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "plain-file"
+    path.write_text("")
+    result = ctl("--socket", str(path), "status")
+    assert (result.returncode, result.stderr) == (1, f"Error: {path} is not a control socket\n")
+
+
+def test_permission_denied(daemon_factory: DaemonFactory) -> None:
+    """The socket is 0660: another user (not in the group) is turned away."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run portalctl as another user")
+    base = Path(f"/tmp/portalbd-perm-{uuid.uuid4().hex[:8]}")
+    base.mkdir(mode=0o755)
+    try:
+        daemon = daemon_factory(workdir=base)
+        assert (daemon.control_socket.stat().st_mode & 0o777) == 0o660
+        result = ctl("--socket", str(daemon.control_socket), "status", user="nobody")
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"Error: permission denied on control socket {daemon.control_socket} "
+            "(run as the daemon's user or a member of its group, or as root)\n"
+        )
+        daemon.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def silent_server(tmp_path: Path) -> Iterator[Path]:
+    """Accepts connections and never answers: a wedged daemon."""
+    path = tmp_path / "silent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                held.append(conn)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_timeout(silent_server: Path) -> None:
+    result = ctl("--socket", str(silent_server), "--timeout", "0.5", "status")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: no answer from the daemon on {silent_server} within 0.5s "
+        "(it may still be working on the request)\n"
+    )
+
+
+def test_garbage_reply(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\n")
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        result = ctl("--socket", str(path), "status")
+    finally:
+        thread.join(5)
+        server.close()
+    assert result.returncode == 1
+    assert result.stderr == "Error: reply is not JSON: b'HTTP/1.1 400 Bad Request'\n"
+
+
+def test_daemon_closes_without_answer(tmp_path: Path) -> None:
+    path = tmp_path / "closer.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        result = ctl("--socket", str(path), "status")
+    finally:
+        thread.join(5)
+        server.close()
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"Error: the daemon closed control socket {path}\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--socket", "/x", "--instance", "y", "status"], "not allowed with argument"),
+        ([], "the following arguments are required: COMMAND"),
+        (["snapshot"], "the following arguments are required: ACTION"),
+        (["snapshot", "create"], "the following arguments are required: name"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["--timeout", "soon", "status"], "invalid float value: 'soon'"),
+    ],
+)
+def test_usage_errors(args: list[str], fragment: str) -> None:
+    result = ctl(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: portalctl")
+    assert fragment in result.stderr
+
+
+def test_help_lists_the_commands() -> None:
+    result = ctl("--help")
+    assert result.returncode == 0
+    for word in ("status", "snapshot", "--instance", "--socket", "--json", "--timeout"):
+        assert word in result.stdout
+    restore = ctl("snapshot", "restore", "--help")
+    assert "--force" in restore.stdout
