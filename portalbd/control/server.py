@@ -59,6 +59,7 @@ class ControlServer:
         self.handler = handler
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._bound = False  # only a socket we created is ours to remove
 
     async def start(self) -> None:
         prepare_socket_path(self.path)
@@ -69,6 +70,7 @@ class ControlServer:
             )
         finally:
             os.umask(old_umask)
+        self._bound = True
         os.chmod(self.path, 0o660)
 
     async def close(self) -> None:
@@ -79,8 +81,12 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._bound:
+            # A daemon refused because another one answers on this path must
+            # not delete that daemon's socket on its way out.
+            self._bound = False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
