@@ -2,14 +2,17 @@
 
 Two instances (one on file storage, one in memory) whose control sockets sit
 in a temporary discovery root, so the app finds them the way it finds real
-ones. Disk contents are checked with libnbd, snapshots with a raw request on
-the control socket (not through the TUI's own client).
+ones. Disk contents are checked with libnbd, snapshots with `portalctl` (not
+through the TUI's own client).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +89,13 @@ def toasts(app: PortalbdApp) -> list[str]:
     return [t.render().plain for t in app.screen.query(Toast)]
 
 
+def portalctl(daemon: RunningDaemon, *args: str) -> str:
+    command = [str(Path(sys.executable).parent / "portalctl"), "--socket"]
+    command += [str(daemon.control_socket), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout
+
+
 def disk_pattern(byte: int) -> bytes:
     return bytes([byte]) * MiB
 
@@ -140,8 +150,10 @@ def test_tui_against_real_daemons(
                 "snapshot listed",
                 lambda: [s.name for s in d.snapshots or ()] == ["before-change"],
             )
-            listed = control_request(disk.control_socket, "SnapshotList")["SnapshotList"]
-            assert [s["name"] for s in listed] == ["before-change"]
+            # Checked with portalctl, the operator's other tool, not the TUI's client.
+            listed = json.loads(portalctl(disk, "--json", "snapshot", "list"))
+            assert [s["name"] for s in listed["SnapshotList"]] == ["before-change"]
+            assert "before-change" in portalctl(disk, "snapshot", "list")
             await wait_for(
                 pilot,
                 "toast",
