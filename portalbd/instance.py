@@ -115,6 +115,15 @@ class Instance:
             )
         except StoreError as exc:
             raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
+        # A restore cut short by a crash leaves a cloned generation nothing
+        # refers to; collect it now rather than at the next restore or delete.
+        try:
+            removed = await self.store.collect_garbage()
+        except StoreError as exc:
+            log.warning("garbage collection at start failed: %s", exc)
+        else:
+            if removed:
+                log.info("removed unreferenced generations %s", removed)
         size = await check_metadata(
             self.store.data, cfg.device.effective_size(), cfg.device.block_size
         )
