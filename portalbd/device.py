@@ -66,11 +66,12 @@ class DeviceCounters:
 class _Load:
     """A block being read from the store; others wait on ``done``."""
 
-    __slots__ = ("done", "stale")
+    __slots__ = ("done", "stale", "value")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done: asyncio.Future[None] = loop.create_future()
-        self.stale = False
+        self.stale = False  # a drain wrote this block while we were reading it
+        self.value: bytes | None = None
 
 
 class Device:
@@ -180,20 +181,26 @@ class Device:
             _, evicted = self._clean.popitem(last=False)
             self.cached_bytes -= len(evicted) or _HOLE_COST
 
-    async def _load(self, block: int) -> None:
-        """Bring one block into the clean cache (once, however many ask)."""
+    async def _load(self, block: int) -> bytes | None:
+        """Read one block from the store (once, however many ask).
+
+        Returns its value (HOLE for an absent key), or None when a drain
+        overtook the read and the value may be stale: the caller looks again.
+        The value is also cached, so callers usually find it by lookup.
+        """
         pending = self._loading.get(block)
         if pending is not None:
             await asyncio.shield(pending.done)
-            return
+            return None if pending.stale else pending.value
         load = _Load(asyncio.get_running_loop())
         self._loading[block] = load
         self.counters.loads += 1
         self.counters.cache_misses += 1
         try:
             value = await self.store.get(block_key(block))
+            load.value = HOLE if value is None else value
             if not load.stale and block not in self._dirty and block not in self._draining:
-                self._remember(block, HOLE if value is None else value)
+                self._remember(block, load.value)
         except StoreError as exc:
             load.done.set_exception(DeviceError(str(exc)))
             load.done.exception()  # mark retrieved; waiters get it via shield
@@ -202,12 +209,15 @@ class Device:
             del self._loading[block]
             if not load.done.done():
                 load.done.set_result(None)
+        return None if load.stale else load.value
 
-    async def _load_all(self, blocks: Sequence[int]) -> None:
+    async def _load_all(self, blocks: Sequence[int]) -> dict[int, bytes]:
+        """Load several blocks at once; returns those that are not stale."""
         if len(blocks) == 1:
-            await self._load(blocks[0])
+            values = [await self._load(blocks[0])]
         else:
-            await asyncio.gather(*(self._load(b) for b in blocks))
+            values = await asyncio.gather(*(self._load(b) for b in blocks))
+        return {b: v for b, v in zip(blocks, values, strict=True) if v is not None}
 
     # --- reads -----------------------------------------------------------
 
@@ -244,57 +254,42 @@ class Device:
             self._copy_piece(view, piece, value)
         return view
 
-    async def _fetch(self, blocks: Sequence[int]) -> dict[int, Block] | None:
-        """Read blocks straight from the store, bypassing the clean cache.
-
-        For when the cache cannot hold them (disabled, smaller than one
-        request, or other readers evict them first). None when a drain
-        finished meanwhile: the values may then be older than memory was.
-        """
-        drains = self._drains_done
-        try:
-            values = await asyncio.gather(*(self.store.get(block_key(b)) for b in blocks))
-        except StoreError as exc:
-            raise DeviceError(str(exc)) from exc
-        if self._drains_done != drains:
-            return None
-        return {b: HOLE if v is None else v for b, v in zip(blocks, values, strict=True)}
-
     async def read(self, offset: int, length: int) -> bytes | memoryview:
         self._check_failed()
+        result = self.read_nowait(offset, length)
+        if result is not None:
+            return result
         parts = list(pieces(offset, length, self.block_size))
-        loaded = False
+        loaded: dict[int, bytes] = {}
         while True:
-            result = self.read_nowait(offset, length)
-            if result is not None:
-                return result
-            missing = [p.block for p in parts if self._lookup(p.block) is None]
-            if not loaded:
-                loaded = True
-                await self._load_all(missing)
-                continue
-            # Loaded, yet not all in memory: the cache could not keep them.
-            fetched = await self._fetch(missing)
-            if fetched is None:
-                continue
+            # Blocks loaded earlier stay usable even if the cache evicted
+            # them meanwhile (a cache smaller than one request); a block a
+            # drain overtook is simply loaded again.
+            missing = [
+                p.block for p in parts if p.block not in loaded and self._lookup(p.block) is None
+            ]
+            if missing:
+                loaded.update(await self._load_all(missing))
             out = bytearray(length)
             view = memoryview(out)
             for piece in parts:
                 value = self._lookup(piece.block)
                 if value is None:
-                    value = fetched.get(piece.block)
-                if value is None:
-                    break  # evicted while we fetched: try again
+                    value = loaded.get(piece.block)
+                    if value is None:
+                        break
                 self._copy_piece(view, piece, value)
             else:
                 return view
 
     # --- writes ----------------------------------------------------------
 
-    def _needs_load(self, piece: Piece) -> bool:
+    def _needs_load(self, piece: Piece, loaded: dict[int, bytes] | None = None) -> bool:
         if piece.block in self._loading:
             return True
-        return not piece.whole(self.block_size) and self._lookup(piece.block) is None
+        if piece.whole(self.block_size) or self._lookup(piece.block) is not None:
+            return False
+        return loaded is None or piece.block not in loaded
 
     def _set_dirty(self, block: int, value: Block) -> None:
         if block not in self._dirty:
@@ -310,7 +305,7 @@ class Device:
         piece: Piece,
         data: memoryview | None,
         explicit_zero: bool,
-        bases: dict[int, Block] | None = None,
+        loaded: dict[int, bytes] | None = None,
     ) -> None:
         """Change one block in memory; ``data`` None means zeros."""
         bs = self.block_size
@@ -329,8 +324,8 @@ class Device:
             buf = current
         else:
             base = current if current is not None else self._lookup(block)
-            if base is None and bases is not None:
-                base = bases.get(block)
+            if base is None and loaded is not None:
+                base = loaded.get(block)
             assert base is not None, "partial update of a block that is not loaded"
             buf = bytearray(base) if base else bytearray(bs)
             self._set_dirty(block, buf)
@@ -364,28 +359,16 @@ class Device:
             await self._room.wait()
             self._check_failed()
         parts = list(pieces(offset, length, self.block_size))
-        loaded = False
-        bases: dict[int, Block] | None = None
+        loaded: dict[int, bytes] = {}
         while True:
-            missing = [p.block for p in parts if self._needs_load(p)]
+            missing = [p.block for p in parts if self._needs_load(p, loaded)]
             if not missing:
                 break
-            if not loaded:
-                loaded = True
-                await self._load_all(missing)
-                continue
-            # Loaded, yet not all in memory: the cache could not keep them.
-            fetched = await self._fetch(missing)
-            if fetched is not None and all(
-                piece.whole(self.block_size)
-                or self._lookup(piece.block) is not None
-                or piece.block in fetched
-                for piece in parts
-            ):
-                bases = fetched
-                break
+            # Values loaded in an earlier round may have been overtaken by a
+            # drain since; only the latest round's are trusted.
+            loaded = await self._load_all(missing)
         for piece in parts:
-            self._apply(piece, data, explicit_zero, bases)
+            self._apply(piece, data, explicit_zero, loaded)
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self._modify(offset, len(data), data)

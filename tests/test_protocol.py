@@ -1,0 +1,249 @@
+"""The NBD codec and handshake state machine, without sockets."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portalbd.nbd import protocol as p
+
+EXPORT = p.ExportInfo(
+    name="portalbd", size=1 << 30, flags=p.transmission_flags(), preferred_block=65536
+)
+
+
+def machine() -> p.ServerHandshake:
+    return p.ServerHandshake(exports=[EXPORT], default_export="portalbd")
+
+
+def option(opt: int, payload: bytes = b"") -> bytes:
+    return p.OPTION_HEADER.pack(p.IHAVEOPT, opt, len(payload)) + payload
+
+
+def replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Split server output into (option, reply type, payload)."""
+    out = []
+    while data:
+        magic, opt, rep, length = p.OPTION_REPLY_HEADER.unpack_from(data)
+        assert magic == p.OPTION_REPLY_MAGIC
+        start = p.OPTION_REPLY_HEADER.size
+        out.append((opt, rep, data[start : start + length]))
+        data = data[start + length :]
+    return out
+
+
+def info_payload(name: str, *infos: int) -> bytes:
+    raw = name.encode()
+    return (
+        struct.pack(">I", len(raw))
+        + raw
+        + struct.pack(">H", len(infos))
+        + b"".join(struct.pack(">H", i) for i in infos)
+    )
+
+
+FLAGS = struct.pack(">I", p.CLIENT_FIXED_NEWSTYLE | p.CLIENT_NO_ZEROES)
+
+
+def test_greeting_advertises_fixed_newstyle_and_no_zeroes() -> None:
+    magic, opt, flags = p.SERVER_GREETING.unpack(machine().greeting())
+    assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)
+    assert flags == p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
+
+
+def test_go_with_block_size_and_pipelined_request() -> None:
+    m = machine()
+    request = p.encode_request(p.Cmd.READ, 7, 0, 512)
+    out, event = m.receive_data(
+        FLAGS + option(p.Opt.GO, info_payload("", p.Info.BLOCK_SIZE, p.Info.NAME)) + request
+    )
+    assert isinstance(event, p.TransmissionReady)
+    assert event.export.name == "portalbd"  # the empty name reaches the default export
+    assert m.leftover == request
+    got = replies(out)
+    assert got[-1][1] == p.Rep.ACK
+    infos = {struct.unpack(">H", payload[:2])[0]: payload[2:] for _, rep, payload in got[:-1]}
+    assert struct.unpack(">QH", infos[p.Info.EXPORT]) == (EXPORT.size, EXPORT.flags)
+    assert infos[p.Info.NAME] == b"portalbd"
+    assert struct.unpack(">III", infos[p.Info.BLOCK_SIZE]) == (1, 65536, 32 * 1024 * 1024)
+
+
+def test_byte_at_a_time_gives_the_same_result() -> None:
+    stream = FLAGS + option(p.Opt.STRUCTURED_REPLY) + option(p.Opt.GO, info_payload("portalbd"))
+    whole, event_whole = machine().receive_data(stream)
+    m = machine()
+    out = b""
+    event = None
+    for i in range(len(stream)):
+        chunk, event = m.receive_data(stream[i : i + 1])
+        out += chunk
+        if event is not None:
+            assert i == len(stream) - 1
+    assert out == whole
+    assert event == event_whole
+    assert isinstance(event, p.TransmissionReady) and event.structured_replies
+
+
+def test_unknown_export_and_unknown_option() -> None:
+    m = machine()
+    out, event = m.receive_data(
+        FLAGS + option(p.Opt.INFO, info_payload("nope")) + option(99) + option(p.Opt.STARTTLS)
+    )
+    assert event is None
+    assert [rep for _, rep, _ in replies(out)] == [
+        p.Rep.ERR_UNKNOWN,
+        p.Rep.ERR_UNSUP,
+        p.Rep.ERR_UNSUP,
+    ]
+
+
+def test_export_name_unknown_closes() -> None:
+    _out, event = machine().receive_data(FLAGS + option(p.Opt.EXPORT_NAME, b"other"))
+    assert isinstance(event, p.HandshakeClosed)
+    assert "unknown export" in event.reason
+
+
+def test_export_name_old_style_reply_with_zeroes() -> None:
+    flags = struct.pack(">I", p.CLIENT_FIXED_NEWSTYLE)
+    out, event = machine().receive_data(flags + option(p.Opt.EXPORT_NAME, b"portalbd"))
+    assert isinstance(event, p.TransmissionReady)
+    assert out[:10] == struct.pack(">QH", EXPORT.size, EXPORT.flags)
+    assert out[10:] == bytes(124)
+
+
+def test_list_and_abort() -> None:
+    out, event = machine().receive_data(FLAGS + option(p.Opt.LIST) + option(p.Opt.ABORT))
+    got = replies(out)
+    assert got[0][1] == p.Rep.SERVER and got[0][2] == struct.pack(">I", 8) + b"portalbd"
+    assert got[1][1] == p.Rep.ACK and got[2][1] == p.Rep.ACK
+    assert isinstance(event, p.HandshakeClosed)
+
+
+def meta_payload(name: str, *queries: str) -> bytes:
+    raw = name.encode()
+    body = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    for q in queries:
+        body += struct.pack(">I", len(q)) + q.encode()
+    return body
+
+
+def test_meta_context_needs_structured_replies() -> None:
+    out, _ = machine().receive_data(
+        FLAGS + option(p.Opt.SET_META_CONTEXT, meta_payload("", "base:allocation"))
+    )
+    assert replies(out)[0][1] == p.Rep.ERR_INVALID
+
+
+def test_meta_context_base_allocation() -> None:
+    m = machine()
+    out, _ = m.receive_data(
+        FLAGS
+        + option(p.Opt.STRUCTURED_REPLY)
+        + option(p.Opt.LIST_META_CONTEXT, meta_payload("", "base:"))
+        + option(p.Opt.SET_META_CONTEXT, meta_payload("", "base:allocation", "qemu:dirty"))
+    )
+    got = replies(out)
+    assert [r for _, r, _ in got] == [
+        p.Rep.ACK,
+        p.Rep.META_CONTEXT,
+        p.Rep.ACK,
+        p.Rep.META_CONTEXT,
+        p.Rep.ACK,
+    ]
+    assert got[3][2] == struct.pack(">I", p.BASE_ALLOCATION_ID) + b"base:allocation"
+    assert m.meta_contexts == ("base:allocation",)
+
+
+def test_truncated_info_payload_is_invalid_not_fatal() -> None:
+    m = machine()
+    out, event = m.receive_data(FLAGS + option(p.Opt.GO, b"\x00\x00\x00\x09abc"))
+    assert event is None
+    assert replies(out)[0][1] == p.Rep.ERR_INVALID
+
+
+def test_bad_magic_and_bad_flags_close() -> None:
+    _, event = machine().receive_data(FLAGS + b"\x00" * 16)
+    assert isinstance(event, p.HandshakeClosed) and "magic" in event.reason
+    _, event = machine().receive_data(struct.pack(">I", 0x80))
+    assert isinstance(event, p.HandshakeClosed)
+
+
+def test_oversized_option_closes() -> None:
+    _, event = machine().receive_data(
+        FLAGS + p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.GO, 10 * 1024 * 1024)
+    )
+    assert isinstance(event, p.HandshakeClosed)
+
+
+def test_refusal_reports_policy() -> None:
+    m = p.ServerHandshake(exports=[EXPORT], default_export="portalbd", refusal="too many")
+    out, event = m.receive_data(FLAGS + option(p.Opt.GO, info_payload("")))
+    assert event is None
+    assert replies(out)[0][1] == p.Rep.ERR_POLICY and b"too many" in replies(out)[0][2]
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "offset", "length", "expected"),
+    [
+        (p.Cmd.READ, 0, 0, 4096, p.Err.OK),
+        (p.Cmd.READ, 0, (1 << 30) - 1, 2, p.Err.EINVAL),
+        (p.Cmd.WRITE, 0, (1 << 30) - 1, 2, p.Err.ENOSPC),
+        (p.Cmd.WRITE, 0, 0, 33 * 1024 * 1024, p.Err.EINVAL),
+        (p.Cmd.READ, 0, 0, 33 * 1024 * 1024, p.Err.EOVERFLOW),
+        (p.Cmd.READ, p.CMD_FLAG_FUA, 0, 1, p.Err.EINVAL),
+        (p.Cmd.WRITE, p.CMD_FLAG_FUA, 0, 1, p.Err.OK),
+        (p.Cmd.WRITE_ZEROES, p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO, 0, 1, p.Err.OK),
+        (p.Cmd.TRIM, 0, 1 << 30, 1, p.Err.ENOSPC),
+        (p.Cmd.FLUSH, 0, 0, 0, p.Err.OK),
+        (42, 0, 0, 0, p.Err.EINVAL),
+        (p.Cmd.RESIZE, 0, 0, 0, p.Err.EINVAL),
+    ],
+)
+def test_check_request(command: int, flags: int, offset: int, length: int, expected: int) -> None:
+    assert p.check_request(p.Request(flags, command, 1, offset, length), 1 << 30) == expected
+
+
+def test_request_roundtrip_and_bad_magic() -> None:
+    raw = p.encode_request(p.Cmd.WRITE, 0xDEADBEEF, 4096, 512, p.CMD_FLAG_FUA)
+    assert p.decode_request(raw) == p.Request(p.CMD_FLAG_FUA, p.Cmd.WRITE, 0xDEADBEEF, 4096, 512)
+    with pytest.raises(p.ProtocolError, match="magic"):
+        p.decode_request(b"\x00" * 28)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=64))
+def test_fuzz_handshake_never_escapes(data: bytes, chunk: int) -> None:
+    """Any input either makes progress or ends the handshake; nothing else escapes."""
+    m = machine()
+    for i in range(0, len(data), chunk):
+        try:
+            _, event = m.receive_data(data[i : i + chunk])
+        except p.ProtocolError:
+            return
+        if event is not None:
+            return
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                option(p.Opt.STRUCTURED_REPLY),
+                option(p.Opt.LIST),
+                option(p.Opt.INFO, info_payload("portalbd", 0, 1, 2, 3)),
+                option(p.Opt.LIST_META_CONTEXT, meta_payload("", "base:")),
+                option(77, b"xyz"),
+            ]
+        ),
+        max_size=6,
+    )
+)
+def test_fuzz_valid_option_sequences_end_in_transmission(options: list[bytes]) -> None:
+    m = machine()
+    stream = FLAGS + b"".join(options) + option(p.Opt.GO, info_payload(""))
+    _, event = m.receive_data(stream)
+    assert isinstance(event, p.TransmissionReady)
