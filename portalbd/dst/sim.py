@@ -33,6 +33,7 @@ from portalbd.store.slate import resolve_object_store
 log = logging.getLogger("portalbd.dst")
 
 EXPORT = "dst"
+STEP_TIMEOUT = 30.0  # seconds; a step that takes longer is reported as a hang
 
 
 class SimulationFailure(AssertionError):
@@ -92,8 +93,8 @@ class SimConfig:
     connections: int = 3
     max_chunk: int = 5000
     flush_interval_ms: int = 0
-    dirty_blocks: int = 16
-    cache_blocks: int = 8
+    dirty_blocks: int | None = None  # None: chosen by the seed
+    cache_blocks: int | None = None  # None: chosen by the seed (0 disables the cache)
 
 
 @contextlib.contextmanager
@@ -137,6 +138,10 @@ class Simulation:
     def __post_init__(self) -> None:
         cfg = self.cfg
         self.rng = random.Random(cfg.seed)
+        self.dirty_blocks = cfg.dirty_blocks or self.rng.choice([4, 8, 16, 64])
+        self.cache_blocks = (
+            cfg.cache_blocks if cfg.cache_blocks is not None else self.rng.choice([0, 2, 8, 64])
+        )
         self.size = cfg.blocks * cfg.block_size + cfg.tail
         self.oracle = DiskOracle(self.size, cfg.block_size)
         self.snapshots: dict[str, bytes] = {}
@@ -161,8 +166,8 @@ class Simulation:
         cfg.instance.name = f"dst-{self.cfg.seed}"
         cfg.device.size_bytes = self.size
         cfg.device.block_size = self.cfg.block_size
-        cfg.device.dirty_bytes = self.cfg.dirty_blocks * self.cfg.block_size
-        cfg.device.cache_bytes = self.cfg.cache_blocks * self.cfg.block_size
+        cfg.device.dirty_bytes = self.dirty_blocks * self.cfg.block_size
+        cfg.device.cache_bytes = self.cache_blocks * self.cfg.block_size
         cfg.nbd.export_name = EXPORT
         cfg.nbd.address = ""
         cfg.lsm.flush_interval_ms = self.cfg.flush_interval_ms
@@ -597,11 +602,17 @@ class Simulation:
     # --- the main loop ------------------------------------------------------------------
 
     async def run(self) -> Stats:
+        self.note(f"device dirty_blocks={self.dirty_blocks} cache_blocks={self.cache_blocks}")
         await self.open_instance()
         await self.connect_all()
         try:
             while self.step < self.cfg.steps:
-                await self._one_step()
+                try:
+                    await asyncio.wait_for(self._one_step(), STEP_TIMEOUT)
+                except TimeoutError:
+                    raise self.fail(
+                        f"hang: a step did not finish within {STEP_TIMEOUT:g}s"
+                    ) from None
                 for conn in self.conns:
                     if conn is not None and conn.client.failure:
                         raise self.fail(conn.client.failure)
@@ -642,7 +653,7 @@ class Simulation:
         await self.drop_clients()
         if self.instance is not None:
             with contextlib.suppress(Exception):
-                await self.instance.close()
+                await asyncio.wait_for(self.instance.close(), STEP_TIMEOUT)
         for instance in self.abandoned:
             if instance.store is not None:
                 # Fenced long ago; closing only releases their resources.
