@@ -1,0 +1,306 @@
+"""The core NBD benchmark: portalbd against reference servers, same fio jobs, one run.
+
+Targets: portalbd on memory and on file storage, ``nbdkit memory`` (C) and
+nbdkit's Python plugin on a bytearray (benchmarks/nbdkit_ramdisk.py). Jobs,
+each over a 512 MiB region after a sequential prefill: 4 KiB random read and
+write at queue depth 32, 1 MiB sequential write and read at depth 8. Then
+SlateDB alone from Python, writing the same bytes the way the daemon drains
+them (batches of 64 KiB puts), as the ceiling for sequential writes; and the
+daemon's RSS after each GiB of sequential writes with default settings.
+
+    .venv/bin/python benchmarks/core_fio.py [--runtime S] [--only NAME,...] [--rss-gib N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+REGION = 512 * MiB
+
+# name, fio rw, block size, iodepth, reported as
+JOBS = [
+    ("4k randread", "randread", "4k", 32, "iops"),
+    ("4k randwrite", "randwrite", "4k", 32, "iops"),
+    ("1M seq write", "write", "1m", 8, "MiB/s"),
+    ("1M seq read", "read", "1m", 8, "MiB/s"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {port}")
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    uri: str
+
+
+@contextlib.contextmanager
+def serve(name: str, workdir: Path) -> Iterator[Server]:
+    """Start one target on a free port; stop it (SIGTERM, then SIGKILL) afterwards."""
+    port = free_port()
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 (the child writes to it)
+    if name.startswith("portalbd"):
+        argv = [
+            str(BIN / "portalbd"),
+            "--instance",
+            f"bench-{port}",
+            "--nbd-address",
+            f"127.0.0.1:{port}",
+            "--socket",
+            str(workdir / f"{name}.sock"),
+            "--disk-size-gb",
+            "1",
+        ]
+        if name == "portalbd-file":
+            argv += ["--storage-url", f"file://{workdir}/data-{port}"]
+    elif name == "nbdkit-memory":
+        argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "1G"]
+    else:
+        script = REPO / "benchmarks" / "nbdkit_ramdisk.py"
+        argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "python", str(script)]
+        argv.append(f"size={1 << 30}")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        yield Server(name, process, f"nbd://127.0.0.1:{port}")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+def fio(uri: str, rw: str, bs: str, iodepth: int, runtime: float | None) -> dict[str, float]:
+    argv = [
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--iodepth={iodepth}",
+        f"--size={REGION}",
+        "--output-format=json",
+    ]
+    if runtime is not None:
+        argv += [f"--runtime={runtime}", "--time_based", "--ramp_time=1"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=900).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return {"iops": float(side["iops"]), "MiB/s": float(side["bw_bytes"]) / MiB}
+
+
+def run_fio_suite(targets: list[str], runtime: float, workdir: Path) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for name in targets:
+        results[name] = {}
+        with serve(name, workdir) as server:
+            fio(server.uri, "write", "1m", 8, None)  # prefill: reads see real data
+            for label, rw, bs, depth, unit in JOBS:
+                value = fio(server.uri, rw, bs, depth, runtime)[unit]
+                results[name][label] = value
+                print(f"  {name:16} {label:14} {value:10.0f} {unit}", flush=True)
+    return results
+
+
+async def slatedb_sequential(url: str, total: int, batch_bytes: int = 4 * MiB) -> float:
+    """MiB/s of SlateDB alone: 64 KiB puts in 4 MiB batches, one after another, then flush.
+
+    That is how the daemon drains its write-back buffer, so it is the most
+    the daemon's sequential writes can sustain on the same store.
+    """
+    from portalbd.config import LsmConfig
+    from portalbd.store.location import parse_storage_url
+    from portalbd.store.slate import SlateHandle, resolve_object_store
+
+    location = parse_storage_url(url)
+    store = resolve_object_store(location.store_url)
+    handle = await SlateHandle.open(store, location.path("bench"), LsmConfig())
+    value_size = 64 * 1024
+    payload = os.urandom(value_size)
+    per_batch = batch_bytes // value_size
+    start = time.perf_counter()
+    key = 0
+    for _ in range(total // batch_bytes):
+        items: list[tuple[bytes, bytes | None]] = []
+        for _ in range(per_batch):
+            items.append((key.to_bytes(8, "big"), payload))
+            key += 1
+        await handle.write(items)
+    await handle.flush()
+    elapsed = time.perf_counter() - start
+    await handle.close()
+    return total / MiB / elapsed
+
+
+def rss_after_writing(workdir: Path, gib: int = 2) -> list[dict[str, int]]:
+    """The daemon's RSS (KiB) after each GiB of sequential writes.
+
+    Default settings, file storage. A second GiB shows whether memory keeps
+    growing with the data written or stays at the configured bounds.
+    """
+    port = free_port()
+    argv = [
+        str(BIN / "portalbd"),
+        "--instance",
+        f"rss-{port}",
+        "--nbd-address",
+        f"127.0.0.1:{port}",
+        "--socket",
+        str(workdir / "rss.sock"),
+        "--storage-url",
+        f"file://{workdir}/rss-data",
+        "--disk-size-gb",
+        str(gib),
+    ]
+    with open(workdir / "rss.log", "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        samples = [status_kib(process.pid)]
+        for i in range(gib):
+            subprocess.run(
+                [
+                    "fio",
+                    "--name=fill",
+                    "--ioengine=nbd",
+                    f"--uri=nbd://127.0.0.1:{port}",
+                    "--rw=write",
+                    "--bs=1m",
+                    "--iodepth=8",
+                    f"--offset={i}g",
+                    "--size=1g",
+                ],
+                capture_output=True,
+                check=True,
+                timeout=900,
+            )
+            samples.append(status_kib(process.pid))
+        return samples
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    names = list(results)
+    print()
+    print(f"{'job':15}" + "".join(f"{n:>17}" for n in names))
+    for label, _rw, _bs, _depth, unit in JOBS:
+        row = f"{label + (' IOPS' if unit == 'iops' else ' MiB/s'):15}"
+        row += "".join(f"{results[n].get(label, float('nan')):>17,.0f}" for n in names)
+        print(row)
+    base = [n for n in names if n.startswith("portalbd")]
+    peers = [n for n in names if not n.startswith("portalbd")]
+    if base and peers:
+        print()
+        for b in base:
+            for p in peers:
+                ratios = "  ".join(
+                    f"{label}: {results[b][label] / results[p][label]:.2f}x" for label, *_ in JOBS
+                )
+                print(f"{b} / {p}: {ratios}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", type=float, default=8, help="seconds per fio job")
+    parser.add_argument(
+        "--only",
+        default="portalbd-memory,portalbd-file,nbdkit-memory,nbdkit-python",
+        help="comma-separated targets",
+    )
+    parser.add_argument("--skip-slatedb", action="store_true")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-gib", type=int, default=2, help="GiB to write for the RSS figures")
+    args = parser.parse_args()
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed", file=sys.stderr)
+            return 1
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; cpus: {os.cpu_count()}")
+    with tempfile.TemporaryDirectory(prefix="portalbd-bench-", dir="/var/tmp") as tmp:
+        workdir = Path(tmp)
+        results = run_fio_suite(args.only.split(","), args.runtime, workdir)
+        print_table(results)
+        if not args.skip_slatedb:
+            print()
+            seq = {
+                "memory": asyncio.run(slatedb_sequential("memory:///", REGION)),
+                "file": asyncio.run(slatedb_sequential(f"file://{workdir}/slate", REGION)),
+            }
+            for kind, mib_s in seq.items():
+                line = f"SlateDB alone ({kind}), 64 KiB puts in 4 MiB batches: {mib_s:,.0f} MiB/s"
+                daemon = results.get(f"portalbd-{kind}", {}).get("1M seq write")
+                if daemon:
+                    line += f"; portalbd-{kind} seq write = {daemon / mib_s:.0%} of it"
+                print(line)
+        if not args.skip_rss:
+            samples = rss_after_writing(workdir, args.rss_gib)
+            print()
+            print("portalbd RSS, default settings, file storage (VmRSS / VmHWM):")
+            for i, fields in enumerate(samples):
+                print(
+                    f"  after {i} GiB written: {fields['VmRSS'] / 1024:.0f} MiB"
+                    f" / peak {fields['VmHWM'] / 1024:.0f} MiB"
+                )
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
