@@ -274,9 +274,9 @@ def test_control_socket_stalled_and_many_clients(fuzz_daemon: RunningDaemon) -> 
     try:
         for i in range(200):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
             stalled.append(s)
-            s.connect(str(path))
+            s.connect(str(path))  # blocking: waits while the accept backlog is full
+            s.settimeout(10)
             if i % 2:
                 s.sendall(b'{"Status"')  # half a line, then silence
         assert "Status" in fuzz_daemon.control("Status", timeout=20)
