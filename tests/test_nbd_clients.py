@@ -306,3 +306,29 @@ def test_fua_write_is_durable_without_flush(daemon_factory: DaemonFactory, tmp_p
     again = daemon_factory(storage_url=url)
     with client(again.uri) as h2:
         assert h2.pread(len(payload), 7 * BLOCK + 1) == payload
+
+
+def test_read_only_export_refuses_every_change(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """WRITE, WRITE_ZEROES and TRIM all get EPERM; the data stays (TRIM once discarded it)."""
+    url = f"file://{tmp_path}/data"
+    writable = daemon_factory(storage_url=url)
+    payload = os.urandom(2 * BLOCK)
+    with client(writable.uri) as h:
+        h.pwrite(payload, 0)
+    assert writable.stop() == 0
+    d = daemon_factory("--read-only", storage_url=url)
+    with client(d.uri, strict=False) as h:
+        assert h.is_read_only()
+        for change in (
+            lambda: h.pwrite(b"x", 0),
+            lambda: h.trim(BLOCK, 0),
+            lambda: h.zero(BLOCK, BLOCK),
+            lambda: h.zero(BLOCK, BLOCK, nbd.CMD_FLAG_FAST_ZERO),
+        ):
+            with pytest.raises(nbd.Error) as raised:
+                change()
+            assert raised.value.errno == "EPERM"
+        h.flush()
+        assert h.pread(len(payload), 0) == payload

@@ -397,6 +397,9 @@ class NbdConnection(asyncio.Protocol):
         elif command == p.Cmd.FLUSH:
             self._spawn(request, arrival, device.flush())
         elif command == p.Cmd.TRIM:
+            if self.server.read_only:
+                self._reply_error(request, arrival, p.Err.EPERM, "read-only export")
+                return
             fua = bool(request.flags & p.CMD_FLAG_FUA)
             self._spawn(request, arrival, device.trim(request.offset, request.length, fua=fua))
         elif command == p.Cmd.WRITE_ZEROES:
