@@ -321,14 +321,15 @@ def test_read_only_export_refuses_every_change(
     d = daemon_factory("--read-only", storage_url=url)
     with client(d.uri, strict=False) as h:
         assert h.is_read_only()
-        for change in (
-            lambda: h.pwrite(b"x", 0),
-            lambda: h.trim(BLOCK, 0),
-            lambda: h.zero(BLOCK, BLOCK),
-            lambda: h.zero(BLOCK, BLOCK, nbd.CMD_FLAG_FAST_ZERO),
-        ):
+        changes: list[tuple[str, tuple[Any, ...]]] = [
+            ("pwrite", (b"x", 0)),
+            ("trim", (BLOCK, 0)),
+            ("zero", (BLOCK, BLOCK)),
+            ("zero", (BLOCK, BLOCK, nbd.CMD_FLAG_FAST_ZERO)),
+        ]
+        for method, args in changes:
             with pytest.raises(nbd.Error) as raised:
-                change()
-            assert raised.value.errno == "EPERM"
+                getattr(h, method)(*args)
+            assert raised.value.errno == "EPERM", method
         h.flush()
         assert h.pread(len(payload), 0) == payload
