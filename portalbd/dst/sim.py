@@ -144,7 +144,10 @@ class Simulation:
         )
         self.size = cfg.blocks * cfg.block_size + cfg.tail
         self.oracle = DiskOracle(self.size, cfg.block_size)
-        self.snapshots: dict[str, bytes] = {}
+        self.snapshots: dict[str, bytes] = {}  # what exists, with its content
+        # What the generator picks from: it must not depend on how a crash in
+        # the middle of a create or delete turned out, or runs would diverge.
+        self.names: set[str] = set()
         self.snapshot_counter = 0
         self.object_store = resolve_object_store("memory:///")
         self.instance: Instance | None = None
@@ -494,6 +497,7 @@ class Simulation:
         name = f"s{self.snapshot_counter}"
         self.note(f"snapshot create {name}" + (" CRASH" if crash_after is not None else ""))
         content = bytes(self.oracle.current)
+        self.names.add(name)
         if crash_after is None:
             response = await self.control("SnapshotCreate", name=name)
             if "Snapshot" not in response:
@@ -514,14 +518,21 @@ class Simulation:
             self.stats.snapshots += 1
 
     async def snapshot_delete(self, crash_after: int | None) -> None:
-        if not self.snapshots or self.rng.random() < 0.1:
+        missing = self.rng.random() < 0.1
+        if missing or not self.names:
             name = "no-such-snapshot"
             response = await self.control("SnapshotDelete", name=name)
             if response == "Ok":
                 raise self.fail("deleting a missing snapshot succeeded")
             return
-        name = self.rng.choice(sorted(self.snapshots))
+        name = self.rng.choice(sorted(self.names))
+        self.names.discard(name)
         self.note(f"snapshot delete {name}" + (" CRASH" if crash_after is not None else ""))
+        if name not in self.snapshots:  # its create was cut short by a crash
+            response = await self.control("SnapshotDelete", name=name)
+            if response == "Ok":
+                raise self.fail(f"deleting {name}, which does not exist, succeeded")
+            return
         if crash_after is None:
             response = await self.control("SnapshotDelete", name=name)
             if response != "Ok":
@@ -542,14 +553,20 @@ class Simulation:
             self.stats.deletes += 1
 
     async def restore(self, crash_after: int | None) -> None:
-        if not self.snapshots or self.rng.random() < 0.05:
+        missing = self.rng.random() < 0.05
+        if missing or not self.names:
             response = await self.control("SnapshotRestore", name="no-such-snapshot", force=True)
             if response == "Ok":
                 raise self.fail("restoring a missing snapshot succeeded")
             return
-        name = self.rng.choice(sorted(self.snapshots))
-        content = self.snapshots[name]
+        name = self.rng.choice(sorted(self.names))
         self.note(f"restore {name}" + (" CRASH" if crash_after is not None else ""))
+        if name not in self.snapshots:  # its create was cut short by a crash
+            response = await self.control("SnapshotRestore", name=name, force=True)
+            if response == "Ok":
+                raise self.fail(f"restoring {name}, which does not exist, succeeded")
+            return
+        content = self.snapshots[name]
         if crash_after is None:
             # Clients are connected: without force the restore must refuse.
             response = await self.control("SnapshotRestore", name=name)
