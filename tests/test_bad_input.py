@@ -306,3 +306,35 @@ def test_second_daemon_with_another_socket_fences_the_first(
     new_client.flush()
     assert new_client.pread(6, 0) == b"after!"
     new_client.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("command", "offset", "length", "flags", "expected"),
+    [
+        (7, 0, 4096, 0, EINVAL),  # BLOCK_STATUS without base:allocation negotiated
+        (5, SIZE - 10, 20, 0, EINVAL),  # CACHE past the end
+        (6, SIZE - 10, 20, 0, ENOSPC),  # WRITE_ZEROES past the end
+        (4, SIZE, 1, 0, ENOSPC),  # TRIM past the end
+        (CMD_READ, SIZE + 1, 0, 0, EINVAL),  # empty, but starting past the end
+        (CMD_READ, 0, 0, 0, 0),  # empty requests are harmless
+        (4, 0, 0, 0, 0),
+        (6, SIZE, 0, 0, 0),
+    ],
+    ids=[
+        "block-status-unnegotiated",
+        "cache-past-end",
+        "zeroes-past-end",
+        "trim-past-end",
+        "empty-read-past-end",
+        "empty-read",
+        "empty-trim",
+        "empty-zeroes-at-end",
+    ],
+)
+def test_edge_requests_get_their_error(
+    daemon: RunningDaemon, command: int, offset: int, length: int, flags: int, expected: int
+) -> None:
+    with transmission(daemon) as sock:
+        request(sock, command, offset, length, 55, flags)
+        assert reply(sock) == (expected, 55)
+        round_trip_ok(sock)
