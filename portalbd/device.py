@@ -32,13 +32,15 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from portalbd.blockmath import Piece, block_key, pieces
+from portalbd.blockmath import Piece, block_key, key_block, pieces
 from portalbd.store.slate import SlateHandle, StoreError
 
 HOLE = b""  # a block that reads as zeros and is absent from the store
+SCAN_RUN = 4  # consecutive missing blocks worth one range scan instead of gets
+SPARSE_TRIM_BLOCKS = 64  # a discard this large first asks the store what exists
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
 
 # The hole/zero flags of NBD's base:allocation context.
@@ -72,6 +74,18 @@ class _Load:
         self.done: asyncio.Future[None] = loop.create_future()
         self.stale = False  # a drain wrote this block while we were reading it
         self.value: bytes | None = None
+
+
+def _runs(blocks: Sequence[int]) -> Iterator[list[int]]:
+    """Split sorted block numbers into runs of consecutive ones."""
+    run: list[int] = []
+    for block in blocks:
+        if run and block != run[-1] + 1:
+            yield run
+            run = []
+        run.append(block)
+    if run:
+        yield run
 
 
 class Device:
@@ -212,12 +226,64 @@ class Device:
         return None if load.stale else load.value
 
     async def _load_all(self, blocks: Sequence[int]) -> dict[int, bytes]:
-        """Load several blocks at once; returns those that are not stale."""
+        """Load several blocks at once; returns those that are not stale.
+
+        Runs of consecutive blocks are read with one range scan (far cheaper
+        per block than a get each); the rest with concurrent gets.
+        """
         if len(blocks) == 1:
-            values = [await self._load(blocks[0])]
-        else:
-            values = await asyncio.gather(*(self._load(b) for b in blocks))
+            value = await self._load(blocks[0])
+            return {} if value is None else {blocks[0]: value}
+        jobs: list[Awaitable[dict[int, bytes]]] = []
+        singles: list[int] = []
+        for run in _runs(sorted(blocks)):
+            if len(run) >= SCAN_RUN and not any(b in self._loading for b in run):
+                jobs.append(self._load_run(run))
+            else:
+                singles.extend(run)
+        if singles:
+            jobs.append(self._load_singles(singles))
+        results = await asyncio.gather(*jobs)
+        merged: dict[int, bytes] = {}
+        for result in results:
+            merged.update(result)
+        return merged
+
+    async def _load_singles(self, blocks: Sequence[int]) -> dict[int, bytes]:
+        values = await asyncio.gather(*(self._load(b) for b in blocks))
         return {b: v for b, v in zip(blocks, values, strict=True) if v is not None}
+
+    async def _load_run(self, run: Sequence[int]) -> dict[int, bytes]:
+        """Read consecutive blocks with one scan; absent keys are holes."""
+        loop = asyncio.get_running_loop()
+        loads = {b: _Load(loop) for b in run}
+        self._loading.update(loads)
+        self.counters.loads += len(run)
+        self.counters.cache_misses += len(run)
+        try:
+            found = await self.store.scan(block_key(run[0]), block_key(run[-1] + 1))
+            values = dict.fromkeys(run, HOLE)
+            for key, value in found:
+                values[key_block(key)] = value
+            for block, value in values.items():
+                load = loads[block]
+                load.value = value
+                if not load.stale and block not in self._dirty and block not in self._draining:
+                    self._remember(block, value)
+        except StoreError as exc:
+            error = DeviceError(str(exc))
+            for load in loads.values():
+                load.done.set_exception(error)
+                load.done.exception()
+            raise error from exc
+        finally:
+            for block, load in loads.items():
+                del self._loading[block]
+                if not load.done.done():
+                    load.done.set_result(None)
+        return {
+            b: load.value for b, load in loads.items() if not load.stale and load.value is not None
+        }
 
     # --- reads -----------------------------------------------------------
 
@@ -359,6 +425,12 @@ class Device:
             await self._room.wait()
             self._check_failed()
         parts = list(pieces(offset, length, self.block_size))
+        if data is None and not explicit_zero:
+            whole = [p.block for p in parts if p.whole(self.block_size)]
+            if len(whole) >= SPARSE_TRIM_BLOCKS:
+                absent = await self._absent_blocks(whole)
+                if absent:
+                    parts = [p for p in parts if p.block not in absent]
         loaded: dict[int, bytes] = {}
         while True:
             missing = [p.block for p in parts if self._needs_load(p, loaded)]
@@ -369,6 +441,31 @@ class Device:
             loaded = await self._load_all(missing)
         for piece in parts:
             self._apply(piece, data, explicit_zero, loaded)
+
+    async def _absent_blocks(self, blocks: Sequence[int], chunk: int = 64) -> set[int]:
+        """Blocks of a large discard that are holes already (nothing to delete).
+
+        A fresh or sparse disk is mostly holes, and deleting keys that do not
+        exist still costs a tombstone each. Ask the store in chunks; once a
+        chunk turns out dense, stop asking (reading data just to delete it
+        costs more than deleting blindly).
+        """
+        drains = self._drains_done
+        absent: set[int] = set()
+        for i in range(0, len(blocks), chunk):
+            part = blocks[i : i + chunk]
+            found = await self.store.scan(block_key(part[0]), block_key(part[-1] + 1))
+            present = {key_block(key) for key, _ in found}
+            absent.update(b for b in part if b not in present)
+            if len(present) > chunk // 4:
+                break
+        if self._drains_done != drains:
+            return set()  # a drain raced the scan: its view may be old
+        absent = {b for b in absent if b not in self._dirty and b not in self._draining}
+        for block in absent:
+            if block not in self._loading and block not in self._clean:
+                self._remember(block, HOLE)
+        return absent
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self._modify(offset, len(data), data)

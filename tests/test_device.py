@@ -168,3 +168,38 @@ def test_crash_keeps_flushed_writes() -> None:
         await reopened.close()
 
     asyncio.run(body())
+
+
+def test_large_discard_on_sparse_and_dense_disks() -> None:
+    """Big trims ask the store what exists; the result must not depend on it."""
+
+    async def body() -> None:
+        store = resolve_object_store("memory:///")
+        handle = await SlateHandle.open(store, "big", LsmConfig(block_cache_size_bytes=0))
+        size = 300 * BS
+        device = Device(handle, size=size, block_size=BS, cache_bytes=16 * BS, dirty_bytes=32 * BS)
+        device.start()
+        model = bytearray(size)
+        for block in (3, 70, 71, 200, 299):
+            data = bytes([block % 251 + 1]) * BS
+            await device.write(block * BS, memoryview(data))
+            model[block * BS : (block + 1) * BS] = data
+        await device.flush()
+        await device.write(150 * BS, memoryview(b"m" * BS))  # still only in memory
+        model[150 * BS : 151 * BS] = b"m" * BS
+        await device.trim(2 * BS + 10, 100 * BS)  # sparse region, unaligned edges
+        model[2 * BS + 10 : 102 * BS + 10] = bytes(100 * BS)
+        assert bytes(await device.read(0, size)) == bytes(model)
+        for block in range(100, 300):  # now make it dense
+            await device.write(block * BS, memoryview(bytes([7]) * BS))
+        model[100 * BS :] = bytes([7]) * (200 * BS)
+        await device.flush()
+        await device.trim(100 * BS, 150 * BS)
+        model[100 * BS : 250 * BS] = bytes(150 * BS)
+        assert bytes(await device.read(0, size)) == bytes(model)
+        await device.stop()
+        fresh = Device(handle, size=size, block_size=BS, cache_bytes=0, dirty_bytes=4 * BS)
+        assert bytes(await fresh.read(0, size)) == bytes(model)
+        await handle.close()
+
+    asyncio.run(body())

@@ -304,22 +304,29 @@ class SlateHandle:
         except sdb.Error as exc:
             raise self._failed(exc, "flush failed") from exc
 
-    async def scan(self, start: bytes, end: bytes, limit: int = 1 << 30) -> list[tuple[bytes, int]]:
-        """Keys in [start, end) with their value lengths, in order."""
+    async def scan(
+        self, start: bytes, end: bytes, limit: int = 1 << 30
+    ) -> list[tuple[bytes, bytes]]:
+        """Keys in [start, end) with their values, in order.
+
+        One iterator hands back many entries per call into the binding, so
+        reading a run of blocks this way costs far less than a get each.
+        """
         self.counters.scans += 1
         if self._broken is not None:
             await self._recover()
         rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
-        out: list[tuple[bytes, int]] = []
+        out: list[tuple[bytes, bytes]] = []
         try:
             iterator = await self._db.scan(rng)
             while len(out) < limit:
-                batch = await iterator.next_batch(min(256, limit - len(out)))
+                batch = await iterator.next_batch(min(64, limit - len(out)))
                 if not batch:
                     break
-                out.extend((kv.key, len(kv.value)) for kv in batch)
+                out.extend((kv.key, kv.value) for kv in batch)
         except sdb.Error as exc:
             raise self._failed(exc, "scan failed") from exc
+        self.counters.bytes_got += sum(len(v) for _, v in out)
         return out
 
     def status_closed_reason(self) -> str | None:
