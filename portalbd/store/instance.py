@@ -17,6 +17,7 @@ live, never neither, and no snapshot is lost.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,8 @@ from portalbd.store.slate import (
 
 if TYPE_CHECKING:
     from portalbd.store.s3 import S3Settings
+
+log = logging.getLogger("portalbd.store")
 
 CATALOG_KEY = b"catalog"
 CATALOG_FORMAT = 1
@@ -265,24 +268,36 @@ class InstanceStore:
         return old
 
     async def collect_garbage(self) -> list[int]:
-        """Delete generations that nothing refers to any more."""
+        """Delete generations that nothing refers to any more.
+
+        Only generations whose database is really gone leave the catalog; one
+        that could not be deleted stays listed so the next collection retries
+        it instead of leaking its objects for good.
+        """
         doomed = self.catalog.unreferenced_generations()
-        if not doomed:
-            return []
+        removed: list[int] = []
         for generation in doomed:
             admin = SlateAdmin(self.object_store, generation_path(self.location, generation))
             try:
-                for checkpoint in await admin.list_checkpoints():
+                checkpoints = await admin.list_checkpoints()
+            except StoreError:
+                checkpoints = []  # already deleted (a crash mid-collection): no manifest
+            try:
+                for checkpoint in checkpoints:
                     await admin.delete_checkpoint(checkpoint)
                 await admin.delete_database()
-            except StoreError:
-                continue  # retried on the next collection
+            except StoreError as exc:
+                log.warning("cannot delete unreferenced generation %d yet: %s", generation, exc)
+                continue
+            removed.append(generation)
             crash_point("gc:after-delete")
+        if not removed:
+            return []
         catalog = Catalog.decode(self.catalog.encode())
-        for generation in doomed:
+        for generation in removed:
             catalog.parents.pop(generation, None)
         await self._commit(catalog)
-        return doomed
+        return removed
 
     async def close(self) -> None:
         errors: list[StoreError] = []
