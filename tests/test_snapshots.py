@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 import threading
 import time
@@ -404,3 +405,43 @@ def test_crash_during_restore(daemon_factory: DaemonFactory, tmp_path: Path, poi
     assert restore(daemon, "a") == "Ok"
     assert disk_digest(daemon) == new
     assert set(generation_dirs(storage)) == {1, daemon.status()["generation"]}
+
+
+def test_generation_that_cannot_be_deleted_is_retried(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """Regression: a failed deletion used to drop the generation from the catalog anyway.
+
+    Its objects then stayed on storage for good, and the log claimed they
+    were removed. Now it stays listed and the next collection retries it.
+    """
+    storage = tmp_path / "data"
+    no_fault = {"PORTALBD_FAULT": ""}
+    daemon = file_daemon_at(daemon_factory, storage, env=no_fault)
+    with connected(daemon.uri) as handle:
+        handle.pwrite(b"g" * MiB, 0)
+        handle.flush()
+    daemon.control({"SnapshotCreate": {"name": "a"}})
+    daemon.stop()
+    daemon = file_daemon_at(daemon_factory, storage, env={"PORTALBD_FAULT": "restore:after-clone"})
+    with pytest.raises((ConnectionError, OSError, json.JSONDecodeError)):
+        restore(daemon, "a")
+    assert daemon.process.wait(30) == EXIT_CODE
+    orphan = storage / "gen" / "00000002"
+    assert 2 in generation_dirs(storage)
+    # Objects without a manifest: SlateDB refuses to delete such a path.
+    shutil.rmtree(orphan / "manifest")
+    (orphan / "stray").write_bytes(b"left by someone")
+
+    daemon = file_daemon_at(daemon_factory, storage, env=no_fault)
+    log = daemon.log()
+    assert "cannot delete unreferenced generation 2 yet" in log
+    assert "removed unreferenced generations" not in log
+    daemon.stop()
+
+    (orphan / "stray").unlink()  # the obstacle is gone
+    daemon = file_daemon_at(daemon_factory, storage, env=no_fault)
+    assert "removed unreferenced generations [2]" in daemon.log()
+    assert set(generation_dirs(storage)) == {1}
+    with connected(daemon.uri) as handle:
+        assert handle.pread(MiB, 0) == b"g" * MiB
