@@ -334,3 +334,57 @@ def test_read_only_export_refuses_every_change(
             assert raised.value.errno == "EPERM", method
         h.flush()
         assert h.pread(len(payload), 0) == payload
+
+
+def test_option_negotiation_step_by_step(daemon: RunningDaemon) -> None:
+    """libnbd's opt mode: LIST, INFO (good and unknown name), LIST_META_CONTEXT, then GO."""
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(daemon.uri)
+    names: list[str] = []
+
+    def on_export(name: str, description: str) -> int:
+        names.append(name)
+        return 0
+
+    def on_context(name: str) -> int:
+        contexts.append(name)
+        return 0
+
+    h.opt_list(on_export)
+    assert names == ["portalbd"]
+    contexts: list[str] = []
+    h.opt_list_meta_context(on_context)
+    assert contexts == [nbd.CONTEXT_BASE_ALLOCATION]
+    h.set_export_name("nope")
+    with pytest.raises(nbd.Error):
+        h.opt_info()
+    h.set_export_name("portalbd")
+    h.opt_info()
+    assert h.get_size() == 1 << 30
+    assert h.get_block_size(nbd.SIZE_PREFERRED) == BLOCK
+    h.opt_go()
+    assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.pwrite(b"negotiated", 0)
+    assert h.pread(10, 0) == b"negotiated"
+    h.shutdown()
+
+
+def test_concurrent_partial_writes_to_shared_blocks(daemon: RunningDaemon) -> None:
+    """Four connections write interleaved 4 KiB stripes of the same blocks at once."""
+    stripe, blocks, writers = 4096, 8, 4
+    stripes = blocks * BLOCK // stripe
+    data = [os.urandom(stripe) for _ in range(stripes)]
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(client(daemon.uri)) for _ in range(writers)]
+        for i in range(stripes):
+            handles[i % writers].aio_pwrite(data[i], i * stripe)
+        while any(h.aio_in_flight() for h in handles):
+            for h in handles:
+                if h.aio_in_flight():
+                    h.poll(-1)
+        handles[0].flush()
+        got = handles[1].pread(blocks * BLOCK, 0)
+    for i in range(stripes):
+        assert got[i * stripe : (i + 1) * stripe] == data[i], f"stripe {i} lost"
