@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,23 @@ def test_sigkill_after_flush_keeps_flushed_and_never_half_applies(
                 )
                 model[index * block : (index + 1) * block] = got
         d.kill()  # the next round starts from this state; nothing was written since
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_flushes_unflushed_writes(
+    daemon_factory: DaemonFactory, tmp_path: Path, signum: int
+) -> None:
+    """A clean stop makes every acknowledged write durable, with a client still connected."""
+    url = f"file://{tmp_path}/data"
+    d = daemon_factory("--flush-interval-ms", "0", storage_url=url)
+    h = nbd_handle(d.uri)
+    payload = os.urandom(5 * 65536 + 333)
+    h.pwrite(payload, 12345)
+    d.process.send_signal(signum)
+    assert d.process.wait(60) == 0
+    assert "shutdown complete flush=ok" in d.log()
+    del h
+    again = daemon_factory(storage_url=url)
+    h = nbd_handle(again.uri)
+    assert h.pread(len(payload), 12345) == payload
+    h.shutdown()
