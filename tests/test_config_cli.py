@@ -200,6 +200,8 @@ def test_config_error_from_file_names_the_file_even_when_a_flag_is_involved(
         (("--max-connections", "0"), "nbd.max_connections: must be at least 1"),
         (("--disk-size-gb", "0"), "device.disk_size_gb: must be at least 1"),
         (("--instance", "../etc"), "instance.name"),
+        (("--nbd-address", ""), "nbd: set address, socket or both"),
+        (("--storage-url", "s3://"), "S3 URLs look like s3://bucket/prefix"),
     ],
 )
 def test_bad_values_from_flags(args: tuple[str, ...], expected: str) -> None:
@@ -208,10 +210,25 @@ def test_bad_values_from_flags(args: tuple[str, ...], expected: str) -> None:
     assert expected in message
 
 
-def test_unknown_flag_is_a_usage_error() -> None:
-    result = run_portalbd("--bogus")
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--bogus",), "unrecognized arguments: --bogus"),
+        (("--disk-size-gb", "abc"), "argument --disk-size-gb: invalid int value: 'abc'"),
+        (("--log-level", "verbose"), "argument --log-level: invalid choice: 'verbose'"),
+    ],
+)
+def test_bad_flags_are_usage_errors(args: tuple[str, ...], expected: str) -> None:
+    result = run_portalbd(*args)
     assert result.returncode == EXIT_CONFIG
-    assert "unrecognized arguments: --bogus" in result.stderr
+    assert "usage: portalbd" in result.stderr
+    assert expected in result.stderr
+
+
+def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
+    assert f"{tmp_path}: cannot read config file: Is a directory" in config_error(
+        "-c", str(tmp_path)
+    )
 
 
 def startup_error(tmp_path: Path, *args: str) -> str:
