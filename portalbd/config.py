@@ -36,8 +36,8 @@ class DeviceConfig:
     disk_size_gb: int = 1
     size_bytes: int | None = None
     block_size: int = 64 * 1024
-    cache_bytes: int = 256 * MIB
-    dirty_bytes: int = 128 * MIB
+    cache_bytes: int = 128 * MIB
+    dirty_bytes: int = 64 * MIB
     read_only: bool = False
 
     def effective_size(self) -> int:
@@ -75,9 +75,9 @@ class LsmConfig:
     flush_interval_ms: int | None = 100
     l0_sst_size_bytes: int | None = 64 * MIB
     l0_max_ssts: int | None = None
-    max_unflushed_bytes: int | None = 256 * MIB
+    max_unflushed_bytes: int | None = 128 * MIB
     filter_bits_per_key: int | None = None
-    block_cache_size_bytes: int | None = 64 * MIB
+    block_cache_size_bytes: int | None = 32 * MIB
     compression_codec: str | None = "lz4"
     sst_block_size: int | None = None
 

@@ -98,6 +98,12 @@ def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
         )
     if lsm.l0_sst_size_bytes is not None:
         put("l0_sst_size_bytes", str(lsm.l0_sst_size_bytes))
+    # Compaction builds its output SSTs in memory: keep them no larger than
+    # L0's and run one at a time, so RSS stays near the configured budget.
+    sst_cap = lsm.l0_sst_size_bytes or 64 * 1024 * 1024
+    put("compactor_options.worker.max_sst_size", str(max(sst_cap, 8 * 1024 * 1024)))
+    put("compactor_options.max_concurrent_compactions", "1")
+    put("compactor_options.worker.max_concurrent_compactions", "1")
     if lsm.l0_max_ssts is not None:
         put("l0_max_ssts", str(lsm.l0_max_ssts))
     if lsm.max_unflushed_bytes is not None:
