@@ -160,7 +160,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {_describe(value)}")
-        return _build(tp, value, where)
+        return _build(typing.cast(type, tp), value, where)
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:

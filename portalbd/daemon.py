@@ -17,8 +17,10 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-from portalbd import __version__, config as cfgmod
+from portalbd import __version__
+from portalbd import config as cfgmod
 from portalbd import log as logsetup
 from portalbd.config import Config, ConfigError
 from portalbd.control.server import ControlServer, SocketInUse
@@ -181,7 +183,8 @@ async def run(config: Config) -> int:
 
     fatal_waiter = asyncio.ensure_future(instance.fatal)
     stop_waiter = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({fatal_waiter, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiters: set[asyncio.Future[Any]] = {fatal_waiter, stop_waiter}
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if fatal_waiter in done:
         log.error("stopping: %s", fatal_waiter.result())

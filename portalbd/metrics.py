@@ -98,7 +98,7 @@ class InstanceCollector:
 async def serve_metrics(instance: Instance, address: str) -> asyncio.AbstractServer:
     """A tiny HTTP endpoint on the event loop: GET anything -> metrics."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(InstanceCollector(instance))  # type: ignore[arg-type]
+    registry.register(InstanceCollector(instance))
     host, port = parse_address(address, "metrics.address")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hypothesis import given, settings
@@ -16,10 +15,6 @@ from portalbd.store.slate import SlateHandle, resolve_object_store
 
 BS = 4096
 SIZE = 16 * BS
-
-
-def run(coro_factory: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-    return asyncio.run(coro_factory(*args, **kwargs))
 
 
 async def open_device(**kwargs: Any) -> tuple[Device, SlateHandle, Any]:

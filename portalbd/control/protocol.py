@@ -45,6 +45,7 @@ def parse_request(line: bytes | str) -> Request:
         doc = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
+    args: Any
     if isinstance(doc, str):
         kind, args = doc, {}
     elif isinstance(doc, dict) and len(doc) == 1:

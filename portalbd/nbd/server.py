@@ -49,6 +49,12 @@ class RequestObserver(Protocol):
     ) -> None: ...
 
 
+def _prepare_unix_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 class NbdServer:
     """Listeners, connections and the rules shared by all of them."""
 
@@ -98,9 +104,7 @@ class NbdServer:
 
     async def listen_unix(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        await asyncio.to_thread(_prepare_unix_path, path)
         server = await loop.create_unix_server(self._protocol, str(path))
         os.chmod(path, 0o660)
         self._servers.append(server)
@@ -194,7 +198,7 @@ class NbdConnection(asyncio.Protocol):
         self.handshake = p.ServerHandshake(
             exports=[server.export()], default_export=server.export_name, refusal=refusal
         )
-        transport.write(self.handshake.greeting())
+        transport.write(self.handshake.greeting())  # type: ignore[attr-defined]
         self._handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT, self._handshake_expired
         )
@@ -261,9 +265,8 @@ class NbdConnection(asyncio.Protocol):
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-        elif self.transport is None or self.transport.is_closing():
-            if not self.closed.done() and not self._counted:
-                self.closed.set_result(None)
+        elif not self.closed.done() and not self._counted:
+            self.closed.set_result(None)
 
     # --- bytes in -------------------------------------------------------------
 
@@ -459,9 +462,13 @@ class NbdConnection(asyncio.Protocol):
             self._update_reading()
         if self._stopping and not self._tasks:
             self._close_when_idle()
-        if not self._tasks and (self.transport is None or self.transport.is_closing()):
-            if not self.closed.done() and not self._counted:
-                self.closed.set_result(None)
+        if (
+            not self._tasks
+            and (self.transport is None or self.transport.is_closing())
+            and not self.closed.done()
+            and not self._counted
+        ):
+            self.closed.set_result(None)
 
     async def _run(
         self, request: p.Request, arrival: int, work: Awaitable[None], reply: bool, notify: bool

@@ -16,6 +16,7 @@ live, never neither, and no snapshot is lost.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -159,7 +160,8 @@ class InstanceStore:
         s3: S3Settings | None = None,
     ) -> InstanceStore:
         if location.kind == "file":
-            Path("/" + location.prefix).mkdir(parents=True, exist_ok=True)
+            directory = Path("/" + location.prefix)
+            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         object_store = resolve_object_store(location.store_url, s3)
         metrics = ObjectStoreCounters()
         catalog_db = await SlateHandle.open(

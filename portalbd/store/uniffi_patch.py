@@ -56,13 +56,13 @@ def apply() -> None:
         if not isinstance(value, bytes):
             value = bytes(value)
         with self._reserve(size):
-            base = ctypes.cast(self.rbuf.data, ctypes.c_void_p).value
+            base = ctypes.cast(self.rbuf.data, ctypes.c_void_p).value or 0
             ctypes.memmove(base + self.rbuf.len, value, size)
 
     def pack_into(self: Any, size: int, fmt: str, value: Any) -> None:
         packed = struct.pack(fmt, value)
         with self._reserve(size):
-            base = ctypes.cast(self.rbuf.data, ctypes.c_void_p).value
+            base = ctypes.cast(self.rbuf.data, ctypes.c_void_p).value or 0
             ctypes.memmove(base + self.rbuf.len, packed, size)
 
     rust_buffer = module._UniffiRustBuffer
@@ -78,7 +78,7 @@ def apply() -> None:
         if not isinstance(value, bytes):
             value = bytes(value)
         rbuf = rust_buffer.alloc(size + 4)
-        base = ctypes.cast(rbuf.data, ctypes.c_void_p).value
+        base = ctypes.cast(rbuf.data, ctypes.c_void_p).value or 0
         ctypes.memmove(base, length_prefix.pack(size), 4)
         if size:
             ctypes.memmove(base + 4, value, size)
