@@ -349,7 +349,7 @@ class Instance:
         async with self._admin_lock:
             if self.store.catalog.find(name) is None:
                 raise cp.BadRequest(f"snapshot {name!r} not found")
-            clients = len(self.server.connections)
+            clients = self.server.attached_clients()
             if clients and not force:
                 raise cp.BadRequest(
                     f"{clients} NBD client{'s are' if clients != 1 else ' is'} connected; "

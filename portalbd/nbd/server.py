@@ -81,6 +81,10 @@ class NbdServer:
         self._ids = itertools.count(1)
         self.on_fatal: Callable[[BaseException], None] | None = None
 
+    def attached_clients(self) -> int:
+        """Connections past the handshake: the clients that can do I/O."""
+        return sum(1 for conn in self.connections if conn.handshake is None)
+
     def export(self) -> p.ExportInfo:
         return p.ExportInfo(
             name=self.export_name,

@@ -103,6 +103,12 @@ def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
     sst_cap = lsm.l0_sst_size_bytes or 64 * 1024 * 1024
     put("compactor_options.worker.max_sst_size", str(max(sst_cap, 8 * 1024 * 1024)))
     put("compactor_options.max_concurrent_compactions", "1")
+    # L0 fills up with one small SST per snapshot; a compactor that looks
+    # for work every 5 s (the default) then stalls the next memtable flush
+    # for seconds. Half a second keeps snapshot latency low at the price of
+    # a few more manifest reads.
+    put("compactor_options.poll_interval", '"500ms"')
+    put("compactor_options.worker.compactions_poll_interval", '"500ms"')
     put("compactor_options.worker.max_concurrent_compactions", "1")
     if lsm.l0_max_ssts is not None:
         put("l0_max_ssts", str(lsm.l0_max_ssts))

@@ -1,0 +1,35 @@
+"""The SlateDB binding patch: applied, fast path used, values intact."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import slatedb.uniffi as sdb
+
+from portalbd.config import LsmConfig
+from portalbd.store import uniffi_patch
+from portalbd.store.slate import SlateHandle, resolve_object_store
+
+
+def test_patch_is_applied_to_the_installed_binding() -> None:
+    uniffi_patch.apply()
+    assert uniffi_patch.is_applied(), "the byte-copy patch no longer applies to slatedb"
+    converter = sdb._generated._UniffiFfiConverterBytes
+    assert converter.lower.__name__ == "lower_bytes"
+
+
+def test_values_round_trip_through_the_patched_path() -> None:
+    async def body() -> None:
+        handle = await SlateHandle.open(
+            resolve_object_store("memory:///"), "patch", LsmConfig(block_cache_size_bytes=0)
+        )
+        values = {i.to_bytes(8, "big"): os.urandom(n) for i, n in enumerate((0, 1, 7, 4096, 65536))}
+        await handle.write(list(values.items()))
+        await handle.write([(b"ba", bytearray(b"from a bytearray")), (b"mv", b"x")])
+        for key, value in values.items():
+            assert await handle.get(key) == value
+        assert await handle.get(b"ba") == b"from a bytearray"
+        await handle.close()
+
+    asyncio.run(body())
