@@ -255,6 +255,10 @@ class Device:
 
     async def _load_run(self, run: Sequence[int]) -> dict[int, bytes]:
         """Read consecutive blocks with one scan; absent keys are holes."""
+        if any(b in self._loading for b in run):
+            # Another caller started loading some of them after ours was
+            # planned: share its loads instead of replacing them.
+            return await self._load_singles(run)
         loop = asyncio.get_running_loop()
         loads = {b: _Load(loop) for b in run}
         self._loading.update(loads)

@@ -149,3 +149,24 @@ def test_partial_write_with_caching_disabled_completes() -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_concurrent_reads_of_the_same_missing_run() -> None:
+    """Bug (found by the simulation, seeds 3 and 8): two reads that both
+    missed the same run of consecutive blocks each started a range-scan
+    load; the second replaced the first's entries in the loading table and
+    then failed with KeyError when it removed them (the client got EIO)."""
+
+    async def scenario() -> None:
+        device, store = await _device_with_cache(64)
+        device.forget_clean_cache()
+        first, second = await asyncio.wait_for(
+            asyncio.gather(device.read(0, 8 * 4096), device.read(0, 8 * 4096)), 10
+        )
+        expected = bytes(range(256)) * 16 * 8
+        assert bytes(first) == expected
+        assert bytes(second) == expected
+        await device.stop()
+        await store.close()
+
+    asyncio.run(scenario())
