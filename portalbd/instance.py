@@ -276,6 +276,7 @@ class Instance:
             "generation": self.store.catalog.live_generation,
             "recording": self.recorder is not None,
             "s3": self.s3.describe() if self.s3 is not None else None,
+            "clients": self.server.client_list() if self.server is not None else [],
             "stats": stats,
         }
 

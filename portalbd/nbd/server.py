@@ -81,6 +81,19 @@ class NbdServer:
         self._ids = itertools.count(1)
         self.on_fatal: Callable[[BaseException], None] | None = None
 
+    def client_list(self) -> list[dict[str, object]]:
+        """Who is connected, for status and the TUI."""
+        return [
+            {
+                "id": conn.id,
+                "peer": conn.peer,
+                "connected_at": round(conn.connected_at, 3),
+                "attached": conn.handshake is None,
+                "inflight": len(conn._tasks),
+            }
+            for conn in sorted(self.connections, key=lambda c: c.id)
+        ]
+
     def attached_clients(self) -> int:
         """Connections past the handshake: the clients that can do I/O."""
         return sum(1 for conn in self.connections if conn.handshake is None)
@@ -158,6 +171,7 @@ class NbdConnection(asyncio.Protocol):
     def __init__(self, server: NbdServer, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
+        self.connected_at = time.time()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.handshake: p.ServerHandshake | None = None
