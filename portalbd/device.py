@@ -440,9 +440,14 @@ class Device:
             missing = [p.block for p in parts if self._needs_load(p, loaded)]
             if not missing:
                 break
-            # Values loaded in an earlier round may have been overtaken by a
-            # drain since; only the latest round's are trusted.
-            loaded = await self._load_all(missing)
+            drains = self._drains_done
+            fresh = await self._load_all(missing)
+            if self._drains_done == drains:
+                loaded.update(fresh)
+            else:
+                # A drain finished meanwhile: a value loaded before it may be
+                # older than what that drain wrote. Load everything again.
+                loaded = {}
         for piece in parts:
             self._apply(piece, data, explicit_zero, loaded)
 
