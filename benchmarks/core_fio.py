@@ -8,7 +8,8 @@ SlateDB alone from Python, writing the same bytes the way the daemon drains
 them (batches of 64 KiB puts), as the ceiling for sequential writes; and the
 daemon's RSS after each GiB of sequential writes with default settings.
 
-    .venv/bin/python benchmarks/core_fio.py [--runtime S] [--only NAME,...] [--rss-gib N]
+    .venv/bin/python benchmarks/core_fio.py [--runtime S] [--only NAME,...] [--region-mib N]
+        [--rss-gib N] [--skip-slatedb] [--skip-rss]
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def serve(name: str, workdir: Path) -> Iterator[Server]:
         log.close()
 
 
-def fio(uri: str, rw: str, bs: str, iodepth: int, runtime: float | None) -> dict[str, float]:
+def fio(
+    uri: str, rw: str, bs: str, iodepth: int, runtime: float | None, region: int = REGION
+) -> dict[str, float]:
     argv = [
         "fio",
         "--name=bench",
@@ -118,7 +121,7 @@ def fio(uri: str, rw: str, bs: str, iodepth: int, runtime: float | None) -> dict
         f"--rw={rw}",
         f"--bs={bs}",
         f"--iodepth={iodepth}",
-        f"--size={REGION}",
+        f"--size={region}",
         "--output-format=json",
     ]
     if runtime is not None:
@@ -129,14 +132,16 @@ def fio(uri: str, rw: str, bs: str, iodepth: int, runtime: float | None) -> dict
     return {"iops": float(side["iops"]), "MiB/s": float(side["bw_bytes"]) / MiB}
 
 
-def run_fio_suite(targets: list[str], runtime: float, workdir: Path) -> dict[str, dict[str, float]]:
+def run_fio_suite(
+    targets: list[str], runtime: float, workdir: Path, region: int = REGION
+) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for name in targets:
         results[name] = {}
         with serve(name, workdir) as server:
-            fio(server.uri, "write", "1m", 8, None)  # prefill: reads see real data
+            fio(server.uri, "write", "1m", 8, None, region)  # prefill: reads see real data
             for label, rw, bs, depth, unit in JOBS:
-                value = fio(server.uri, rw, bs, depth, runtime)[unit]
+                value = fio(server.uri, rw, bs, depth, runtime, region)[unit]
                 results[name][label] = value
                 print(f"  {name:16} {label:14} {value:10.0f} {unit}", flush=True)
     return results
@@ -262,6 +267,12 @@ def main() -> int:
         default="portalbd-memory,portalbd-file,nbdkit-memory,nbdkit-python",
         help="comma-separated targets",
     )
+    parser.add_argument(
+        "--region-mib",
+        type=int,
+        default=REGION // MiB,
+        help="fio region (default 512; a region that fits the cache isolates the NBD path)",
+    )
     parser.add_argument("--skip-slatedb", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--rss-gib", type=int, default=2, help="GiB to write for the RSS figures")
@@ -274,13 +285,15 @@ def main() -> int:
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; cpus: {os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="portalbd-bench-", dir="/var/tmp") as tmp:
         workdir = Path(tmp)
-        results = run_fio_suite(args.only.split(","), args.runtime, workdir)
+        region = args.region_mib * MiB
+        print(f"fio region: {args.region_mib} MiB, {args.runtime:g} s per job")
+        results = run_fio_suite(args.only.split(","), args.runtime, workdir, region)
         print_table(results)
         if not args.skip_slatedb:
             print()
             seq = {
-                "memory": asyncio.run(slatedb_sequential("memory:///", REGION)),
-                "file": asyncio.run(slatedb_sequential(f"file://{workdir}/slate", REGION)),
+                "memory": asyncio.run(slatedb_sequential("memory:///", region)),
+                "file": asyncio.run(slatedb_sequential(f"file://{workdir}/slate", region)),
             }
             for kind, mib_s in seq.items():
                 line = f"SlateDB alone ({kind}), 64 KiB puts in 4 MiB batches: {mib_s:,.0f} MiB/s"
