@@ -42,7 +42,15 @@ def control_request(path: Path, request: Any, timeout: float = 60) -> Any:
     """Send one control request; return the decoded response."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(path))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except BlockingIOError:  # accept backlog full: the daemon is busy
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         sock.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):

@@ -66,7 +66,7 @@ class ControlServer:
         old_umask = os.umask(0o117)  # the socket is born 0660, never world-writable
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, str(self.path), limit=protocol.MAX_LINE + 1
+                self._serve, str(self.path), limit=protocol.MAX_LINE + 1, backlog=1024
             )
         finally:
             os.umask(old_umask)
