@@ -129,6 +129,7 @@ class Device:
         self._writeback_task: asyncio.Task[None] | None = None
         self._first_dirty_at = 0.0
         self._failed: BaseException | None = None
+        self._drain_error: str | None = None  # the last background drain failed
 
     # --- lifecycle ------------------------------------------------------
 
@@ -424,6 +425,8 @@ class Device:
     ) -> None:
         self._check_failed()
         while not self._has_room():
+            if self._drain_error is not None:
+                raise DeviceError(f"write buffer full and storage failing: {self._drain_error}")
             self._room.clear()
             self._wake_writeback.set()
             await self._room.wait()
@@ -613,6 +616,7 @@ class Device:
                 round_future.exception()
                 raise
             elapsed = time.monotonic_ns() - started
+            self._drain_error = None
             self.counters.flushes += 1
             self.counters.flush_ns_total += elapsed
             if self._on_flush is not None:
@@ -634,8 +638,11 @@ class Device:
             try:
                 await self._drain()
             except StoreError as exc:
-                # Keep serving reads; writes wait for room and FLUSH reports
-                # EIO. Retry after a pause: the store may come back.
+                # Keep serving reads; FLUSH reports EIO, and writers that find
+                # the buffer full get EIO instead of waiting forever. Retry
+                # after a pause: the store may come back.
+                self._drain_error = str(exc)
                 self._room.set()
                 await asyncio.sleep(min(1.0, self.writeback_delay * 4))
-                del exc
+            else:
+                self._drain_error = None

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from portalbd.blockmath import blocks_for, pieces
 from portalbd.config import LsmConfig
-from portalbd.device import Device
+from portalbd.device import Device, DeviceError
 from portalbd.store.slate import SlateHandle, resolve_object_store
 
 BS = 4096
@@ -196,5 +196,27 @@ def test_large_discard_on_sparse_and_dense_disks() -> None:
         fresh = Device(handle, size=size, block_size=BS, cache_bytes=0, dirty_bytes=4 * BS)
         assert bytes(await fresh.read(0, size)) == bytes(model)
         await handle.close()
+
+    asyncio.run(body())
+
+
+def test_full_buffer_with_failing_storage_gives_an_error_not_a_hang() -> None:
+    async def body() -> None:
+        device, handle, _ = await open_device(dirty_bytes=4 * BS, writeback_delay=0.05)
+        await handle.close()  # the storage goes away under the device
+        error = None
+        for block in range(16):
+            try:
+                await asyncio.wait_for(device.write(block * BS, memoryview(b"w" * BS)), 10)
+            except DeviceError as exc:
+                error = exc
+                break
+        assert error is not None and "storage failing" in str(error)
+        try:
+            await asyncio.wait_for(device.flush(), 10)
+        except DeviceError as exc:
+            assert "closed" in str(exc) or "fail" in str(exc)
+        else:
+            raise AssertionError("flush succeeded on closed storage")
 
     asyncio.run(body())

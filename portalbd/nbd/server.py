@@ -114,7 +114,9 @@ class NbdServer:
 
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        server = await loop.create_server(
+            self._protocol, host, port, reuse_address=True, backlog=1024
+        )
         self._servers.append(server)
         sockname = server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
@@ -122,7 +124,7 @@ class NbdServer:
     async def listen_unix(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(_prepare_unix_path, path)
-        server = await loop.create_unix_server(self._protocol, str(path))
+        server = await loop.create_unix_server(self._protocol, str(path), backlog=1024)
         os.chmod(path, 0o660)
         self._servers.append(server)
 
