@@ -26,6 +26,7 @@ from portalbd.store.instance import InstanceStore
 from portalbd.store.location import StorageLocation, parse_storage_url
 from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
 from portalbd.store.slate import SlateHandle, StoreError
+from portalbd.store.usage import UsageSampler
 
 log = logging.getLogger("portalbd")
 
@@ -83,6 +84,7 @@ class Instance:
         self.server: NbdServer | None = None
         self.nbd_address = ""
         self.recorder: Any = None
+        self.usage: UsageSampler | None = None
         self._admin_lock = asyncio.Lock()
         self.s3: S3Settings | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -136,6 +138,8 @@ class Instance:
             on_flush=self.stats.flush_latency.record,
         )
         self.device.start()
+        self.usage = UsageSampler(self.location, self.s3)
+        self.usage.start()
         self.store.data.on_reopen = self.device.forget_clean_cache
         self._watchdog = asyncio.get_running_loop().create_task(
             self._watch_fencing(), name="portalbd-fencing-watchdog"
@@ -197,6 +201,8 @@ class Instance:
     async def close(self) -> str:
         """Stop serving, flush everything, close storage; return a summary."""
         result = "ok"
+        if self.usage is not None:
+            await self.usage.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -251,6 +257,8 @@ class Instance:
         stats = self.stats.as_dict()
         stats["dirty_bytes"] = device.dirty_bytes + device.draining_bytes
         stats["cached_bytes"] = device.cached_bytes
+        if self.usage is not None and self.usage.used_bytes is not None:
+            stats["used_bytes"] = self.usage.used_bytes  # object storage taken
         stats["store"] = self.store.counters.as_dict()
         stats["object_store"] = self.store.object_metrics.as_dict()
         stats["device"] = {
