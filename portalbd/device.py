@@ -40,6 +40,7 @@ from portalbd.store.slate import SlateHandle, StoreError
 
 HOLE = b""  # a block that reads as zeros and is absent from the store
 SCAN_RUN = 4  # consecutive missing blocks worth one range scan instead of gets
+DRAIN_PARALLELISM = 3  # write batches in flight during a drain
 SPARSE_TRIM_BLOCKS = 64  # a discard this large first asks the store what exists
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
 
@@ -561,9 +562,23 @@ class Device:
                 frozen.append((block, value))
             try:
                 step = self.batch_items
-                for i in range(0, len(frozen), step):
-                    chunk = frozen[i : i + step]
-                    await self.store.write([(block_key(b), v if v else None) for b, v in chunk])
+                batches = [
+                    [(block_key(b), v if v else None) for b, v in frozen[i : i + step]]
+                    for i in range(0, len(frozen), step)
+                ]
+                # Each block appears once per drain, so batches commute: keep a
+                # few in flight to overlap SlateDB's work with ours.
+                for i in range(0, len(batches), DRAIN_PARALLELISM):
+                    group = batches[i : i + DRAIN_PARALLELISM]
+                    if len(group) == 1:
+                        await self.store.write(group[0])
+                    else:
+                        results = await asyncio.gather(
+                            *(self.store.write(batch) for batch in group), return_exceptions=True
+                        )
+                        for result in results:
+                            if isinstance(result, BaseException):
+                                raise result
             except StoreError:
                 # Nothing is lost: put back what no newer write replaced.
                 for block, value in frozen:
