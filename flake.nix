@@ -65,6 +65,27 @@
       packages = forAllSystems (pkgs: {
         inherit (pkgs) portalbd;
         default = pkgs.portalbd;
+        # The CSI driver's container image (deploy/ refers to portalbd-csi:latest):
+        # the driver plus what NodeStageVolume runs to attach and format volumes.
+        csi-image = pkgs.dockerTools.buildLayeredImage {
+          name = "portalbd-csi";
+          tag = "latest";
+          contents = with pkgs; [
+            portalbd
+            util-linux
+            libnbd
+            fuse3
+            e2fsprogs
+            xfsprogs
+            nbd
+            coreutils
+            bashInteractive
+          ];
+          config = {
+            Entrypoint = [ "${pkgs.portalbd}/bin/portalbd-csi" ];
+            Env = [ "PATH=/bin" ];
+          };
+        };
       });
 
       checks = forAllSystems (
