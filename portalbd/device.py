@@ -129,7 +129,6 @@ class Device:
         self._flush_runner: asyncio.Task[None] | None = None
         self._writeback_task: asyncio.Task[None] | None = None
         self._first_dirty_at = 0.0
-        self._failed: BaseException | None = None
         self._drain_error: str | None = None  # the last background drain failed
 
     # --- lifecycle ------------------------------------------------------
@@ -327,7 +326,6 @@ class Device:
         return view
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
-        self._check_failed()
         result = self.read_nowait(offset, length)
         if result is not None:
             return result
@@ -411,7 +409,7 @@ class Device:
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         """Apply a write in memory if that needs no store read and no waiting."""
-        if self._failed is not None or not self._has_room():
+        if not self._has_room():
             return False
         parts = list(pieces(offset, len(data), self.block_size))
         for piece in parts:
@@ -424,14 +422,12 @@ class Device:
     async def _modify(
         self, offset: int, length: int, data: memoryview | None, explicit_zero: bool = False
     ) -> None:
-        self._check_failed()
         while not self._has_room():
             if self._drain_error is not None:
                 raise DeviceError(f"write buffer full and storage failing: {self._drain_error}")
             self._room.clear()
             self._wake_writeback.set()
             await self._room.wait()
-            self._check_failed()
         parts = list(pieces(offset, length, self.block_size))
         if data is None and not explicit_zero:
             whole = [p.block for p in parts if p.whole(self.block_size)]
@@ -515,7 +511,6 @@ class Device:
         self, offset: int, length: int, max_loads: int = 64
     ) -> list[tuple[int, int]]:
         """(length, flags) extents from ``offset``; may cover only a prefix."""
-        self._check_failed()
         all_pieces = list(pieces(offset, length, self.block_size))
         unknown = [p.block for p in all_pieces if self._lookup(p.block) is None][:max_loads]
         if unknown:
@@ -538,10 +533,6 @@ class Device:
         return extents
 
     # --- write-back and flush ----------------------------------------------
-
-    def _check_failed(self) -> None:
-        if self._failed is not None:
-            raise DeviceError(f"storage failed: {self._failed}")
 
     async def _drain(self) -> None:
         """Move every dirty block into the store, in batches."""
@@ -606,7 +597,6 @@ class Device:
         Callers that arrive while a round is running wait for the next one,
         which starts after them; one round serves all who wait on it.
         """
-        self._check_failed()
         if self._next_round is None:
             self._next_round = asyncio.get_running_loop().create_future()
         waiter = self._next_round
