@@ -158,6 +158,15 @@ class Instance:
     async def listen(self) -> None:
         assert self.server is not None
         cfg = self.config
+        # The Unix listener first: once the TCP port answers, both are ready.
+        if cfg.nbd.socket:
+            try:
+                await self.server.listen_unix(Path(cfg.nbd.socket))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for NBD on socket {cfg.nbd.socket}: {exc.strerror}"
+                ) from exc
+            log.info("NBD listening socket=%s", cfg.nbd.socket)
         if cfg.nbd.address:
             from portalbd.config import parse_address
 
@@ -170,14 +179,6 @@ class Instance:
                 ) from exc
             self.nbd_address = f"{bound_host}:{bound_port}"
             log.info("NBD listening address=%s export=%s", self.nbd_address, cfg.nbd.export_name)
-        if cfg.nbd.socket:
-            try:
-                await self.server.listen_unix(Path(cfg.nbd.socket))
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen for NBD on socket {cfg.nbd.socket}: {exc.strerror}"
-                ) from exc
-            log.info("NBD listening socket=%s", cfg.nbd.socket)
 
     async def _watch_fencing(self, interval: float = 1.0) -> None:
         """Stop serving as soon as a newer daemon takes this storage over.
