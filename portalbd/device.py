@@ -534,11 +534,14 @@ class Device:
 
     # --- write-back and flush ----------------------------------------------
 
-    async def _drain(self) -> None:
-        """Move every dirty block into the store, in batches."""
+    async def _drain(self) -> bool:
+        """Move every dirty block into the store, in batches, durably.
+
+        Returns whether it wrote (and so flushed) anything.
+        """
         async with self._drain_lock:
             if not self._dirty:
-                return
+                return False
             draining = self._dirty
             self._dirty = {}
             self._draining = draining
@@ -570,6 +573,11 @@ class Device:
                         for result in results:
                             if isinstance(result, BaseException):
                                 raise result
+                # The blocks leave ``draining`` only once durable: a database
+                # reopened after an outage has lost whatever was in its
+                # memtable, so until this flush succeeds the only safe copy
+                # of an acknowledged write is ours.
+                await self.store.flush()
             except StoreError:
                 # Nothing is lost: put back what no newer write replaced.
                 for block, value in frozen:
@@ -590,6 +598,7 @@ class Device:
                     load.stale = True
                 if block not in self._dirty:
                     self._remember(block, value)
+            return True
 
     async def flush(self) -> None:
         """Make every write acknowledged before this call durable.
@@ -610,8 +619,8 @@ class Device:
             self._next_round = None
             started = time.monotonic_ns()
             try:
-                await self._drain()
-                await self.store.flush()
+                if not await self._drain():
+                    await self.store.flush()
             except StoreError as exc:
                 round_future.set_exception(DeviceError(str(exc)))
                 round_future.exception()

@@ -325,6 +325,43 @@ def test_outage_mid_run_gives_eio_then_recovers(
         proxy.close()
 
 
+def test_write_acknowledged_before_outage_survives_reopen(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """An outage long enough that SlateDB gives up and the store reopens the
+    database must not lose a write the client saw acknowledged (no FLUSH is
+    sent during the outage): it reads back, and a later FLUSH that returns
+    OK made it durable, so it is there after a restart too."""
+    proxy = OutageProxy(moto.port)
+    url = f"s3://{bucket}/acked"
+    config = write_config(tmp_path / "c.toml", request_timeout_ms=1000, max_retries=1)
+    try:
+        daemon = daemon_factory("-c", str(config), storage_url=url, env=moto.env(proxy.endpoint))
+        assert flush_error(daemon, pattern(1), 0) is None
+        proxy.down()
+        with connected(daemon.uri) as nbd:
+            nbd.pwrite(pattern(2), BS)  # acknowledged, never flushed by the client
+        # Longer than the retry budget: SlateDB closes the database, and the
+        # next store call reopens it from the bucket.
+        time.sleep(12)
+        proxy.up()
+        deadline = time.monotonic() + 60
+        while (error := flush_error(daemon, pattern(3), 2 * BS)) is not None:
+            assert time.monotonic() < deadline, f"no recovery: {error}\n{daemon.log()}"
+            time.sleep(1)
+        with connected(daemon.uri) as nbd:
+            assert nbd.pread(BS, BS) == pattern(2), "acknowledged write lost after reopen"
+        assert "reopened database" in daemon.log()
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()
+    again = daemon_factory(storage_url=url, env=moto.env(), instance="again")
+    with connected(again.uri) as nbd:
+        assert nbd.pread(BS, 0) == pattern(1)
+        assert nbd.pread(BS, BS) == pattern(2), "acknowledged write not durable after OK flush"
+        assert nbd.pread(BS, 2 * BS) == pattern(3)
+
+
 def test_newer_daemon_fences_older(
     daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
