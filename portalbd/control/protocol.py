@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_LINE = 64 * 1024
-SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Checked with fullmatch: with match() and "$", a trailing newline slips through.
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 class BadRequest(ValueError):
@@ -45,6 +46,10 @@ def parse_request(line: bytes | str) -> Request:
         doc = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        # A line of 5,000 '[' fits in MAX_LINE; json gives up with
+        # RecursionError, which is no ValueError and would escape the caller.
+        raise BadRequest("invalid JSON: nested too deeply") from None
     args: Any
     if isinstance(doc, str):
         kind, args = doc, {}
@@ -78,7 +83,7 @@ def encode_request(kind: str, **args: Any) -> bytes:
 
 
 def check_snapshot_name(name: str) -> None:
-    if not SNAPSHOT_NAME.match(name):
+    if not SNAPSHOT_NAME.fullmatch(name):
         raise BadRequest(
             f"invalid snapshot name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "not starting with '.' or '-'"

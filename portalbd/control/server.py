@@ -122,6 +122,12 @@ class ControlServer:
             request = protocol.parse_request(line)
         except protocol.BadRequest as exc:
             return protocol.error(str(exc))
+        except Exception as exc:
+            # Whatever a line makes the parser raise, the client gets an answer
+            # and the connection lives: an escaping exception would end this
+            # connection's task with an error nobody retrieves.
+            log.exception("control request line could not be parsed")
+            return protocol.error(f"invalid request: {exc}")
         try:
             return await self.handler(request)
         except protocol.BadRequest as exc:
