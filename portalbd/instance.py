@@ -229,15 +229,46 @@ class Instance:
     # --- traces ---------------------------------------------------------------
 
     def start_trace(self, path: Path, workload: str) -> None:
+        """Record to the operator's own path (``--trace``, ``[record] path``).
+
+        That path is the operator's choice, so it may be anywhere and an
+        existing file is replaced; only a symlink there is refused.
+        """
         from portalbd.trace.recorder import TraceRecorder
 
-        assert self.server is not None and self.device is not None
+        assert self.device is not None
+        self._begin_trace(TraceRecorder.open(path, workload, self.device.size), workload)
+
+    def start_control_trace(self, requested: str, workload: str) -> None:
+        """TraceStart: a control client may only create new files in the trace directory.
+
+        Anyone in the socket's group can send this, so it must not let them
+        make the daemon's user truncate or write files elsewhere.
+        """
+        from portalbd.trace.recorder import TracePathError, TraceRecorder, trace_dir_for
+
+        assert self.device is not None
+        trace_dir = trace_dir_for(self.control_socket)
+        try:
+            recorder = TraceRecorder.create_in(trace_dir, requested, workload, self.device.size)
+        except TracePathError as exc:
+            log.warning("refused TraceStart path=%r: %s", requested, exc)
+            raise cp.BadRequest(f"TraceStart: {exc}") from None
+        except OSError as exc:
+            raise cp.BadRequest(
+                f"TraceStart: cannot create trace {requested!r} in {str(trace_dir)!r}: "
+                f"{exc.strerror}"
+            ) from None
+        self._begin_trace(recorder, workload)
+
+    def _begin_trace(self, recorder: Any, workload: str) -> None:
+        """Swap in an opened recorder; the old one stops only now, so a refusal keeps it."""
+        assert self.server is not None
         self.stop_trace()
-        recorder = TraceRecorder.open(path, workload, self.device.size)
         self.recorder = recorder
         observer: RequestObserver = recorder
         self.server.observers.append(observer)
-        log.info("recording trace path=%s workload=%s", path, workload)
+        log.info("recording trace path=%s workload=%s", recorder.path, workload)
 
     def stop_trace(self) -> bool:
         recorder = self.recorder
@@ -315,7 +346,7 @@ class Instance:
             await self.restore(args["name"], force=bool(args.get("force", False)))
             return "Ok"
         if kind == "TraceStart":
-            self.start_trace(Path(args["path"]), args.get("workload", "unnamed"))
+            self.start_control_trace(args["path"], args.get("workload", "unnamed"))
             return "Ok"
         if kind == "TraceStop":
             if not self.stop_trace():

@@ -142,13 +142,15 @@ def test_trace_start_and_stop_over_the_control_socket(
 ) -> None:
     d = portalbd("control")
     assert d.control("TraceStop") == {"Error": "no trace is being recorded"}
+    # Control clients record only into the instance's trace directory
+    # (tests/test_control_hardening.py has the refusals in detail).
     bad = d.control({"TraceStart": {"path": str(tmp_path / "missing-dir" / "t.jsonl")}})
-    assert "Error" in bad and "missing-dir" in bad["Error"]
+    assert "Error" in bad and "outside this instance's trace directory" in bad["Error"]
 
     h = connect(d.uri)
     h.pwrite(b"\1" * 4096, 0)  # before recording: not in the trace
-    trace = tmp_path / "live.jsonl.zst"
-    assert d.control({"TraceStart": {"path": str(trace), "workload": "live"}}) == "Ok"
+    trace = d.control_socket.parent / "traces" / "live.jsonl.zst"
+    assert d.control({"TraceStart": {"path": trace.name, "workload": "live"}}) == "Ok"
     h.pwrite(b"\2" * 4096, 8192)
     h.flush()
     assert d.control("TraceStop") == "Ok"

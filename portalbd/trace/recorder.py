@@ -12,14 +12,27 @@ writer keeps up by a wide margin.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import logging
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
-from portalbd.trace.format import OP_NAMES, TraceFooter, TraceHeader, json_line, now_iso, open_write
+import zstandard
+
+from portalbd.trace.format import (
+    OP_NAMES,
+    TraceFooter,
+    TraceHeader,
+    _ClosingGzipTarget,
+    json_line,
+    now_iso,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +42,95 @@ _RECORD = (
 )
 
 _Pending = tuple[int, int, int, int, int, int, int, int]
+
+TRACE_DIR_NAME = "traces"
+
+
+def trace_dir_for(control_socket: Path, env: Mapping[str, str] | None = None) -> Path:
+    """The one directory control-socket clients may record traces into.
+
+    Under systemd (``STATE_DIRECTORY`` set) it is ``traces/`` in the unit's
+    first state directory: persistent, on disk rather than in /run's RAM,
+    and owned by the daemon's user. Otherwise ``traces/`` next to the
+    control socket, which is the instance's own runtime directory by
+    default (``/run/portalbd/<instance>/``).
+    """
+    env = os.environ if env is None else env
+    state = env.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / TRACE_DIR_NAME
+    return control_socket.parent / TRACE_DIR_NAME
+
+
+class TracePathError(OSError):
+    """A trace file the daemon refuses to create; the message says why.
+
+    An OSError, so that startup (which reports OSError as "startup failed")
+    and the control handler treat it like any other file that cannot be made.
+    """
+
+
+# No O_NONBLOCK: a FIFO planted by the operator blocks as it always did.
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def confine_trace_name(trace_dir: Path, requested: str) -> str:
+    """The file name inside `trace_dir` that `requested` stands for.
+
+    A control client names a trace by a plain file name (created in the
+    trace directory) or by an absolute path directly in that directory.
+    Anything else is refused, before any file system call: an absolute path
+    elsewhere, a relative path with a directory part ('..' included), NUL.
+    The comparison is lexical; symlinks are dealt with when opening.
+    """
+    if os.path.isabs(requested):
+        parent, name = os.path.split(os.path.normpath(requested))
+        if os.path.normpath(parent) != os.path.normpath(trace_dir):
+            raise TracePathError(
+                f"trace path {requested!r} is outside this instance's trace directory "
+                f"{str(trace_dir)!r}; give a file name, which is created there"
+            )
+        requested = name
+    if not requested or "/" in requested or "\0" in requested or requested in (".", ".."):
+        raise TracePathError(
+            f"trace name {requested!r} must be a single file name inside "
+            f"{str(trace_dir)!r} (no '/', not '.' or '..')"
+        )
+    return requested
+
+
+def _open_trace_dir(trace_dir: Path) -> int:
+    """A descriptor of `trace_dir`, created 0750 if missing, never through a symlink."""
+    try:
+        os.mkdir(trace_dir, 0o750)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise TracePathError(
+            f"cannot create trace directory {str(trace_dir)!r}: {exc.strerror}"
+        ) from None
+    try:
+        return os.open(trace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = exc.strerror
+        # O_DIRECTORY wins over O_NOFOLLOW on Linux: a symlink gives ENOTDIR.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and trace_dir.is_symlink():
+            reason = "it is a symlink; portalbd does not follow one"
+        raise TracePathError(f"cannot use trace directory {str(trace_dir)!r}: {reason}") from None
+
+
+def _compressing(raw: IO[bytes], name: str) -> IO[bytes]:
+    """Wrap an already opened file as `format.open_write` would for this name.
+
+    `open_write` opens by path (following symlinks, truncating); the
+    recorder opens the descriptor itself, so it only borrows the naming rule.
+    """
+    if name.endswith((".zst", ".zstd")):
+        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=True)
+    if name.endswith(".gz"):
+        gz = gzip.GzipFile(fileobj=_ClosingGzipTarget(raw), mode="wb", compresslevel=6)
+        return cast(IO[bytes], gz)
+    return raw
 
 
 class TraceRecorder:
@@ -70,9 +172,55 @@ class TraceRecorder:
 
     @classmethod
     def open(cls, path: Path, workload: str, device_size_bytes: int) -> TraceRecorder:
-        """Create (truncate) `path` and start recording; raises OSError if it cannot."""
+        """Create or truncate the operator's `path` (``--trace``, ``[record] path``).
+
+        The operator chose this path, so an existing file is replaced as it
+        always was; but a symlink there is refused rather than followed, so
+        the daemon never writes through a link someone else planted.
+        Raises OSError (TracePathError for a symlink) if it cannot.
+        """
         path = Path(path)
-        stream = open_write(path)
+        try:
+            fd = os.open(path, _WRITE_FLAGS | os.O_TRUNC, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise TracePathError(
+                    f"cannot record trace to {str(path)!r}: it is a symlink; "
+                    "portalbd does not follow one"
+                ) from None
+            raise
+        return cls._start(fd, path, workload, device_size_bytes)
+
+    @classmethod
+    def create_in(
+        cls, trace_dir: Path, requested: str, workload: str, device_size_bytes: int
+    ) -> TraceRecorder:
+        """Start a trace a control-socket client asked for, confined to `trace_dir`.
+
+        Whoever can reach the control socket is not the operator: the file is
+        created only inside the instance's trace directory, never through a
+        symlink, and never over an existing file (O_CREAT|O_EXCL|O_NOFOLLOW
+        relative to the directory's descriptor). Raises TracePathError with
+        the reason, or OSError.
+        """
+        name = confine_trace_name(trace_dir, requested)
+        path = trace_dir / name
+        dir_fd = _open_trace_dir(trace_dir)
+        try:
+            try:
+                fd = os.open(name, _WRITE_FLAGS | os.O_EXCL, 0o640, dir_fd=dir_fd)
+            except FileExistsError:
+                raise TracePathError(
+                    f"trace file {str(path)!r} already exists; "
+                    "traces are never overwritten, choose another name"
+                ) from None
+        finally:
+            os.close(dir_fd)
+        return cls._start(fd, path, workload, device_size_bytes)
+
+    @classmethod
+    def _start(cls, fd: int, path: Path, workload: str, device_size_bytes: int) -> TraceRecorder:
+        stream = _compressing(os.fdopen(fd, "wb"), path.name)
         try:
             return cls(stream, path, workload, device_size_bytes)
         except BaseException:
