@@ -31,7 +31,7 @@ REP_ERR_POLICY = (1 << 31) + 2
 CMD_READ, CMD_WRITE, CMD_FLUSH = 0, 1, 3
 EINVAL, ENOSPC = 22, 28
 SIZE = 1 << 30
-MAX_PAYLOAD = 32 << 20
+MAX_PAYLOAD = 64 << 20
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

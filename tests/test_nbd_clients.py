@@ -88,7 +88,7 @@ def test_flags_and_block_sizes_advertised(daemon: RunningDaemon) -> None:
         assert not h.is_read_only()
         assert h.get_block_size(nbd.SIZE_MINIMUM) == 1
         assert h.get_block_size(nbd.SIZE_PREFERRED) == BLOCK
-        assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
+        assert h.get_block_size(nbd.SIZE_MAXIMUM) == 64 * MiB
     info = json.loads(nbdinfo("--json", daemon.uri))
     export = info["exports"][0]
     assert export["export-name"] == "portalbd"  # the canonical name (NBD_INFO_NAME)
@@ -97,7 +97,7 @@ def test_flags_and_block_sizes_advertised(daemon: RunningDaemon) -> None:
     assert export["can_trim"] and export["can_zero"] and export["can_fast_zero"]
     assert export["can_cache"] and export["can_df"] and not export["is_read_only"]
     assert export["block_size_preferred"] == BLOCK
-    assert export["block_size_maximum"] == 32 * MiB
+    assert export["block_size_maximum"] == 64 * MiB
 
 
 def test_block_size_option_changes_preferred_size(daemon_factory: DaemonFactory) -> None:

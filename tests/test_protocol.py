@@ -68,7 +68,7 @@ def test_go_with_block_size_and_pipelined_request() -> None:
     infos = {struct.unpack(">H", payload[:2])[0]: payload[2:] for _, rep, payload in got[:-1]}
     assert struct.unpack(">QH", infos[p.Info.EXPORT]) == (EXPORT.size, EXPORT.flags)
     assert infos[p.Info.NAME] == b"portalbd"
-    assert struct.unpack(">III", infos[p.Info.BLOCK_SIZE]) == (1, 65536, 32 * 1024 * 1024)
+    assert struct.unpack(">III", infos[p.Info.BLOCK_SIZE]) == (1, 65536, 64 * 1024 * 1024)
 
 
 def test_byte_at_a_time_gives_the_same_result() -> None:
@@ -191,8 +191,8 @@ def test_refusal_reports_policy() -> None:
         (p.Cmd.READ, 0, 0, 4096, p.Err.OK),
         (p.Cmd.READ, 0, (1 << 30) - 1, 2, p.Err.EINVAL),
         (p.Cmd.WRITE, 0, (1 << 30) - 1, 2, p.Err.ENOSPC),
-        (p.Cmd.WRITE, 0, 0, 33 * 1024 * 1024, p.Err.EINVAL),
-        (p.Cmd.READ, 0, 0, 33 * 1024 * 1024, p.Err.EOVERFLOW),
+        (p.Cmd.WRITE, 0, 0, 65 * 1024 * 1024, p.Err.EINVAL),
+        (p.Cmd.READ, 0, 0, 65 * 1024 * 1024, p.Err.EOVERFLOW),
         (p.Cmd.READ, p.CMD_FLAG_FUA, 0, 1, p.Err.EINVAL),
         (p.Cmd.WRITE, p.CMD_FLAG_FUA, 0, 1, p.Err.OK),
         (p.Cmd.WRITE_ZEROES, p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO, 0, 1, p.Err.OK),

@@ -167,7 +167,11 @@ EXTENT = struct.Struct(">II")
 REQUEST_HEADER_SIZE = REQUEST_HEADER.size  # 28
 MAX_OPTION_LENGTH = 64 * 1024
 MAX_STRING_LENGTH = 4096
-MAX_PAYLOAD = 32 * 1024 * 1024
+# The largest READ/WRITE payload served (and advertised as the maximum block
+# size). Clients that never negotiate block sizes (old nbd-client builds, test
+# tools) send up to 64 MiB, as nbd-server and nbdkit accept; the server's
+# payload budget keeps the memory such requests take bounded.
+MAX_PAYLOAD = 64 * 1024 * 1024
 
 
 class ProtocolError(Exception):
@@ -289,6 +293,7 @@ class ServerHandshake:
     exports: Sequence[ExportInfo]
     default_export: str
     refusal: str | None = None  # when set, no export is served: say why
+    refused: int = 0  # how many GO/EXPORT_NAME were answered with the refusal
     state: HandshakeState = HandshakeState.CLIENT_FLAGS
     no_zeroes: bool = False
     structured_replies: bool = False
@@ -391,6 +396,7 @@ class ServerHandshake:
 
     def _export_name(self, payload: bytes, out: list[bytes]) -> TransmissionReady | HandshakeClosed:
         if self.refusal is not None:
+            self.refused += 1
             self.state = HandshakeState.CLOSED
             return HandshakeClosed(reason=self.refusal)
         try:
@@ -428,6 +434,7 @@ class ServerHandshake:
             out.append(_error_reply(option, Rep.ERR_UNKNOWN, f"unknown export {name!r}"))
             return None
         if self.refusal is not None:
+            self.refused += 1
             out.append(_error_reply(option, Rep.ERR_POLICY, self.refusal))
             return None
         out.append(

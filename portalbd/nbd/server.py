@@ -6,6 +6,24 @@ payloads land directly in their own preallocated buffer), and each request
 is either answered on the spot from memory (the common case for cached reads
 and buffered writes) or handed to a task. Replies go out as soon as each
 request completes, in any order; handles let the client match them.
+
+Nothing a client sends or fails to read may cost unbounded memory, and no
+client may lock others out (issue 20):
+
+- Payload bytes (WRITE payloads being received and applied, READ replies
+  being produced and not yet sent) are charged to one :class:`PayloadBudget`
+  shared by all connections. A request that does not fit waits for budget
+  with its connection's reading paused; it never allocates first.
+- A connection whose replies are unsent (the transport's buffer is above its
+  high-water mark) stops having its requests parsed: the bytes already
+  received wait in a stash of at most one read's worth.
+- A WRITE payload that stops arriving is dropped after ``payload_timeout``;
+  while requests wait for budget, a connection that holds budget and makes
+  no progress (no payload bytes in, no reply bytes out) for
+  ``pressure_timeout`` is closed, so stalled clients cannot starve others.
+- Handshaking connections have their own limit and a short deadline; when
+  the limit is reached the oldest handshake is dropped, and attached clients
+  count against ``max_connections`` alone.
 """
 
 from __future__ import annotations
@@ -16,7 +34,9 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -28,9 +48,137 @@ log = logging.getLogger("portalbd.nbd")
 
 MAX_INFLIGHT = 256  # per connection; reading pauses above this
 RESUME_INFLIGHT = 128
-# A client that has not finished the handshake by then is dropped: handshaking
-# connections count against max_connections, so stalled ones must not stay.
-HANDSHAKE_TIMEOUT = 10.0
+MIB = 1 << 20
+SWEEP_INTERVAL = 0.5  # how often deadlines are checked and sent replies settled
+CLOSE_LINGER = 2.0  # after our FIN, how long a closing client may keep talking
+
+
+@dataclass(frozen=True, slots=True)
+class NbdLimits:
+    """What a connection, or all of them, may hold, and for how long.
+
+    The defaults serve real clients (kernel, qemu, libnbd, fio) without ever
+    tripping: they finish a handshake in milliseconds and never stop mid
+    payload. Only a stalled or hostile client meets them.
+    """
+
+    # Payload bytes held across all connections (write payloads, read replies
+    # not yet sent). At least one maximal request, so every request fits.
+    payload_budget: int = 128 * MIB
+    # A WRITE payload that receives no byte for this long is dropped.
+    payload_timeout: float = 10.0
+    # While requests wait for budget: a connection holding budget that makes
+    # no progress for this long is closed.
+    pressure_timeout: float = 2.0
+    # Connections still in the handshake, apart from max_connections.
+    max_handshakes: int = 128
+    # A handshake not finished by then is dropped (real clients take ms).
+    handshake_timeout: float = 3.0
+    # Warnings about refused, dropped or failed things: at most this many per
+    # kind and interval, then one line saying how many were suppressed.
+    log_burst: int = 5
+    log_interval: float = 10.0
+
+    @property
+    def budget(self) -> int:
+        return max(self.payload_budget, p.MAX_PAYLOAD)
+
+
+class PayloadBudget:
+    """Bytes of payload the server holds, shared by all connections.
+
+    Waiters are served in order (a large request is never overtaken forever
+    by small ones). Grants are delivered with ``call_soon``, never from inside
+    ``release``, so no connection re-enters another's code.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
+        self.waiting_since: float | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_acquire(self, n: int) -> bool:
+        if not self._waiters and self.used + n <= self.capacity:
+            self.used += n
+            return True
+        return False
+
+    def wait(self, n: int, granted: Callable[[], None]) -> tuple[int, Callable[[], None]]:
+        """Queue for ``n`` bytes; ``granted`` runs (soon) once they are held."""
+        entry = (n, granted)
+        if not self._waiters:
+            self.waiting_since = time.monotonic()
+        self._waiters.append(entry)
+        self._wake()
+        return entry
+
+    def cancel(self, entry: tuple[int, Callable[[], None]]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(entry)
+        if not self._waiters:
+            self.waiting_since = None
+        self._wake()
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, "payload budget released more than was held"
+        self._wake()
+
+    def _wake(self) -> None:
+        loop: asyncio.AbstractEventLoop | None = None
+        while self._waiters and self.used + self._waiters[0][0] <= self.capacity:
+            n, granted = self._waiters.popleft()
+            self.used += n
+            loop = loop or asyncio.get_running_loop()
+            loop.call_soon(granted)
+            self.waiting_since = time.monotonic() if self._waiters else None
+
+
+def _error_name(error: int) -> str:
+    try:
+        return p.Err(error).name
+    except ValueError:
+        return str(error)
+
+
+class LogLimiter:
+    """Rate-limited warnings: a flood of hostile connections must not become
+    a flood of log lines (each one costs the loop and the disk)."""
+
+    def __init__(self, burst: int, interval: float) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._windows: dict[str, list[float]] = {}  # kind -> [start, lines, suppressed]
+
+    def log(self, level: int, kind: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        window = self._windows.get(kind)
+        if window is None or now - window[0] >= self.interval:
+            if window is not None:
+                self._summary(kind, window)
+            window = self._windows[kind] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            log.log(level, msg, *args)
+        else:
+            window[2] += 1
+
+    def flush(self) -> None:
+        """Say what was suppressed in windows that have ended."""
+        now = time.monotonic()
+        for kind, window in list(self._windows.items()):
+            if now - window[0] >= self.interval:
+                self._summary(kind, window)
+                del self._windows[kind]
+
+    def _summary(self, kind: str, window: list[float]) -> None:
+        if window[2]:
+            log.warning("%d more %s messages suppressed in %.0fs", window[2], kind, self.interval)
 
 
 class RequestObserver(Protocol):
@@ -67,6 +215,7 @@ class NbdServer:
         stats: ServerStats,
         max_connections: int,
         read_only: bool = False,
+        limits: NbdLimits | None = None,
     ) -> None:
         self.device = device
         self.export_name = export_name
@@ -76,9 +225,15 @@ class NbdServer:
         self.read_only = read_only
         self.observers: list[RequestObserver] = []
         self.connections: set[NbdConnection] = set()
+        # Still in the handshake, oldest first (dicts keep insertion order).
+        self.handshaking: dict[NbdConnection, None] = {}
         self.refusal: str | None = None  # set while a restore runs
+        self.limits = limits or NbdLimits()
+        self.budget = PayloadBudget(self.limits.budget)
+        self.limited_log = LogLimiter(self.limits.log_burst, self.limits.log_interval)
         self._servers: list[asyncio.Server] = []
         self._ids = itertools.count(1)
+        self._sweeper: asyncio.TimerHandle | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
 
     def client_list(self) -> list[dict[str, object]]:
@@ -96,7 +251,38 @@ class NbdServer:
 
     def attached_clients(self) -> int:
         """Connections past the handshake: the clients that can do I/O."""
-        return sum(1 for conn in self.connections if conn.handshake is None)
+        return len(self.connections) - len(self.handshaking)
+
+    def admission_refusal(self) -> str | None:
+        """Why a handshake finishing now may not attach, or None."""
+        if self.refusal is not None:
+            return self.refusal
+        if self.attached_clients() >= self.max_connections:
+            return f"too many connections (max_connections = {self.max_connections})"
+        return None
+
+    def warn(self, kind: str, msg: str, *args: object) -> None:
+        self.limited_log.log(logging.WARNING, kind, msg, *args)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None and self.connections:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        """Deadlines for every connection, checked twice a second.
+
+        One timer for all connections rather than one per request: the
+        checks are a few comparisons each, and a per-request timer would
+        cost a heap operation per WRITE on the hot path.
+        """
+        self._sweeper = None
+        now = time.monotonic()
+        since = self.budget.waiting_since
+        pressure = since is not None and now - since >= self.limits.pressure_timeout / 2
+        for conn in list(self.connections):
+            conn.sweep(now, pressure)
+        self.limited_log.flush()
+        self._ensure_sweeper()
 
     def export(self) -> p.ExportInfo:
         return p.ExportInfo(
@@ -174,6 +360,7 @@ class NbdConnection(asyncio.Protocol):
         self.server = server
         self.id = conn_id
         self.connected_at = time.time()
+        self._connected_mono = time.monotonic()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.handshake: p.ServerHandshake | None = None
@@ -191,11 +378,20 @@ class NbdConnection(asyncio.Protocol):
         self._payload_request: p.Request | None = None
         self._payload_arrival = 0
         self._payload_error = 0
+        self._payload_charge = 0  # budget held by the payload being received
+        # Received bytes not parsed yet, while replies are unsent or a
+        # request waits for budget (at most one read's worth).
+        self._stash: memoryview | None = None
+        self._budget_wait: tuple[int, Callable[[], None]] | None = None
+        self._unsent = 0  # budget held by reply bytes still in the transport
+        self._last_rx = time.monotonic()  # the last time bytes arrived
+        self._last_tx = self._last_rx  # the last time unsent replies shrank
         self._reading_paused = False
         self._writing_paused = False
         self._stopping = False
+        self._closing_gracefully = False
+        self._lost = False
         self._counted = False
-        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # --- connection lifecycle -----------------------------------------------
 
@@ -204,49 +400,78 @@ class NbdConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         server = self.server
-        refusal = server.refusal
-        if refusal is None and len(server.connections) >= server.max_connections:
-            refusal = f"too many connections (max_connections = {server.max_connections})"
-        if refusal is not None:
-            server.stats.connections_refused += 1
-            log.warning("connection refused peer=%s conn=%d reason=%r", self.peer, self.id, refusal)
-        else:
-            server.connections.add(self)
-            server.stats.connections += 1
-            server.stats.connections_total += 1
-            self._counted = True
+        limits = server.limits
+        handshaking = server.handshaking
+        if len(handshaking) >= limits.max_handshakes:
+            # Drop the oldest handshake, not this one: a stalled crowd then
+            # cycles out within the time a real client needs to handshake.
+            oldest = next(iter(handshaking))
+            server.warn(
+                "handshake-limit",
+                "dropping handshake peer=%s conn=%d: %d connections are handshaking "
+                "(max_handshakes = %d)",
+                oldest.peer,
+                oldest.id,
+                len(handshaking),
+                limits.max_handshakes,
+            )
+            oldest._drop()
+        server.connections.add(self)
+        handshaking[self] = None
+        server.stats.connections += 1
+        server.stats.connections_total += 1
+        self._counted = True
         self.handshake = p.ServerHandshake(
-            exports=[server.export()], default_export=server.export_name, refusal=refusal
+            exports=[server.export()], default_export=server.export_name
         )
         transport.write(self.handshake.greeting())  # type: ignore[attr-defined]
-        self._handshake_timer = asyncio.get_running_loop().call_later(
-            HANDSHAKE_TIMEOUT, self._handshake_expired
-        )
+        server._ensure_sweeper()
 
-    def _handshake_expired(self) -> None:
-        self._handshake_timer = None
-        if self.handshake is not None:
-            self._abort(f"handshake not finished within {HANDSHAKE_TIMEOUT:g}s")
+    def _drop(self) -> None:
+        """Close at once (a handshake or a client that stalled): no FIN dance."""
+        self._leave_handshake()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _leave_handshake(self) -> None:
+        self.server.handshaking.pop(self, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
+        self._lost = True
+        self._leave_handshake()
         server = self.server
         if self._counted:
             server.connections.discard(self)
             server.stats.connections -= 1
             self._counted = False
-            log.info(
-                "client disconnected peer=%s conn=%d%s",
-                self.peer,
-                self.id,
-                f" error={exc}" if exc else "",
-            )
+            if self.handshake is None:
+                log.info(
+                    "client disconnected peer=%s conn=%d%s",
+                    self.peer,
+                    self.id,
+                    f" error={exc}" if exc else "",
+                )
+        # Everything this connection held goes back; tasks still running
+        # give back their own share when they finish.
+        if self._budget_wait is not None:
+            server.budget.cancel(self._budget_wait)
+            self._budget_wait = None
+        if self._payload_charge:
+            server.budget.release(self._payload_charge)
+            self._payload_charge = 0
+        if self._unsent:
+            server.budget.release(self._unsent)
+            self._unsent = 0
         self._payload = None
         self._payload_view = None
+        self._stash = None
         if not self._tasks and not self.closed.done():
             self.closed.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        # The client is done sending (or done listening after our FIN):
+        # closing now loses nothing, since there is nothing unread.
+        return None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -254,47 +479,135 @@ class NbdConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._settle_unsent()
         self._update_reading()
+        self._resume_stash()
+
+    def _held(self) -> bool:
+        """Whether parsing further requests must wait (replies unsent, budget)."""
+        return self._writing_paused or self._budget_wait is not None
 
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._writing_paused or len(self._tasks) >= MAX_INFLIGHT or self._stopping
+        if self._closing_gracefully:
+            want_pause = False  # read and discard until the client closes
+        else:
+            want_pause = (
+                self._writing_paused
+                or len(self._tasks) >= MAX_INFLIGHT
+                or self._stopping
+                or self._budget_wait is not None
+                or self._stash is not None
+            )
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
         elif not want_pause and self._reading_paused and len(self._tasks) <= RESUME_INFLIGHT:
             transport.resume_reading()
             self._reading_paused = False
+            self._last_rx = time.monotonic()  # a pause of ours is not the client stalling
 
     def _abort(self, reason: str) -> None:
-        log.warning("closing connection peer=%s conn=%d: %s", self.peer, self.id, reason)
-        if self.transport is not None:
-            self.transport.abort()
+        self.server.warn(
+            "connection-closed",
+            "closing connection peer=%s conn=%d: %s",
+            self.peer,
+            self.id,
+            reason,
+        )
+        self._drop()
 
     def shutdown(self, reason: str) -> None:
         """Stop reading, let in-flight requests finish, then close."""
         self._stopping = True
         log.info("disconnecting peer=%s conn=%d: %s", self.peer, self.id, reason)
+        if self._budget_wait is not None:
+            self.server.budget.cancel(self._budget_wait)
+            self._budget_wait = None
         self._update_reading()
         self._close_when_idle()
 
     def _close_when_idle(self) -> None:
         if self._tasks:
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._close_gracefully(transport)
         elif not self.closed.done() and not self._counted:
             self.closed.set_result(None)
+
+    def _close_gracefully(self, transport: asyncio.Transport) -> None:
+        """FIN after the last reply, then wait briefly for the client's FIN.
+
+        Closing a socket with unread bytes in its receive queue makes the
+        kernel send a TCP reset, and a reset can discard replies the client
+        has not read yet. So: send what is queued and a FIN (write_eof),
+        keep reading and discarding (the client may have pipelined more
+        requests), and close once the client closes its side or after
+        CLOSE_LINGER.
+        """
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._closing_gracefully = True
+        self._stash = None
+        transport.write_eof()
+        self._update_reading()
+        asyncio.get_running_loop().call_later(CLOSE_LINGER, self._linger_over)
+
+    def _linger_over(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def sweep(self, now: float, pressure: bool) -> None:
+        """Deadlines (called by the server's sweeper)."""
+        limits = self.server.limits
+        if self.handshake is not None:
+            if now - self._connected_mono >= limits.handshake_timeout:
+                self.server.warn(
+                    "handshake-timeout",
+                    "closing connection peer=%s conn=%d: handshake not finished within %gs",
+                    self.peer,
+                    self.id,
+                    limits.handshake_timeout,
+                )
+                self._drop()
+            return
+        self._settle_unsent()
+        if self._lost or self._closing_gracefully:
+            return
+        if self._payload_len and not self._reading_paused:
+            idle = now - self._last_rx
+            if idle >= limits.payload_timeout:
+                self._abort(
+                    f"write payload stalled: received {self._payload_fill} of "
+                    f"{self._payload_len} bytes, none for {idle:.1f}s"
+                )
+                return
+        held = self._payload_charge + self._unsent
+        if pressure and held:
+            idle = now - max(self._last_rx, self._last_tx)
+            if idle >= limits.pressure_timeout:
+                self._abort(
+                    f"holds {held} bytes of the payload budget with no progress for "
+                    f"{idle:.1f}s while {self.server.budget.waiting} requests wait for it"
+                )
 
     # --- bytes in -------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self._last_rx = time.monotonic()
+        if self._closing_gracefully:
+            return  # pipelined requests after a shutdown: read and dropped
         handshake = self.handshake
         if handshake is None:
-            self._feed(data)
+            self._feed(memoryview(data))
             return
+        handshake.refusal = self.server.admission_refusal()
+        refused = handshake.refused
         try:
             out, event = handshake.receive_data(data)
         except p.ProtocolError as exc:
@@ -303,14 +616,22 @@ class NbdConnection(asyncio.Protocol):
         assert self.transport is not None
         if out:
             self.transport.write(out)
+        if handshake.refused != refused:
+            self.server.stats.connections_refused += 1
+            self.server.warn(
+                "connection-refused",
+                "connection refused peer=%s conn=%d reason=%r",
+                self.peer,
+                self.id,
+                handshake.refusal,
+            )
         if isinstance(event, p.HandshakeClosed):
             log.info("handshake ended peer=%s conn=%d: %s", self.peer, self.id, event.reason)
+            self._leave_handshake()
             self.transport.close()
         elif isinstance(event, p.TransmissionReady):
             self.handshake = None
-            if self._handshake_timer is not None:
-                self._handshake_timer.cancel()
-                self._handshake_timer = None
+            self._leave_handshake()
             self.structured = event.structured_replies
             self.block_status_ok = p.BASE_ALLOCATION in event.meta_contexts
             self.export_size = event.export.size
@@ -322,12 +643,25 @@ class NbdConnection(asyncio.Protocol):
                 self.structured,
             )
             if handshake.leftover:
-                self._feed(handshake.leftover)
+                self._feed(memoryview(handshake.leftover))
 
-    def _feed(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _resume_stash(self) -> None:
+        """Parse what was stashed, once nothing holds parsing back."""
+        stash = self._stash
+        if stash is None or self._held() or self._lost:
+            return
+        self._stash = None
+        self._feed(stash)
+        self._update_reading()
+
+    def _feed(self, view: memoryview) -> None:
+        if self._stash is not None:
+            # Bytes behind a stash wait behind it (reading pauses as soon as
+            # a stash exists, so this is at most what was already in flight).
+            self._stash = memoryview(bytes(self._stash) + bytes(view))
+            return
         pos = 0
-        size = len(data)
+        size = len(view)
         header = self._header
         while pos < size:
             if self._payload_len:
@@ -340,6 +674,12 @@ class NbdConnection(asyncio.Protocol):
                 if self._payload_fill == self._payload_len:
                     self._payload_complete()
                 continue
+            if self._held():
+                # Replies are piling up or the budget is spent: parse no more
+                # requests until that changes.
+                self._stash = view[pos:]
+                self._update_reading()
+                return
             if self._header_fill == 0 and size - pos >= p.REQUEST_HEADER_SIZE:
                 fields = p.REQUEST_HEADER.unpack_from(view, pos)
                 pos += p.REQUEST_HEADER_SIZE
@@ -363,41 +703,87 @@ class NbdConnection(asyncio.Protocol):
     def _on_request(self, request: p.Request) -> None:
         arrival = time.monotonic_ns()
         error = p.check_request(request, self.export_size)
-        if request.command == p.Cmd.WRITE:
-            if self.server.read_only and not error:
-                error = p.Err.EPERM
-            if request.length:
-                # The payload follows; read it (or skip it, on error) first.
-                self._payload_len = request.length
-                self._payload_fill = 0
-                self._payload_request = request
-                self._payload_arrival = arrival
-                self._payload_error = error
-                if error:
-                    self._payload = None
-                    self._payload_view = None
-                else:
-                    self._payload = bytearray(request.length)
-                    self._payload_view = memoryview(self._payload)
-                return
-        self._dispatch(request, arrival, error, None)
+        if request.command == p.Cmd.WRITE and self.server.read_only and not error:
+            error = p.Err.EPERM
+        charge = 0
+        if not error and request.command in (p.Cmd.READ, p.Cmd.WRITE):
+            charge = request.length
+        if charge and not self.server.budget.try_acquire(charge):
+            # Wait for budget with reading paused; _feed stashes the rest.
+            self._budget_wait = self.server.budget.wait(
+                charge, lambda: self._budget_granted(request, arrival, charge)
+            )
+            self._update_reading()
+            return
+        self._start(request, arrival, error, charge)
+
+    def _budget_granted(self, request: p.Request, arrival: int, charge: int) -> None:
+        self._budget_wait = None
+        if self._lost or self._stopping:
+            self.server.budget.release(charge)
+            return
+        self._start(request, arrival, 0, charge)
+        self._update_reading()
+        self._resume_stash()
+
+    def _start(self, request: p.Request, arrival: int, error: int, charge: int) -> None:
+        """A request with its budget (``charge`` bytes) held."""
+        if request.command == p.Cmd.WRITE and request.length:
+            # The payload follows; read it (or skip it, on error) first.
+            self._payload_len = request.length
+            self._payload_fill = 0
+            self._payload_request = request
+            self._payload_arrival = arrival
+            self._payload_error = error
+            self._payload_charge = charge
+            if error:
+                self._payload = None
+                self._payload_view = None
+            else:
+                self._payload = bytearray(request.length)
+                self._payload_view = memoryview(self._payload)
+            return
+        self._dispatch(request, arrival, error, None, charge)
 
     def _payload_complete(self) -> None:
         request = self._payload_request
         assert request is not None
         payload = self._payload_view
+        charge = self._payload_charge
         self._payload = None
         self._payload_view = None
         self._payload_len = 0
+        self._payload_charge = 0
         self._payload_request = None
-        self._dispatch(request, self._payload_arrival, self._payload_error, payload)
+        self._dispatch(request, self._payload_arrival, self._payload_error, payload, charge)
 
     # --- requests -------------------------------------------------------------
 
+    def _release(self, charge: int) -> None:
+        if charge:
+            self.server.budget.release(charge)
+
     def _dispatch(
-        self, request: p.Request, arrival: int, error: int, payload: memoryview | None
+        self,
+        request: p.Request,
+        arrival: int,
+        error: int,
+        payload: memoryview | None,
+        charge: int = 0,
     ) -> None:
         if error:
+            self._release(charge)
+            self.server.limited_log.log(
+                logging.INFO,
+                "invalid-request",
+                "invalid request peer=%s conn=%d command=%d offset=%d length=%d: %s",
+                self.peer,
+                self.id,
+                request.command,
+                request.offset,
+                request.length,
+                _error_name(error),
+            )
             self._reply_error(request, arrival, error, "invalid request")
             return
         device = self.server.device
@@ -405,18 +791,23 @@ class NbdConnection(asyncio.Protocol):
         if command == p.Cmd.READ:
             data = device.read_nowait(request.offset, request.length)
             if data is not None:
-                self._reply_read(request, arrival, data)
+                self._reply_read(request, arrival, data, charge)
                 return
-            self._spawn(request, arrival, self._read(request, arrival), reply=False, notify=False)
+            self._spawn(
+                request, arrival, self._read(request, arrival, charge), reply=False, notify=False
+            )
         elif command == p.Cmd.WRITE:
             data_view = payload if payload is not None else memoryview(b"")
             if request.flags & p.CMD_FLAG_FUA:
                 self.server.stats.fua_writes += 1
             elif device.write_nowait(request.offset, data_view):
+                self._release(charge)
                 self._reply_ok(request, arrival)
                 return
             fua = bool(request.flags & p.CMD_FLAG_FUA)
-            self._spawn(request, arrival, device.write(request.offset, data_view, fua=fua))
+            self._spawn(
+                request, arrival, device.write(request.offset, data_view, fua=fua), charge=charge
+            )
         elif command == p.Cmd.FLUSH:
             self._spawn(request, arrival, device.flush())
         elif command == p.Cmd.TRIM:
@@ -464,8 +855,9 @@ class NbdConnection(asyncio.Protocol):
         *,
         reply: bool = True,
         notify: bool = True,
+        charge: int = 0,
     ) -> None:
-        task = asyncio.ensure_future(self._run(request, arrival, work, reply, notify))
+        task = asyncio.ensure_future(self._run(request, arrival, work, reply, notify, charge))
         self._tasks.add(task)
         stats = self.server.stats
         stats.inflight += 1
@@ -491,25 +883,57 @@ class NbdConnection(asyncio.Protocol):
             self.closed.set_result(None)
 
     async def _run(
-        self, request: p.Request, arrival: int, work: Awaitable[None], reply: bool, notify: bool
+        self,
+        request: p.Request,
+        arrival: int,
+        work: Awaitable[None],
+        reply: bool,
+        notify: bool,
+        charge: int,
     ) -> None:
         try:
             await work
         except DeviceError as exc:
+            self._request_failed(request, str(exc))
             self._reply_error(request, arrival, p.Err.EIO, str(exc))
             return
         except Exception as exc:  # a bug: log it, answer EIO, keep serving
             log.exception("request failed conn=%d command=%d", self.id, request.command)
             self._reply_error(request, arrival, p.Err.EIO, f"internal error: {exc}")
             return
+        finally:
+            self._release(charge)
         if reply:
             self._reply_ok(request, arrival)
         elif notify:
             self.server.notify(self.id, request, arrival, 0)
 
-    async def _read(self, request: p.Request, arrival: int) -> None:
-        data = await self.server.device.read(request.offset, request.length)
-        self._reply_read(request, arrival, data)
+    def _request_failed(self, request: p.Request, message: str) -> None:
+        """A device error is answered with EIO and said in the log, rate-limited:
+        a failing FLUSH must not be silent, nor 10k failing WRITEs a flood."""
+        try:
+            name = p.Cmd(request.command).name
+        except ValueError:
+            name = str(request.command)
+        self.server.limited_log.log(
+            logging.ERROR,
+            "request-failed",
+            "%s failed peer=%s conn=%d offset=%d length=%d: %s (answered EIO)",
+            name,
+            self.peer,
+            self.id,
+            request.offset,
+            request.length,
+            message,
+        )
+
+    async def _read(self, request: p.Request, arrival: int, charge: int) -> None:
+        try:
+            data = await self.server.device.read(request.offset, request.length)
+        except BaseException:
+            self._release(charge)
+            raise
+        self._reply_read(request, arrival, data, charge)
 
     async def _block_status(self, request: p.Request, arrival: int) -> None:
         extents = await self.server.device.block_status(request.offset, request.length)
@@ -534,6 +958,19 @@ class NbdConnection(asyncio.Protocol):
 
     # --- bytes out --------------------------------------------------------------
 
+    def _settle_unsent(self) -> None:
+        """Give back the budget of reply bytes the transport has sent."""
+        if not self._unsent:
+            return
+        transport = self.transport
+        left = 0
+        if transport is not None and not transport.is_closing():
+            left = transport.get_write_buffer_size()
+        if left < self._unsent:
+            self.server.budget.release(self._unsent - left)
+            self._unsent = left
+            self._last_tx = time.monotonic()
+
     def _send(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -550,9 +987,12 @@ class NbdConnection(asyncio.Protocol):
             self._send(p.simple_reply(request.handle, error))
         self.server.notify(self.id, request, arrival, error)
 
-    def _reply_read(self, request: p.Request, arrival: int, data: bytes | memoryview) -> None:
+    def _reply_read(
+        self, request: p.Request, arrival: int, data: bytes | memoryview, charge: int
+    ) -> None:
+        """Send a READ reply; its budget stays held until the bytes leave."""
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and not self._lost:
             if self.structured:
                 header = p.structured_read_header(request.handle, request.offset, len(data))
             else:
@@ -561,4 +1001,8 @@ class NbdConnection(asyncio.Protocol):
                 transport.write(header + bytes(data))
             else:
                 transport.writelines((header, data))
+            self._unsent += charge
+            self._settle_unsent()
+        else:
+            self._release(charge)
         self.server.notify(self.id, request, arrival, 0)
