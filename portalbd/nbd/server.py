@@ -383,7 +383,13 @@ class NbdConnection(asyncio.Protocol):
         # request waits for budget (at most one read's worth).
         self._stash: memoryview | None = None
         self._budget_wait: tuple[int, Callable[[], None]] | None = None
-        self._unsent = 0  # budget held by reply bytes still in the transport
+        self._unsent = 0  # budget held by replies not wholly sent yet
+        # (end position in the output stream, charge) of those replies: a
+        # reply's memory is freed only once all of it has left, so its
+        # budget is given back then, not byte by byte.
+        self._unsent_replies: deque[tuple[int, int]] = deque()
+        self._written = 0  # bytes handed to the transport, in total
+        self._sent_seen = 0  # of those, how many had left at the last look
         self._last_rx = time.monotonic()  # the last time bytes arrived
         self._last_tx = self._last_rx  # the last time unsent replies shrank
         self._reading_paused = False
@@ -462,6 +468,7 @@ class NbdConnection(asyncio.Protocol):
         if self._unsent:
             server.budget.release(self._unsent)
             self._unsent = 0
+            self._unsent_replies.clear()
         self._payload = None
         self._payload_view = None
         self._stash = None
@@ -548,7 +555,11 @@ class NbdConnection(asyncio.Protocol):
         requests), and close once the client closes its side or after
         CLOSE_LINGER.
         """
-        if not transport.can_write_eof():
+        try:
+            can_write_eof = transport.can_write_eof()
+        except NotImplementedError:  # in-process transports (the simulation)
+            can_write_eof = False
+        if not can_write_eof:
             transport.close()
             return
         self._closing_gracefully = True
@@ -959,21 +970,28 @@ class NbdConnection(asyncio.Protocol):
     # --- bytes out --------------------------------------------------------------
 
     def _settle_unsent(self) -> None:
-        """Give back the budget of reply bytes the transport has sent."""
-        if not self._unsent:
+        """Give back the budget of replies the transport has wholly sent."""
+        replies = self._unsent_replies
+        if not replies:
             return
         transport = self.transport
-        left = 0
+        sent = self._written
         if transport is not None and not transport.is_closing():
-            left = transport.get_write_buffer_size()
-        if left < self._unsent:
-            self.server.budget.release(self._unsent - left)
-            self._unsent = left
+            sent -= transport.get_write_buffer_size()
+        if sent > self._sent_seen:  # progress, even within one large reply
+            self._sent_seen = sent
             self._last_tx = time.monotonic()
+        freed = 0
+        while replies and replies[0][0] <= sent:
+            freed += replies.popleft()[1]
+        if freed:
+            self._unsent -= freed
+            self.server.budget.release(freed)
 
     def _send(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            self._written += len(data)
             transport.write(data)
 
     def _reply_ok(self, request: p.Request, arrival: int) -> None:
@@ -1001,8 +1019,11 @@ class NbdConnection(asyncio.Protocol):
                 transport.write(header + bytes(data))
             else:
                 transport.writelines((header, data))
-            self._unsent += charge
-            self._settle_unsent()
+            self._written += len(header) + len(data)
+            if charge:
+                self._unsent += charge
+                self._unsent_replies.append((self._written, charge))
+                self._settle_unsent()
         else:
             self._release(charge)
         self.server.notify(self.id, request, arrival, 0)
