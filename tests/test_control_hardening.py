@@ -140,11 +140,15 @@ def test_trace_start_refuses_a_trace_dir_that_is_a_symlink(tmp_path: Path) -> No
 
 
 def test_a_plain_name_is_recorded_in_the_trace_dir_and_a_refusal_keeps_it_going(
-    daemon: RunningDaemon, wire: Wire, traces: Path
+    daemon: RunningDaemon, wire: Wire, traces: Path, tmp_path: Path
 ) -> None:
     assert ask(wire, {"TraceStart": {"path": "live.jsonl.zst", "workload": "w"}}) == "Ok"
-    # A refused TraceStart must not stop the recording that is running.
-    assert "Error" in ask(wire, {"TraceStart": {"path": "/etc/passwd"}})
+    # A refused TraceStart must not stop the recording that is running. The
+    # victim is the test's own file: a regression must never clobber the host's.
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    assert "Error" in ask(wire, {"TraceStart": {"path": str(victim)}})
+    assert victim.read_text() == "precious"
     assert daemon.status()["recording"] is True
     assert ask(wire, "TraceStop") == "Ok"
     info = format.describe(traces / "live.jsonl.zst")
@@ -230,14 +234,16 @@ def test_tui_checks_the_whole_name_too() -> None:
 
 
 def test_fd_count_stays_flat_after_refusals(
-    daemon: RunningDaemon, wire: Wire, traces: Path
+    daemon: RunningDaemon, wire: Wire, traces: Path, tmp_path: Path
 ) -> None:
     """Refused trace opens must not leak the directory descriptor."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
     traces.mkdir(exist_ok=True)
     (traces / "taken.jsonl").touch()
     fds = f"/proc/{daemon.process.pid}/fd"
     before = len(os.listdir(fds))
     for _ in range(50):
-        assert "outside" in ask(wire, {"TraceStart": {"path": "/etc/passwd"}})["Error"]
+        assert "outside" in ask(wire, {"TraceStart": {"path": str(victim)}})["Error"]
         assert "already exists" in ask(wire, {"TraceStart": {"path": "taken.jsonl"}})["Error"]
     assert len(os.listdir(fds)) <= before + 2

@@ -6,7 +6,7 @@ let
     INSTANCE = "trace";
     DEVICE = "/dev/nbd0";
     NBD_PORT = 10809;
-    TRACE = "/var/lib/portalbd/trace/minecraft.jsonl.zst";
+    TRACE = "/var/lib/portalbd/trace/traces/minecraft.jsonl.zst"; # TraceStart writes only in the instance's traces/ directory
     WORLD_DIR = "/mnt/disk/minecraft";
   };
 in

@@ -7,7 +7,7 @@ let
     INSTANCE = "trace";
     DEVICE = "/dev/nbd0";
     NBD_PORT = 10809;
-    TRACE = "/var/lib/portalbd/trace/pgbench.jsonl.zst";
+    TRACE = "/var/lib/portalbd/trace/traces/pgbench.jsonl.zst"; # TraceStart writes only in the instance's traces/ directory
     PGDATA = "/mnt/disk/pgdata";
     SCALE = 4;
     SECONDS = 20;
