@@ -59,6 +59,9 @@ class LoopbackTransport(asyncio.Transport):
         for data in list_of_data:
             self.write(data)
 
+    def can_write_eof(self) -> bool:
+        return False  # a close is the only end this in-process pipe has
+
     def is_closing(self) -> bool:
         return self._closing
 
