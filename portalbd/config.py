@@ -9,6 +9,7 @@ expected type, and the daemon never starts half-configured.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,15 @@ class ConfigError(ValueError):
     """The configuration is unusable; the message names what and where."""
 
 
+def default_io_threads() -> int:
+    """Threads that copy bytes into the binding: one per core, at most 8.
+
+    The copy releases the GIL, so threads scale with cores until the event
+    loop (which still awaits every write) becomes the limit.
+    """
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 @dataclass(slots=True)
 class InstanceConfig:
     name: str = "default"
@@ -39,6 +49,8 @@ class DeviceConfig:
     cache_bytes: int = 128 * MIB
     dirty_bytes: int = 64 * MIB
     read_only: bool = False
+    # threads that copy bytes into SlateDB (store/slate.py); 0 = on the loop
+    io_threads: int = field(default_factory=default_io_threads)
 
     def effective_size(self) -> int:
         return self.size_bytes if self.size_bytes is not None else self.disk_size_gb * GIB
@@ -78,7 +90,10 @@ class LsmConfig:
     max_unflushed_bytes: int | None = 128 * MIB
     filter_bits_per_key: int | None = None
     block_cache_size_bytes: int | None = 32 * MIB
-    compression_codec: str | None = "lz4"
+    # Values are LZ4-compressed in Python before they cross the binding
+    # (store/envelope.py); compressing SST blocks again costs CPU on data
+    # that is already compressed or incompressible.
+    compression_codec: str | None = "none"
     sst_block_size: int | None = None
 
 
@@ -232,6 +247,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"device.dirty_bytes: must hold at least 4 blocks ({4 * device.block_size} bytes)"
         )
+    if not 0 <= device.io_threads <= 64:
+        raise ConfigError(f"device.io_threads: must be from 0 to 64, got {device.io_threads}")
     if config.nbd.max_connections < 1:
         raise ConfigError("nbd.max_connections: must be at least 1")
     if not config.nbd.address and not config.nbd.socket:

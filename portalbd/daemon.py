@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--block-size", type=int, metavar="BYTES", help="block size, fixed at creation")
     add("--cache-bytes", type=int, metavar="BYTES", help="clean block cache size")
     add("--dirty-bytes", type=int, metavar="BYTES", help="write-back buffer size")
+    add(
+        "--io-threads",
+        type=int,
+        metavar="N",
+        help="threads that copy bytes into SlateDB off the event loop "
+        "(default: one per core, at most 8; 0 = none)",
+    )
     add("--flush-interval-ms", type=int, metavar="N", help="SlateDB WAL flush interval (0=manual)")
     add("--read-only", action="store_true", default=None, help="serve the disk read-only")
     add("--log-level", choices=cfgmod.LOG_LEVELS, help="log verbosity (default info)")
@@ -100,6 +107,7 @@ OVERRIDES = {
     "block_size": "device.block_size",
     "cache_bytes": "device.cache_bytes",
     "dirty_bytes": "device.dirty_bytes",
+    "io_threads": "device.io_threads",
     "flush_interval_ms": "lsm.flush_interval_ms",
     "read_only": "device.read_only",
     "log_level": "log_level",

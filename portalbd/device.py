@@ -2,25 +2,31 @@
 
 The device turns byte-range operations into block-keyed store operations.
 It knows nothing of NBD or sockets, and it is where performance is won:
-every awaited call into SlateDB costs 80-300 us from Python, so the device
+every byte that crosses into SlateDB is copied one element at a time by the
+binding, and every awaited call costs tens of microseconds, so the device
 keeps two bounded maps in front of the store:
 
 * a write-back buffer of dirty blocks (``dirty``), drained to the store in
   large batches by a background task, by FLUSH, and by FUA writes;
 * an LRU cache of clean blocks (``clean``), whose contents equal what the
-  store holds.
+  store durably holds.
 
 While a drain is under way its blocks sit in ``draining`` until the batch is
-in the store, so every lookup goes dirty -> draining -> clean -> store and
-always sees the newest acknowledged data.
+in the store *and* flushed, so every lookup goes dirty -> draining -> clean
+-> store and always sees the newest acknowledged data.
 
-A block absent from the store reads as zeros (the disk is sparse). In the
-maps the empty ``bytes`` object stands for such a hole.
+A dirty or draining entry is a whole block (``bytes``/``bytearray``; the
+empty ``bytes`` is a hole) or, in format 2, a :class:`~portalbd.pages.Pages`:
+the pages of a block that were written without its old contents being read.
+Those drain as page deltas (see ``pages.py``), so a 4 KiB write into an
+unread 64 KiB block never moves 64 KiB through the binding.
 
 Correctness rules kept here:
-* Partial-block updates are read-modify-write; a block is loaded at most
-  once at a time, and writers to a block wait for its load, so two writers
-  to different halves of one block never lose either half.
+* Partial-page updates are read-modify-write; a block is loaded at most once
+  at a time, and writers that need its contents wait for the load, so two
+  writers to different parts of one block never lose either part.
+* A value loaded from the store is used only while no drain has written
+  that block since the load began (``_written_since``).
 * FLUSH returns only after every write acknowledged before it is in the
   store and the store has flushed its WAL. Concurrent flushes share rounds.
 * Memory is bounded: writers wait while dirty + draining exceed the limit.
@@ -30,18 +36,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
-from portalbd.blockmath import Piece, block_key, key_block, pieces
+from portalbd.blockmath import Piece, pieces
+from portalbd.pages import (
+    Layout,
+    Pages,
+    aligned,
+    base_key,
+    compose,
+    delta_key,
+    group_by_block,
+    merge_stored,
+    page_span,
+    stored_flags,
+)
+from portalbd.store import envelope
 from portalbd.store.slate import SlateHandle, StoreError
 
 HOLE = b""  # a block that reads as zeros and is absent from the store
-SCAN_RUN = 4  # consecutive missing blocks worth one range scan instead of gets
-DRAIN_PARALLELISM = 3  # write batches in flight during a drain
 SPARSE_TRIM_BLOCKS = 64  # a discard this large first asks the store what exists
+STATUS_SCAN_ENTRIES = 1024  # stored entries one BLOCK_STATUS scan reads at most
+STATUS_SCANS = 8  # scans one BLOCK_STATUS request may make
+DRAIN_LOG = 32  # recent drains remembered to tell whether a loaded value is stale
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
 
 # The hole/zero flags of NBD's base:allocation context.
@@ -49,6 +71,8 @@ STATE_HOLE = 1
 STATE_ZERO = 2
 
 Block = bytes | bytearray
+Entry = bytes | bytearray | Pages
+Payload = bytes | memoryview | None
 
 
 class DeviceError(Exception):
@@ -61,9 +85,11 @@ class DeviceCounters:
     flush_ns_total: int = 0
     drains: int = 0
     drained_blocks: int = 0
+    drained_pages: int = 0
     loads: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    bytes_written: int = 0  # client bytes accepted by WRITE
 
 
 class _Load:
@@ -89,6 +115,17 @@ def _runs(blocks: Sequence[int]) -> Iterator[list[int]]:
         yield run
 
 
+def _stack_over(older: Entry, newer: Pages, block_size: int) -> Entry:
+    """``newer`` pages written over ``older`` (put back after a failed drain)."""
+    if isinstance(older, Pages):
+        merged = Pages(block_size, older.page_size)
+        merged.buf[:] = older.buf
+        newer.overlay(merged.buf)
+        merged.mask = older.mask | newer.mask
+        return merged.buf if merged.full else merged
+    return compose(older, [newer], block_size)
+
+
 class Device:
     def __init__(
         self,
@@ -101,20 +138,26 @@ class Device:
         writeback_delay: float = 0.25,
         batch_bytes: int = 4 * 1024 * 1024,
         on_flush: Callable[[int], None] | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self.store = store
         self.size = size
         self.block_size = block_size
+        self.layout = layout or Layout()
+        self.page_size = min(self.layout.page_size, block_size)
+        # Page deltas only pay when a block holds several pages.
+        self._deltas = self.layout.deltas and self.page_size < block_size
+        self._scan_run = 2 if self.layout.deltas else 4
         self.cache_limit = cache_bytes
         self.dirty_limit = dirty_bytes
         self.writeback_delay = writeback_delay
-        self.batch_items = max(1, batch_bytes // block_size)
+        self.batch_bytes = batch_bytes
         self.counters = DeviceCounters()
         self._on_flush = on_flush
         self._zero_block = bytes(block_size)
         self._zeros = memoryview(self._zero_block)
-        self._dirty: dict[int, Block] = {}
-        self._draining: dict[int, Block] = {}
+        self._dirty: dict[int, Entry] = {}
+        self._draining: dict[int, Entry] = {}
         self._clean: OrderedDict[int, bytes] = OrderedDict()
         self.dirty_bytes = 0
         self.draining_bytes = 0
@@ -122,6 +165,8 @@ class Device:
         self._loading: dict[int, _Load] = {}
         self._drain_lock = asyncio.Lock()
         self._drains_done = 0  # changes whenever the store may hold newer blocks
+        self._drain_log: deque[tuple[int, frozenset[int]]] = deque(maxlen=DRAIN_LOG)
+        self._seq = self.layout.epoch << 40
         self._room = asyncio.Event()
         self._room.set()
         self._wake_writeback = asyncio.Event()
@@ -158,29 +203,81 @@ class Device:
         if self._dirty or self._draining or self._loading:
             raise DeviceError("cannot swap storage with I/O in flight")
         self.store = store
-        self._clean.clear()
-        self.cached_bytes = 0
+        self.forget_clean_cache()
+        self._drains_done += 1  # values loaded from the old store are void
+        self._drain_log.clear()
 
     def forget_clean_cache(self) -> None:
-        """Drop cached clean blocks: the store under them was reopened after a
-        failure and may no longer hold what it acknowledged before."""
+        """Drop cached clean blocks (after a restore, or a reopened store)."""
         self._clean.clear()
         self.cached_bytes = 0
 
     # --- lookups ---------------------------------------------------------
 
-    def _lookup(self, block: int) -> Block | None:
-        value = self._dirty.get(block)
-        if value is not None:
-            return value
-        value = self._draining.get(block)
-        if value is not None:
-            return value
-        clean = self._clean.get(block)
-        if clean is not None:
-            self._clean.move_to_end(block)
-            self.counters.cache_hits += 1
-        return clean
+    def _lookup(self, block: int, loaded: dict[int, bytes] | None = None) -> Block | None:
+        """The block's current contents, or None when the store must be asked.
+
+        ``loaded`` holds values read from the store that are still current.
+        """
+        top = self._dirty.get(block)
+        if top is not None and not isinstance(top, Pages):
+            return top
+        below = self._draining.get(block)
+        if top is None and below is not None and not isinstance(below, Pages):
+            return below
+        layers: list[Pages] = []
+        if top is not None:
+            layers.append(top)
+        base: Block | None = None
+        if below is not None:
+            if isinstance(below, Pages):
+                layers.append(below)
+            else:
+                base = below
+        if base is None:
+            base = self._clean.get(block)
+            if base is not None:
+                self._clean.move_to_end(block)
+                self.counters.cache_hits += 1
+            elif loaded is not None:
+                base = loaded.get(block)
+            if base is None:
+                return None
+        if not layers:
+            return base
+        layers.reverse()
+        return compose(base, layers, self.block_size)
+
+    def _known(self, block: int, loaded: dict[int, bytes] | None = None) -> bool:
+        """Whether :meth:`_lookup` would answer without the store (no copies)."""
+        for entries in (self._dirty, self._draining):
+            value = entries.get(block)
+            if value is not None and not isinstance(value, Pages):
+                return True
+        return block in self._clean or (loaded is not None and block in loaded)
+
+    def _pages_copy(self, out: memoryview, piece: Piece) -> bool:
+        """Fill a piece from written pages alone, if they cover all of it."""
+        layers = [
+            entry
+            for entry in (self._dirty.get(piece.block), self._draining.get(piece.block))
+            if isinstance(entry, Pages)
+        ]
+        if not layers:
+            return False
+        ps = self.page_size
+        first, stop = page_span(piece.start, piece.end, ps)
+        for page in range(first, stop):
+            for layer in layers:
+                if layer.has_page(page):
+                    lo = max(piece.start, page * ps)
+                    hi = min(piece.end, (page + 1) * ps)
+                    dst = piece.offset + lo - piece.start
+                    out[dst : dst + hi - lo] = layer.buf[lo:hi]
+                    break
+            else:
+                return False
+        return True
 
     def _remember(self, block: int, value: bytes) -> None:
         """Put a block the store holds into the clean cache, evicting LRU."""
@@ -196,12 +293,79 @@ class Device:
             _, evicted = self._clean.popitem(last=False)
             self.cached_bytes -= len(evicted) or _HOLE_COST
 
+    def _forget(self, block: int) -> None:
+        old = self._clean.pop(block, None)
+        if old is not None:
+            self.cached_bytes -= len(old) or _HOLE_COST
+
+    def _written_since(self, block: int, since: int) -> bool:
+        """Whether a drain finished after ``since`` may have written ``block``."""
+        if since == self._drains_done:
+            return False
+        if not self._drain_log or self._drain_log[0][0] > since + 1:
+            return True  # older than what the log remembers: assume so
+        return any(number > since and block in blocks for number, blocks in self._drain_log)
+
+    def _current(self, loaded: dict[int, tuple[int, bytes]]) -> dict[int, bytes]:
+        """The loaded values no drain has overtaken since they were read."""
+        return {b: v for b, (since, v) in loaded.items() if not self._written_since(b, since)}
+
+    # --- loading -------------------------------------------------------------
+
+    def _decode(self, block: int, entries: Sequence[tuple[bytes, bytes]]) -> bytes:
+        """One block's contents from its stored entries (base and deltas)."""
+        try:
+            if self.layout.deltas:
+                value, _ = merge_stored(entries, self.block_size, self.page_size)
+                return value
+        except ValueError as exc:
+            raise DeviceError(f"block {block} cannot be decoded: {exc}") from exc
+        if not entries:
+            return HOLE
+        raw = entries[0][1]
+        if len(entries) != 1 or len(raw) != self.block_size:
+            raise DeviceError(
+                f"block {block} holds {len(raw)} bytes, expected {self.block_size} (format 1)"
+            )
+        return raw
+
+    def _stored_flags(self, entries: Sequence[tuple[bytes, bytes]]) -> int:
+        """NBD status flags of a stored block, without decompressing it."""
+        if self.layout.deltas:
+            try:
+                codec = stored_flags(entries)
+            except ValueError as exc:
+                raise DeviceError(f"block status: {exc}") from exc
+            if codec == envelope.CODEC_HOLE:
+                return STATE_HOLE | STATE_ZERO
+            return STATE_ZERO if codec == envelope.CODEC_ZERO else 0
+        return STATE_ZERO if entries[0][1] == self._zero_block else 0
+
+    def _loaded(self, block: int, load: _Load, value: bytes) -> None:
+        """A load finished: cache its value, or lift dirty pages onto it."""
+        load.value = value
+        if load.stale:
+            return
+        top = self._dirty.get(block)
+        if top is None and block not in self._draining:
+            self._remember(block, value)
+        elif isinstance(top, Pages):
+            # Writers put pages over a block nobody had read; now that its
+            # base is known, keep the whole block so reads need no merge.
+            below = self._draining.get(block)
+            base: Block = value
+            layers = [top]
+            if isinstance(below, Pages):
+                layers.insert(0, below)
+            elif below is not None:
+                base = below
+            self._dirty[block] = compose(base, layers, self.block_size)
+
     async def _load(self, block: int) -> bytes | None:
         """Read one block from the store (once, however many ask).
 
-        Returns its value (HOLE for an absent key), or None when a drain
+        Returns its value (HOLE for an absent block), or None when a drain
         overtook the read and the value may be stale: the caller looks again.
-        The value is also cached, so callers usually find it by lookup.
         """
         pending = self._loading.get(block)
         if pending is not None:
@@ -212,14 +376,17 @@ class Device:
         self.counters.loads += 1
         self.counters.cache_misses += 1
         try:
-            value = await self.store.get(block_key(block))
-            load.value = HOLE if value is None else value
-            if not load.stale and block not in self._dirty and block not in self._draining:
-                self._remember(block, load.value)
-        except StoreError as exc:
-            load.done.set_exception(DeviceError(str(exc)))
+            if self.layout.deltas:
+                found = await self.store.scan(base_key(block), base_key(block + 1))
+            else:
+                raw = await self.store.get(base_key(block))
+                found = [] if raw is None else [(base_key(block), raw)]
+            self._loaded(block, load, self._decode(block, found))
+        except (StoreError, DeviceError) as exc:
+            error = exc if isinstance(exc, DeviceError) else DeviceError(str(exc))
+            load.done.set_exception(error)
             load.done.exception()  # mark retrieved; waiters get it via shield
-            raise DeviceError(str(exc)) from exc
+            raise error from exc
         finally:
             del self._loading[block]
             if not load.done.done():
@@ -230,15 +397,15 @@ class Device:
         """Load several blocks at once; returns those that are not stale.
 
         Runs of consecutive blocks are read with one range scan (far cheaper
-        per block than a get each); the rest with concurrent gets.
+        per block than a call each); the rest with concurrent calls.
         """
         if len(blocks) == 1:
             value = await self._load(blocks[0])
             return {} if value is None else {blocks[0]: value}
         jobs: list[Awaitable[dict[int, bytes]]] = []
         singles: list[int] = []
-        for run in _runs(sorted(blocks)):
-            if len(run) >= SCAN_RUN and not any(b in self._loading for b in run):
+        for run in _runs(sorted(set(blocks))):
+            if len(run) >= self._scan_run and not any(b in self._loading for b in run):
                 jobs.append(self._load_run(run))
             else:
                 singles.extend(run)
@@ -266,17 +433,12 @@ class Device:
         self.counters.loads += len(run)
         self.counters.cache_misses += len(run)
         try:
-            found = await self.store.scan(block_key(run[0]), block_key(run[-1] + 1))
-            values = dict.fromkeys(run, HOLE)
-            for key, value in found:
-                values[key_block(key)] = value
-            for block, value in values.items():
-                load = loads[block]
-                load.value = value
-                if not load.stale and block not in self._dirty and block not in self._draining:
-                    self._remember(block, value)
-        except StoreError as exc:
-            error = DeviceError(str(exc))
+            found = await self.store.scan(base_key(run[0]), base_key(run[-1] + 1))
+            groups = dict(group_by_block(found))
+            for block, load in loads.items():
+                self._loaded(block, load, self._decode(block, groups.get(block, ())))
+        except (StoreError, DeviceError) as exc:
+            error = exc if isinstance(exc, DeviceError) else DeviceError(str(exc))
             for load in loads.values():
                 load.done.set_exception(error)
                 load.done.exception()
@@ -310,7 +472,9 @@ class Device:
         if start + length <= bs:
             value = self._lookup(block)
             if value is None:
-                return None
+                out = bytearray(length)
+                piece = Piece(block, start, start + length, 0)
+                return memoryview(out) if self._pages_copy(memoryview(out), piece) else None
             if not value:
                 return self._zeros[:length]
             if isinstance(value, bytearray):
@@ -320,9 +484,10 @@ class Device:
         view = memoryview(out)
         for piece in pieces(offset, length, bs):
             value = self._lookup(piece.block)
-            if value is None:
+            if value is not None:
+                self._copy_piece(view, piece, value)
+            elif not self._pages_copy(view, piece):
                 return None
-            self._copy_piece(view, piece, value)
         return view
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
@@ -330,38 +495,57 @@ class Device:
         if result is not None:
             return result
         parts = list(pieces(offset, length, self.block_size))
-        loaded: dict[int, bytes] = {}
+        out = bytearray(length)
+        view = memoryview(out)
+        done = [False] * len(parts)
         while True:
-            # Blocks loaded earlier stay usable even if the cache evicted
-            # them meanwhile (a cache smaller than one request); a block a
-            # drain overtook is simply loaded again.
-            missing = [
-                p.block for p in parts if p.block not in loaded and self._lookup(p.block) is None
-            ]
-            if missing:
-                loaded.update(await self._load_all(missing))
-            out = bytearray(length)
-            view = memoryview(out)
-            for piece in parts:
+            missing: list[int] = []
+            for i, piece in enumerate(parts):
+                if done[i]:
+                    continue
                 value = self._lookup(piece.block)
-                if value is None:
-                    value = loaded.get(piece.block)
-                    if value is None:
-                        break
-                self._copy_piece(view, piece, value)
-            else:
+                if value is not None:
+                    self._copy_piece(view, piece, value)
+                elif not self._pages_copy(view, piece):
+                    missing.append(piece.block)
+                    continue
+                done[i] = True
+            if not missing:
                 return view
+            # A value read from the store is current only until a drain
+            # writes its block: use the loads at once, and only those no
+            # drain overtook.
+            since = self._drains_done
+            fresh = await self._load_all(missing)
+            fresh = {b: v for b, v in fresh.items() if not self._written_since(b, since)}
+            for i, piece in enumerate(parts):
+                if not done[i] and piece.block in fresh:
+                    value = self._lookup(piece.block, fresh)
+                    if value is not None:
+                        self._copy_piece(view, piece, value)
+                        done[i] = True
 
     # --- writes ----------------------------------------------------------
 
     def _needs_load(self, piece: Piece, loaded: dict[int, bytes] | None = None) -> bool:
-        if piece.block in self._loading:
-            return True
-        if piece.whole(self.block_size) or self._lookup(piece.block) is not None:
-            return False
-        return loaded is None or piece.block not in loaded
+        """Whether applying ``piece`` needs the block's stored contents first.
 
-    def _set_dirty(self, block: int, value: Block) -> None:
+        A block being loaded by someone else counts only while its contents
+        are unknown: waiting on a load of a block that is already known would
+        let writers chain each other's loads forever.
+        """
+        block = piece.block
+        if piece.whole(self.block_size) or self._known(block, loaded):
+            return False
+        if self._deltas:
+            if aligned(piece.start, piece.end, self.page_size):
+                return False
+            top = self._dirty.get(block)
+            if isinstance(top, Pages) and top.covers(piece.start, piece.end):
+                return False
+        return True
+
+    def _set_dirty(self, block: int, value: Entry) -> None:
         if block not in self._dirty:
             if not self._dirty:
                 self._first_dirty_at = time.monotonic()
@@ -382,27 +566,43 @@ class Device:
         block = piece.block
         if piece.whole(bs):
             if data is None:
-                value: Block = self._zero_block if explicit_zero else HOLE
+                value: Entry = self._zero_block if explicit_zero else HOLE
             else:
                 value = bytes(data[piece.offset : piece.offset + bs])
                 if value == self._zero_block:
                     value = HOLE
             self._set_dirty(block, value)
             return
+        chunk = None if data is None else data[piece.offset : piece.offset + piece.length]
         current = self._dirty.get(block)
         if isinstance(current, bytearray):
-            buf = current
+            current[piece.start : piece.end] = (
+                self._zeros[: piece.length] if chunk is None else chunk
+            )
+            return
+        if isinstance(current, Pages) and (
+            aligned(piece.start, piece.end, self.page_size)
+            or current.covers(piece.start, piece.end)
+        ):
+            current.put(piece.start, piece.end, chunk)
+            if current.full:
+                self._dirty[block] = current.buf
+            return
+        base = self._lookup(block, loaded)
+        if base is None:
+            assert self._deltas and current is None, "partial update of an unloaded block"
+            pages = Pages(bs, self.page_size)
+            pages.put(piece.start, piece.end, chunk)
+            self._set_dirty(block, pages.buf if pages.full else pages)
+            return
+        if isinstance(base, bytearray):  # composed just now: ours to change
+            buf = base
+        elif base:
+            buf = bytearray(base)
         else:
-            base = current if current is not None else self._lookup(block)
-            if base is None and loaded is not None:
-                base = loaded.get(block)
-            assert base is not None, "partial update of a block that is not loaded"
-            buf = bytearray(base) if base else bytearray(bs)
-            self._set_dirty(block, buf)
-        if data is None:
-            buf[piece.start : piece.end] = self._zeros[: piece.length]
-        else:
-            buf[piece.start : piece.end] = data[piece.offset : piece.offset + piece.length]
+            buf = bytearray(bs)
+        buf[piece.start : piece.end] = self._zeros[: piece.length] if chunk is None else chunk
+        self._set_dirty(block, buf)
 
     def _has_room(self) -> bool:
         return self.dirty_bytes + self.draining_bytes < self.dirty_limit
@@ -417,6 +617,7 @@ class Device:
                 return False
         for piece in parts:
             self._apply(piece, data, False)
+        self.counters.bytes_written += len(data)
         return True
 
     async def _modify(
@@ -435,36 +636,38 @@ class Device:
                 absent = await self._absent_blocks(whole)
                 if absent:
                     parts = [p for p in parts if p.block not in absent]
-        loaded: dict[int, bytes] = {}
+        loaded: dict[int, tuple[int, bytes]] = {}
         while True:
-            missing = [p.block for p in parts if self._needs_load(p, loaded)]
+            current = self._current(loaded)
+            missing = [p.block for p in parts if self._needs_load(p, current)]
             if not missing:
                 break
-            drains = self._drains_done
+            since = self._drains_done
             fresh = await self._load_all(missing)
-            if self._drains_done == drains:
-                loaded.update(fresh)
-            else:
-                # A drain finished meanwhile: a value loaded before it may be
-                # older than what that drain wrote. Load everything again.
-                loaded = {}
+            loaded.update((b, (since, v)) for b, v in fresh.items())
         for piece in parts:
-            self._apply(piece, data, explicit_zero, loaded)
+            self._apply(piece, data, explicit_zero, current)
+        if data is not None:
+            self.counters.bytes_written += length
 
     async def _absent_blocks(self, blocks: Sequence[int], chunk: int = 64) -> set[int]:
-        """Blocks of a large discard that are holes already (nothing to delete).
+        """Blocks of a large discard that are holes already (nothing to write).
 
-        A fresh or sparse disk is mostly holes, and deleting keys that do not
-        exist still costs a tombstone each. Ask the store in chunks; once a
-        chunk turns out dense, stop asking (reading data just to delete it
-        costs more than deleting blindly).
+        A fresh or sparse disk is mostly holes, and discarding a block that
+        is not there still costs a write each. Ask the store in chunks; once
+        a chunk turns out dense, stop asking (reading data just to discard
+        it costs more than discarding blindly).
         """
         drains = self._drains_done
         absent: set[int] = set()
         for i in range(0, len(blocks), chunk):
             part = blocks[i : i + chunk]
-            found = await self.store.scan(block_key(part[0]), block_key(part[-1] + 1))
-            present = {key_block(key) for key, _ in found}
+            found = await self.store.scan(base_key(part[0]), base_key(part[-1] + 1))
+            present = {
+                block
+                for block, entries in group_by_block(found)
+                if self._stored_flags(entries) != STATE_HOLE | STATE_ZERO
+            }
             absent.update(b for b in part if b not in present)
             if len(present) > chunk // 4:
                 break
@@ -498,41 +701,131 @@ class Device:
     async def cache(self, offset: int, length: int, max_blocks: int = 256) -> None:
         """Prefetch a range into the clean cache (bounded per request)."""
         wanted = [
-            p.block
-            for p in pieces(offset, length, self.block_size)
-            if self._lookup(p.block) is None
+            p.block for p in pieces(offset, length, self.block_size) if not self._known(p.block)
         ][:max_blocks]
         if wanted:
             await self._load_all(wanted)
 
     # --- block status ------------------------------------------------------
 
-    async def block_status(
-        self, offset: int, length: int, max_loads: int = 64
-    ) -> list[tuple[int, int]]:
-        """(length, flags) extents from ``offset``; may cover only a prefix."""
-        all_pieces = list(pieces(offset, length, self.block_size))
-        unknown = [p.block for p in all_pieces if self._lookup(p.block) is None][:max_loads]
-        if unknown:
-            await self._load_all(unknown)
+    def _memory_flags(self, block: int) -> int | None:
+        """Status of a block from memory alone, or None if only the store knows."""
+        value = self._lookup(block)
+        if value is None:
+            if isinstance(self._dirty.get(block), Pages) or isinstance(
+                self._draining.get(block), Pages
+            ):
+                return 0  # some pages written: data (a safe answer)
+            return None
+        if not value:
+            return STATE_HOLE | STATE_ZERO
+        return STATE_ZERO if value == self._zero_block else 0
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, flags) extents from ``offset``; may cover only a prefix.
+
+        A run of blocks the store does not hold, however long, costs one
+        range scan: the scan returns the next stored entries, and everything
+        before them that memory does not override is a hole.
+        """
+        bs = self.block_size
+        end = offset + length
+        last_block = (end - 1) // bs
         extents: list[tuple[int, int]] = []
-        for piece in all_pieces:
-            value = self._lookup(piece.block)
-            if value is None:
-                break  # not known yet: report the prefix we know
-            if not value:
-                flags = STATE_HOLE | STATE_ZERO
-            elif value == self._zero_block:
-                flags = STATE_ZERO
-            else:
-                flags = 0
+        position = offset
+
+        def emit_until(limit: int, flags: int) -> None:
+            nonlocal position
+            count = min(end, limit) - position
+            if count <= 0:
+                return
             if extents and extents[-1][1] == flags:
-                extents[-1] = (extents[-1][0] + piece.length, flags)
+                extents[-1] = (extents[-1][0] + count, flags)
             else:
-                extents.append((piece.length, flags))
+                extents.append((count, flags))
+            position += count
+
+        scans = 0
+        while position < end:
+            block = position // bs
+            flags = self._memory_flags(block)
+            if flags is not None:
+                emit_until((block + 1) * bs, flags)
+                continue
+            if scans == STATUS_SCANS:
+                break
+            scans += 1
+            since = self._drains_done
+            found = await self.store.scan(
+                base_key(block), base_key(last_block + 1), limit=STATUS_SCAN_ENTRIES
+            )
+            if self._drains_done != since:
+                continue  # a drain moved blocks from memory into the store meanwhile
+            groups = list(group_by_block(found))
+            scanned_to = last_block + 1
+            if len(found) == STATUS_SCAN_ENTRIES and len(groups) > 1:
+                scanned_to = groups[-1][0]  # the last block may have more entries
+                groups.pop()
+            stored = {b: entries for b, entries in groups}
+            overrides = {b for b in chain(self._dirty, self._draining) if block <= b < scanned_to}
+            for b in sorted(overrides | stored.keys()):
+                emit_until(b * bs, STATE_HOLE | STATE_ZERO)
+                known = self._memory_flags(b)
+                if known is None:
+                    entries = stored.get(b)
+                    known = (
+                        STATE_HOLE | STATE_ZERO if entries is None else self._stored_flags(entries)
+                    )
+                emit_until((b + 1) * bs, known)
+            emit_until(scanned_to * bs, STATE_HOLE | STATE_ZERO)
         return extents
 
     # --- write-back and flush ----------------------------------------------
+
+    def _drain_items(
+        self, draining: dict[int, Entry]
+    ) -> tuple[list[tuple[bytes, Payload]], list[tuple[int, bytes]]]:
+        """The store items of a drain, and the whole blocks it makes clean."""
+        items: list[tuple[bytes, Payload]] = []
+        whole: list[tuple[int, bytes]] = []
+        ps = self.page_size
+        for block in sorted(draining):
+            value = draining[block]
+            if isinstance(value, Pages):
+                view = memoryview(value.buf)
+                for page in value.pages():
+                    items.append((delta_key(block, page), view[page * ps : (page + 1) * ps]))
+                self.counters.drained_pages += bin(value.mask).count("1")
+                continue
+            if isinstance(value, bytearray):
+                value = bytes(value)
+                draining[block] = value
+            whole.append((block, value))
+            items.append((base_key(block), value if value else None))
+        return items, whole
+
+    def _batches(self, items: list[tuple[bytes, Payload]]) -> list[list[tuple[bytes, Payload]]]:
+        batches: list[list[tuple[bytes, Payload]]] = []
+        current: list[tuple[bytes, Payload]] = []
+        size = 0
+        for item in items:
+            current.append(item)
+            size += len(item[1] or b"") + 64
+            if size >= self.batch_bytes:
+                batches.append(current)
+                current, size = [], 0
+        if current:
+            batches.append(current)
+        return batches
+
+    def _put_back(self, draining: dict[int, Entry]) -> None:
+        """A drain failed: its blocks become dirty again under newer writes."""
+        for block, value in draining.items():
+            newer = self._dirty.get(block)
+            if newer is None:
+                self._set_dirty(block, value)
+            elif isinstance(newer, Pages):
+                self._dirty[block] = _stack_over(value, newer, self.block_size)
 
     async def _drain(self) -> bool:
         """Move every dirty block into the store, in batches, durably.
@@ -547,56 +840,55 @@ class Device:
             self._draining = draining
             self.draining_bytes = self.dirty_bytes
             self.dirty_bytes = 0
-            frozen: list[tuple[int, bytes]] = []
-            for block in sorted(draining):
-                value = draining[block]
-                if isinstance(value, bytearray):
-                    value = bytes(value)
-                    draining[block] = value
-                frozen.append((block, value))
+            self._seq += 1
+            items, whole = self._drain_items(draining)
+            encode = None
+            if self.layout.deltas:
+                encode = functools.partial(
+                    envelope.encode, seq=self._seq, compress=self.layout.compress
+                )
             try:
-                step = self.batch_items
-                batches = [
-                    [(block_key(b), v if v else None) for b, v in frozen[i : i + step]]
-                    for i in range(0, len(frozen), step)
-                ]
-                # Each block appears once per drain, so batches commute: keep a
-                # few in flight to overlap SlateDB's work with ours.
-                for i in range(0, len(batches), DRAIN_PARALLELISM):
-                    group = batches[i : i + DRAIN_PARALLELISM]
-                    if len(group) == 1:
-                        await self.store.write(group[0])
-                    else:
-                        results = await asyncio.gather(
-                            *(self.store.write(batch) for batch in group), return_exceptions=True
-                        )
-                        for result in results:
-                            if isinstance(result, BaseException):
-                                raise result
+                # Each key appears once per drain, so batches commute: keep as
+                # many in flight as the store has threads to build them.
+                batches = self._batches(items)
+                width = self.store.parallelism
+                for i in range(0, len(batches), width):
+                    group = batches[i : i + width]
+                    results = await asyncio.gather(
+                        *(self.store.write(batch, encode=encode) for batch in group),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result
                 # The blocks leave ``draining`` only once durable: a database
                 # reopened after an outage has lost whatever was in its
                 # memtable, so until this flush succeeds the only safe copy
                 # of an acknowledged write is ours.
                 await self.store.flush()
             except StoreError:
-                # Nothing is lost: put back what no newer write replaced.
-                for block, value in frozen:
-                    if block not in self._dirty:
-                        self._dirty[block] = value
-                        self.dirty_bytes += self.block_size
+                self._draining = {}
+                self.draining_bytes = 0
+                self._put_back(draining)
                 raise
             finally:
                 self._drains_done += 1
+                self._drain_log.append((self._drains_done, frozenset(draining)))
                 self._draining = {}
                 self.draining_bytes = 0
                 self._room.set()
             self.counters.drains += 1
-            self.counters.drained_blocks += len(frozen)
-            for block, value in frozen:
+            self.counters.drained_blocks += len(draining)
+            for block in draining:
                 load = self._loading.get(block)
                 if load is not None:
                     load.stale = True
-                if block not in self._dirty:
+                if isinstance(draining[block], Pages):
+                    self._forget(block)
+            for block, value in whole:
+                # The store now holds this block; cache it unless a newer
+                # whole value shadows it (pages written since sit on top).
+                if not isinstance(self._dirty.get(block), bytes | bytearray):
                     self._remember(block, value)
             return True
 

@@ -8,7 +8,6 @@ and shutting down in the right order.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -24,51 +23,22 @@ from portalbd.nbd.server import NbdServer, RequestObserver
 from portalbd.stats import ServerStats
 from portalbd.store.instance import InstanceStore
 from portalbd.store.location import StorageLocation, parse_storage_url
+from portalbd.store.metadata import (
+    DeviceMetadata,
+    MetadataError,
+    open_metadata,
+    read_metadata,
+    write_metadata,
+)
 from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
-from portalbd.store.slate import SlateHandle, StoreError
+from portalbd.store.slate import SlateHandle, StoreError, configure_io_threads
 from portalbd.store.usage import UsageSampler
 
 log = logging.getLogger("portalbd")
 
-META_KEY = b"\xffportalbd:device"  # outside the 8-byte block key space
-FORMAT_VERSION = 1
-
 
 class StartupError(Exception):
     """The instance cannot start; the message tells the operator why."""
-
-
-async def check_metadata(data: SlateHandle, size: int, block_size: int) -> int:
-    """Record the device geometry on first use; enforce it afterwards.
-
-    Returns the size to serve: growing is allowed (and recorded), shrinking
-    would cut off data and is refused, as is a different block size.
-    """
-    raw = await data.get(META_KEY)
-    if raw is not None:
-        meta = json.loads(raw)
-        if meta.get("format") != FORMAT_VERSION:
-            raise StartupError(
-                f"device format {meta.get('format')} is not supported by portalbd {__version__}"
-            )
-        if meta["block_size"] != block_size:
-            raise StartupError(
-                f"this disk was created with block_size {meta['block_size']}; "
-                f"it cannot be reopened with block_size {block_size} "
-                f"(set [device] block_size = {meta['block_size']})"
-            )
-        if size < meta["size_bytes"]:
-            raise StartupError(
-                f"this disk is {meta['size_bytes']} bytes; shrinking it to {size} bytes "
-                "would lose data and is refused"
-            )
-        if size == meta["size_bytes"]:
-            return size
-        log.info("growing device from %d to %d bytes", meta["size_bytes"], size)
-    meta = {"format": FORMAT_VERSION, "size_bytes": size, "block_size": block_size}
-    await data.write([(META_KEY, json.dumps(meta).encode())])
-    await data.flush()
-    return size
 
 
 class Instance:
@@ -126,8 +96,21 @@ class Instance:
         else:
             if removed:
                 log.info("removed unreferenced generations %s", removed)
-        size = await check_metadata(
-            self.store.data, cfg.device.effective_size(), cfg.device.block_size
+        try:
+            meta = await open_metadata(
+                self.store.data, cfg.device.effective_size(), cfg.device.block_size
+            )
+        except MetadataError as exc:
+            raise StartupError(str(exc)) from exc
+        size = meta.size_bytes
+        configure_io_threads(cfg.device.io_threads)
+        log.info(
+            "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d",
+            meta.layout.version,
+            meta.block_size,
+            meta.layout.page_size,
+            meta.layout.epoch,
+            cfg.device.io_threads,
         )
         self.device = Device(
             self.store.data,
@@ -136,6 +119,7 @@ class Instance:
             cache_bytes=cfg.device.cache_bytes,
             dirty_bytes=cfg.device.dirty_bytes,
             on_flush=self.stats.flush_latency.record,
+            layout=meta.layout,
         )
         self.device.start()
         self.usage = UsageSampler(self.location, self.s3)
@@ -384,6 +368,15 @@ class Instance:
                 raise cp.BadRequest(str(exc)) from exc
             log.info("snapshot deleted name=%s", name)
 
+    async def _carry_metadata(self, handle: SlateHandle) -> None:
+        assert self.device is not None
+        restored = await read_metadata(handle)
+        size = self.device.size if restored is None else max(restored.size_bytes, self.device.size)
+        layout = self.device.layout
+        if restored is not None and restored.layout.version != layout.version:
+            layout = restored.layout  # never rewrite a snapshot's format
+        await write_metadata(handle, DeviceMetadata(size, self.device.block_size, layout))
+
     async def restore(self, name: str, *, force: bool) -> None:
         """Make the disk what it was at the snapshot; keep every snapshot."""
         assert self.store is not None and self.device is not None and self.server is not None
@@ -404,6 +397,10 @@ class Instance:
                 await self.device.flush()
                 try:
                     generation, handle = await self.store.prepare_restore(name)
+                    # The clone carries the snapshot's epoch; writes after the
+                    # restore use the device's, which is newer. Record it
+                    # before the clone goes live, so sequences keep growing.
+                    await self._carry_metadata(handle)
                     crash_point("restore:before-commit")
                     old = await self.store.commit_restore(generation, handle)
                 except StoreError as exc:

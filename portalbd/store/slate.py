@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ uniffi_patch.apply()
 
 import slatedb.uniffi as sdb  # noqa: E402  (the patch must come first)
 
-from portalbd.config import LsmConfig  # noqa: E402
+from portalbd.config import LsmConfig, default_io_threads  # noqa: E402
 
 if TYPE_CHECKING:
     from portalbd.store.object_metrics import ObjectStoreCounters
@@ -34,6 +35,69 @@ log = logging.getLogger("portalbd.store")
 # After SlateDB gives up on the object store (retry budget spent) the
 # database is closed for good ("panic"); we reopen it, at most this often.
 REOPEN_INTERVAL_S = 2.0
+SCAN_BATCH = 256  # entries per call into a scan iterator
+
+
+# A batch whose values add up to less than this is built on the loop: handing
+# it to a thread (5-25 us) would cost more than the copy it saves.
+INLINE_BATCH_BYTES = 16 * 1024
+
+Value = bytes | memoryview | None
+Encoder = Callable[[Value], bytes]
+
+
+class _Workers:
+    """The binding-call threads shared by every database of the process."""
+
+    def __init__(self) -> None:
+        self.threads = default_io_threads()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def configure(self, threads: int) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        self.threads = max(0, threads)
+
+    @property
+    def pool(self) -> ThreadPoolExecutor | None:
+        if self._pool is None and self.threads > 0:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="portalbd-io")
+        return self._pool
+
+
+WORKERS = _Workers()
+
+
+def configure_io_threads(threads: int) -> None:
+    """Set how many threads build write batches (0: all on the event loop)."""
+    WORKERS.configure(threads)
+
+
+def _build_batch(
+    items: Sequence[tuple[bytes, Value]], encode: Encoder | None
+) -> tuple[Any, int, int, int]:
+    """A WriteBatch of ``items``: (batch, puts, deletes, bytes put).
+
+    Runs on a worker thread: ``encode`` (compression, in C) and the binding's
+    per-byte copy both release the GIL, so several batches fill at once.
+    Without ``encode`` a ``None`` value is a delete.
+    """
+    batch = sdb.WriteBatch()
+    puts = deletes = size = 0
+    for key, value in items:
+        if encode is not None:
+            stored = encode(value)
+        elif value is None:
+            batch.delete(key)
+            deletes += 1
+            continue
+        else:
+            stored = value if isinstance(value, bytes) else bytes(value)
+        batch.put(key, stored)
+        puts += 1
+        size += len(stored)
+    return batch, puts, deletes, size
 
 
 class StoreError(Exception):
@@ -275,20 +339,33 @@ class SlateHandle:
             self.counters.bytes_got += len(value)
         return value
 
-    async def write(self, items: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Apply puts (value) and deletes (None) atomically, as one batch."""
+    @property
+    def parallelism(self) -> int:
+        """How many write batches are worth keeping in flight at once."""
+        return WORKERS.threads + 1
+
+    async def write(
+        self, items: Sequence[tuple[bytes, Value]], *, encode: Encoder | None = None
+    ) -> None:
+        """Apply puts and deletes atomically, as one batch.
+
+        With ``encode`` every value (``None`` included) is encoded and put;
+        without it ``None`` deletes the key.
+        """
         if not items:
             return
-        batch = sdb.WriteBatch()
+        pool = WORKERS.pool
+        if pool is None or sum(len(v) for _, v in items if v is not None) < INLINE_BATCH_BYTES:
+            batch, puts, deletes, size = _build_batch(items, encode)
+        else:
+            loop = asyncio.get_running_loop()
+            batch, puts, deletes, size = await loop.run_in_executor(
+                pool, _build_batch, items, encode
+            )
         counters = self.counters
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-                counters.deletes += 1
-            else:
-                batch.put(key, value)
-                counters.puts += 1
-                counters.bytes_put += len(value)
+        counters.puts += puts
+        counters.deletes += deletes
+        counters.bytes_put += size
         counters.batches += 1
         if self._broken is not None:
             await self._recover()
@@ -332,10 +409,11 @@ class SlateHandle:
         try:
             iterator = await self._db.scan(rng)
             while len(out) < limit:
-                batch = await iterator.next_batch(min(64, limit - len(out)))
-                if not batch:
-                    break
+                wanted = min(SCAN_BATCH, limit - len(out))
+                batch = await iterator.next_batch(wanted)
                 out.extend((kv.key, kv.value) for kv in batch)
+                if len(batch) < wanted:
+                    break  # a short batch means the iterator is exhausted
         except sdb.Error as exc:
             raise self._failed(exc, "scan failed") from exc
         self.counters.bytes_got += sum(len(v) for _, v in out)

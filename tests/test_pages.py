@@ -1,0 +1,340 @@
+"""Format 2: the value envelope, page deltas and their merge, against models.
+
+The device runs on a real in-memory SlateDB with blocks of several pages,
+so that page-aligned writes into unread blocks become page deltas, reads and
+later writes merge them, whole-block writes shadow them, and drains run
+concurrently with everything else (a 1 ms write-back delay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portalbd.config import LsmConfig
+from portalbd.device import STATE_HOLE, STATE_ZERO, Device
+from portalbd.pages import (
+    Layout,
+    Pages,
+    base_key,
+    compose,
+    delta_key,
+    group_by_block,
+    merge_stored,
+    stored_flags,
+)
+from portalbd.store import envelope
+from portalbd.store.slate import SlateHandle, resolve_object_store
+
+PS = 4096
+BS = 4 * PS
+SIZE = 12 * BS
+
+
+# --- the envelope -------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=3 * PS), st.integers(0, 2**64 - 1), st.booleans())
+def test_envelope_round_trips(payload: bytes, seq: int, compress: bool) -> None:
+    stored = envelope.encode(payload, seq, compress=compress)
+    codec, got_seq, got = envelope.decode(stored, len(payload))
+    assert got_seq == seq
+    if payload.count(0) == len(payload):
+        assert codec == envelope.CODEC_ZERO and got is None
+    else:
+        assert got == payload
+
+
+def test_envelope_stores_what_compresses_compressed_and_the_rest_raw() -> None:
+    text = b"portalbd " * 2000
+    assert envelope.header(envelope.encode(text, 1))[0] == envelope.CODEC_LZ4
+    assert len(envelope.encode(text, 1)) < len(text) // 10
+    noise = os.urandom(PS)
+    packed = envelope.encode(noise, 1)
+    assert envelope.header(packed)[0] == envelope.CODEC_RAW
+    assert len(packed) == PS + envelope.HEADER_SIZE
+    assert envelope.encode(None, 7) == envelope.HEADER.pack(envelope.CODEC_HOLE, 7)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b"\x00\x01", "shorter than its header"),
+        (envelope.HEADER.pack(0x80, 1) + b"x", "envelope flags 0x80"),
+        (envelope.HEADER.pack(0x09, 1), "unknown codec 9"),
+        (envelope.HEADER.pack(envelope.CODEC_HOLE, 1) + b"x", "a hole value carries a payload"),
+        (envelope.HEADER.pack(envelope.CODEC_RAW, 1) + b"abc", "holds 3 bytes, expected 4096"),
+        (envelope.HEADER.pack(envelope.CODEC_LZ4, 1) + b"\xff\xff", "corrupt lz4 payload"),
+    ],
+)
+def test_envelope_refuses_what_it_cannot_read(value: bytes, message: str) -> None:
+    with pytest.raises(envelope.EnvelopeError, match=message):
+        envelope.decode(value, PS)
+
+
+# --- merging stored entries -----------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(
+    st.one_of(st.none(), st.binary(min_size=BS, max_size=BS), st.just(b"\x00" * BS)),
+    st.integers(0, 100),
+    st.dictionaries(
+        st.integers(0, BS // PS - 1),
+        st.tuples(st.integers(0, 200), st.binary(min_size=PS, max_size=PS)),
+    ),
+)
+def test_merge_applies_only_deltas_newer_than_the_base(
+    base: bytes | None, base_seq: int, deltas: dict[int, tuple[int, bytes]]
+) -> None:
+    entries = []
+    model = bytearray(BS)
+    if base is not None:
+        entries.append((base_key(3), envelope.encode(base, base_seq)))
+        model[:] = base
+    newest = -1
+    for page in sorted(deltas):
+        seq, data = deltas[page]
+        entries.append((delta_key(3, page), envelope.encode(data, seq)))
+        if seq > (base_seq if base is not None else -1):
+            model[page * PS : (page + 1) * PS] = data
+            newest = max(newest, seq)
+    value, _ = merge_stored(entries, BS, PS)
+    assert (value or bytes(BS)) == bytes(model)
+    flags = stored_flags(entries)
+    if newest >= 0 or (base is not None and any(base)):
+        assert flags == 0
+    elif base is None:
+        assert flags == envelope.CODEC_HOLE
+    else:
+        assert flags == envelope.CODEC_ZERO
+
+
+def test_pages_refuse_a_partial_page_they_do_not_hold() -> None:
+    pages = Pages(BS, PS)
+    pages.put(PS, 2 * PS, b"a" * PS)
+    pages.put(PS + 10, PS + 20, b"b" * 10)  # inside a held page: fine
+    with pytest.raises(ValueError, match="needs the page's old contents"):
+        pages.put(10, 20, b"c" * 10)
+    block = compose(b"z" * BS, [pages], BS)
+    assert block[:PS] == b"z" * PS
+    assert block[PS : PS + 10] == b"a" * 10 and block[PS + 10 : PS + 20] == b"b" * 10
+
+
+def test_scan_entries_group_per_block_with_their_deltas() -> None:
+    keys = [base_key(1), delta_key(1, 0), delta_key(1, 3), delta_key(2, 1), base_key(5)]
+    assert sorted(keys) == keys  # a block's deltas sort right after its base
+    groups = [(b, [k for k, _ in g]) for b, g in group_by_block((k, b"") for k in keys)]
+    assert groups == [(1, keys[:3]), (2, keys[3:4]), (5, keys[4:])]
+
+
+# --- the device with page deltas, against a bytearray ---------------------------------
+
+
+async def open_device(cache_blocks: int, version: int = 2, **extra: Any) -> Device:
+    store = resolve_object_store("memory:///")
+    handle = await SlateHandle.open(store, "dev", LsmConfig(block_cache_size_bytes=0))
+    device = Device(
+        handle,
+        size=SIZE,
+        block_size=BS,
+        cache_bytes=cache_blocks * BS,
+        dirty_bytes=6 * BS,
+        writeback_delay=0.001,
+        layout=Layout(version=version, page_size=PS),
+        **extra,
+    )
+    device.start()
+    return device
+
+
+Op = tuple[str, int, int, int]
+
+
+def aligned_or_not(draw: Any) -> tuple[int, int]:
+    if draw(st.booleans()):
+        page = draw(st.integers(0, SIZE // PS - 1))
+        count = draw(st.integers(1, min(6, SIZE // PS - page)))
+        return page * PS, count * PS
+    offset = draw(st.integers(0, SIZE - 1))
+    return offset, draw(st.integers(1, min(2 * BS, SIZE - offset)))
+
+
+@st.composite
+def waves(draw: Any) -> list[list[Op]]:
+    """Groups of operations run concurrently; within a group no two touch the
+    same byte, so any order gives the same result and the model stays exact."""
+    out: list[list[Op]] = []
+    for _ in range(draw(st.integers(1, 8))):
+        wave: list[Op] = []
+        taken: list[tuple[int, int]] = []
+        for _ in range(draw(st.integers(1, 5))):
+            kind = draw(st.sampled_from(["write", "write", "trim", "zero", "read", "flush"]))
+            offset, length = aligned_or_not(draw)
+            if any(offset < end and start < offset + length for start, end in taken):
+                continue
+            taken.append((offset, offset + length))
+            wave.append((kind, offset, length, draw(st.integers(1, 255))))
+        out.append(wave)
+    return out
+
+
+async def run_waves(device: Device, plan: list[list[Op]], model: bytearray) -> None:
+    async def one(kind: str, offset: int, length: int, byte: int) -> None:
+        if kind == "write":
+            data = bytes([byte]) * length
+            await device.write(offset, memoryview(data))
+            model[offset : offset + length] = data
+        elif kind in ("trim", "zero"):
+            if kind == "trim":
+                await device.trim(offset, length)
+            else:
+                await device.write_zeroes(offset, length)
+            model[offset : offset + length] = bytes(length)
+        elif kind == "read":
+            got = bytes(await device.read(offset, length))
+            assert got == model[offset : offset + length], f"read {offset}+{length}"
+        else:
+            await device.flush()
+
+    for wave in plan:
+        expected = bytes(model)
+        await asyncio.gather(*(one(*op) for op in wave))
+        for kind, offset, length, _ in wave:
+            if kind == "read":
+                continue
+            # concurrent ops touch disjoint bytes: outside them nothing moved
+            expected = (
+                expected[:offset]
+                + bytes(model[offset : offset + length])
+                + expected[offset + length :]
+            )
+        assert bytes(model) == expected
+
+
+async def check_whole_disk(device: Device, model: bytearray) -> None:
+    got = bytes(await device.read(0, SIZE))
+    assert got == bytes(model)
+    position = 0
+    for length, flags in await device.block_status(0, SIZE):
+        if flags & STATE_ZERO:
+            assert not any(model[position : position + length]), f"zero extent at {position}"
+        position += length
+    assert position == SIZE
+
+
+@pytest.mark.parametrize("cache_blocks", [0, 2, 64])
+@settings(max_examples=40, deadline=None)
+@given(plan=waves())
+def test_page_deltas_match_a_bytearray(cache_blocks: int, plan: list[list[Op]]) -> None:
+    async def body() -> None:
+        device = await open_device(cache_blocks)
+        model = bytearray(SIZE)
+        await run_waves(device, plan, model)
+        await check_whole_disk(device, model)
+        await device.flush()
+        # A fresh device on the same database sees only what the store holds.
+        again = Device(
+            device.store,
+            size=SIZE,
+            block_size=BS,
+            cache_bytes=0,
+            dirty_bytes=6 * BS,
+            layout=Layout(version=2, page_size=PS, epoch=2),
+        )
+        await check_whole_disk(again, model)
+        await device.stop()
+        await device.store.close()
+
+    asyncio.run(body())
+
+
+@settings(max_examples=25, deadline=None)
+@given(plan=waves())
+def test_format_1_layout_matches_a_bytearray(plan: list[list[Op]]) -> None:
+    async def body() -> None:
+        device = await open_device(2, version=1)
+        model = bytearray(SIZE)
+        await run_waves(device, plan, model)
+        await check_whole_disk(device, model)
+        await device.flush()
+        found = await device.store.scan(base_key(0), base_key(SIZE // BS))
+        assert all(len(k) == 8 and len(v) == BS for k, v in found), "format 1 is raw blocks"
+        await device.stop()
+        await device.store.close()
+
+    asyncio.run(body())
+
+
+def test_a_4k_write_into_an_unread_block_moves_one_page() -> None:
+    """The point of format 2: no read, and one page through the binding."""
+
+    async def body() -> None:
+        device = await open_device(0)
+        rng = random.Random(5)
+        pages = [rng.randrange(SIZE // PS) for _ in range(200)]
+        for page in pages:
+            await device.write(page * PS, memoryview(bytes([page % 251 + 1]) * PS))
+        await device.flush()
+        counters = device.store.counters
+        assert device.counters.loads == 0
+        assert counters.bytes_put <= len(set(pages)) * (PS + envelope.HEADER_SIZE) + 4096
+        model = bytearray(SIZE)
+        for page in pages:
+            model[page * PS : (page + 1) * PS] = bytes([page % 251 + 1]) * PS
+        await check_whole_disk(device, model)
+        # A whole-block write shadows the deltas under it.
+        await device.write(0, memoryview(b"w" * BS))
+        await device.flush()
+        model[:BS] = b"w" * BS
+        fresh = Device(
+            device.store,
+            size=SIZE,
+            block_size=BS,
+            cache_bytes=0,
+            dirty_bytes=6 * BS,
+            layout=Layout(version=2, page_size=PS, epoch=2),
+        )
+        await check_whole_disk(fresh, model)
+        await device.stop()
+        await device.store.close()
+
+    asyncio.run(body())
+
+
+def test_block_status_of_a_huge_sparse_disk_is_one_scan() -> None:
+    async def body() -> None:
+        store = resolve_object_store("memory:///")
+        handle = await SlateHandle.open(store, "dev", LsmConfig(block_cache_size_bytes=0))
+        size = 1 << 60  # 1 EiB
+        device = Device(
+            handle, size=size, block_size=BS, cache_bytes=0, dirty_bytes=6 * BS, layout=Layout()
+        )
+        device.start()
+        await device.write(5 * BS, memoryview(b"x" * PS))
+        await device.write(1 << 40, memoryview(b"y" * BS))
+        await device.write_zeroes(2 << 40, BS, no_hole=True)
+        await device.flush()
+        scans = handle.counters.scans
+        extents = await device.block_status(0, (1 << 32) - BS)
+        assert handle.counters.scans - scans == 1
+        assert extents == [
+            (5 * BS, STATE_HOLE | STATE_ZERO),
+            (BS, 0),
+            ((1 << 32) - 7 * BS, STATE_HOLE | STATE_ZERO),
+        ]
+        far = await device.block_status((1 << 40) - BS, 4 * BS)
+        assert far == [(BS, STATE_HOLE | STATE_ZERO), (BS, 0), (2 * BS, STATE_HOLE | STATE_ZERO)]
+        zeroed = await device.block_status(2 << 40, BS)
+        assert zeroed == [(BS, STATE_ZERO)]
+        await device.stop()
+        await handle.close()
+
+    asyncio.run(body())
