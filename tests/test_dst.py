@@ -38,6 +38,23 @@ def test_simulation_seed(seed: int) -> None:
     assert stats.bytes_verified > 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", range(100, 100 + max(2, SEEDS // 2)))
+def test_simulation_seed_page_deltas(seed: int) -> None:
+    """16 KiB blocks of four pages: page writes into unread blocks become
+    deltas that reads, later writes, drains, crashes and restores must merge.
+    Half of these seeds run without a cache, so every read goes to the store."""
+    cfg = SimConfig(
+        seed=seed, steps=STEPS, block_size=16384, blocks=24, cache_blocks=0 if seed % 2 else None
+    )
+    try:
+        stats = run_simulation(cfg)
+    except SimulationFailure as exc:
+        history = "\n".join(exc.history)
+        pytest.fail(f"{exc}\n{history}\nreplay: {replay_command(cfg, exc.step + 1)}", pytrace=False)
+    assert stats.steps >= STEPS
+
+
 def test_same_seed_same_run() -> None:
     """The generated operations depend only on the seed, whatever SlateDB's
     threads did (even how a crash in the middle of a snapshot turned out)."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
 import time
+from dataclasses import dataclass, field
 
 from portalbd.dst.sim import SimConfig, SimulationFailure, run_simulation
 
@@ -25,6 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--flush-interval-ms", type=int, default=0, help="SlateDB WAL flush interval (0=manual)"
     )
+    parser.add_argument(
+        "--cache-blocks",
+        type=int,
+        default=None,
+        help="clean-cache size in blocks (default: chosen by the seed; 0 disables it)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds run in parallel processes (a hunt: --seeds 10000 --jobs $(nproc))",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log the daemon's warnings")
     return parser
 
@@ -40,7 +54,42 @@ def replay_command(cfg: SimConfig, steps: int) -> str:
         parts.append(f"--blocks {cfg.blocks}")
     if cfg.flush_interval_ms != defaults.flush_interval_ms:
         parts.append(f"--flush-interval-ms {cfg.flush_interval_ms}")
+    if cfg.cache_blocks is not None:
+        parts.append(f"--cache-blocks {cfg.cache_blocks}")
     return " ".join(parts)
+
+
+@dataclass(slots=True)
+class Outcome:
+    cfg: SimConfig
+    seconds: float
+    summary: str = ""
+    failure: str = ""
+    history: list[str] = field(default_factory=list)
+    step: int = 0
+
+
+def run_one(cfg: SimConfig) -> Outcome:
+    """One seed; what it found, in a form that crosses a process boundary."""
+    started = time.monotonic()
+    try:
+        stats = run_simulation(cfg)
+    except SimulationFailure as exc:
+        return Outcome(cfg, time.monotonic() - started, "", exc.message, exc.history, exc.step)
+    return Outcome(cfg, time.monotonic() - started, stats.summary())
+
+
+def report(outcome: Outcome) -> bool:
+    """Print one seed's result; True when it failed."""
+    seed = outcome.cfg.seed
+    if not outcome.failure:
+        print(f"ok seed={seed} {outcome.seconds:.1f}s {outcome.summary}", flush=True)
+        return False
+    print(f"FAILED seed={seed}: {outcome.failure}", file=sys.stderr)
+    for line in outcome.history:
+        print(f"  {line}", file=sys.stderr)
+    print(f"replay: {replay_command(outcome.cfg, outcome.step + 1)}", file=sys.stderr, flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,27 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.verbose else logging.CRITICAL,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    failures = 0
-    for seed in range(args.seed, args.seed + args.seeds):
-        cfg = SimConfig(
+    configs = [
+        SimConfig(
             seed=seed,
             steps=args.steps,
             connections=args.connections,
             block_size=args.block_size,
             blocks=args.blocks,
             flush_interval_ms=args.flush_interval_ms,
+            cache_blocks=args.cache_blocks,
         )
-        started = time.monotonic()
-        try:
-            stats = run_simulation(cfg)
-        except SimulationFailure as exc:
-            failures += 1
-            print(f"FAILED seed={seed}: {exc.message}", file=sys.stderr)
-            for line in exc.history:
-                print(f"  {line}", file=sys.stderr)
-            print(f"replay: {replay_command(cfg, exc.step + 1)}", file=sys.stderr)
-            continue
-        print(f"ok seed={seed} {time.monotonic() - started:.1f}s {stats.summary()}")
+        for seed in range(args.seed, args.seed + args.seeds)
+    ]
+    started = time.monotonic()
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            outcomes = pool.imap_unordered(run_one, configs)
+            failures = sum(report(outcome) for outcome in outcomes)
+    else:
+        failures = sum(report(run_one(cfg)) for cfg in configs)
+    if len(configs) > 1:
+        print(
+            f"summary: {len(configs)} seeds from {args.seed}, {failures} failed, "
+            f"{time.monotonic() - started:.0f}s, {args.jobs} process(es)"
+        )
     return 1 if failures else 0
 
 

@@ -83,6 +83,9 @@ class _Op:
     command: int = 0
 
 
+PAGE = 4096  # the page size of format 2: writes of whole pages become deltas
+
+
 @dataclass(slots=True)
 class SimConfig:
     seed: int
@@ -279,6 +282,11 @@ class Simulation:
             blocks = rng.randint(1, 3)
             offset = rng.randrange(0, self.cfg.blocks - blocks + 1) * bs
             return offset, blocks * bs
+        if shape < 0.7 and bs > PAGE and rng.random() < 0.5:
+            # whole pages inside blocks of several: format 2's page deltas
+            pages = rng.randint(1, 2 * bs // PAGE)
+            offset = rng.randrange(0, (self.cfg.blocks * bs) // PAGE - pages + 1) * PAGE
+            return offset, pages * PAGE
         if shape < 0.7:  # small, unaligned, inside a block or across one edge
             length = rng.randint(1, bs)
             return rng.randrange(0, self.size - length + 1), length
