@@ -19,7 +19,7 @@ from portalbd.config import Config
 from portalbd.control import protocol as cp
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
-from portalbd.nbd.server import NbdServer, RequestObserver
+from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
 from portalbd.stats import ServerStats
 from portalbd.store.instance import InstanceStore
 from portalbd.store.location import StorageLocation, parse_storage_url
@@ -111,6 +111,20 @@ class Instance:
             meta.layout.page_size,
             meta.layout.epoch,
             cfg.device.io_threads,
+        )
+        lsm = cfg.lsm
+        budgets = {
+            "cache": cfg.device.cache_bytes,
+            "dirty": cfg.device.dirty_bytes,
+            "slatedb_unflushed": lsm.max_unflushed_bytes or 0,
+            "slatedb_block_cache": lsm.block_cache_size_bytes or 0,
+            "nbd_payloads": NbdLimits().budget,
+        }
+        log.info(
+            "memory budgets %s total=%dMiB (RSS runs some 100 MiB above: "
+            "interpreter, SlateDB compaction, allocator)",
+            " ".join(f"{k}={v >> 20}MiB" for k, v in budgets.items()),
+            sum(budgets.values()) >> 20,
         )
         self.device = Device(
             self.store.data,
