@@ -7,6 +7,7 @@
     boto3 = "boto3";
     grpcio = "grpcio";
     jsonschema = "jsonschema";
+    lz4 = "lz4";
     matplotlib = "matplotlib";
     numpy = "numpy";
     prometheus-client = "prometheus-client";
