@@ -111,7 +111,13 @@ def serve(name: str, workdir: Path) -> Iterator[Server]:
 
 
 def fio(
-    uri: str, rw: str, bs: str, iodepth: int, runtime: float | None, region: int = REGION
+    uri: str,
+    rw: str,
+    bs: str,
+    iodepth: int,
+    runtime: float | None,
+    region: int = REGION,
+    compress: int = 0,
 ) -> dict[str, float]:
     argv = [
         "fio",
@@ -126,6 +132,9 @@ def fio(
     ]
     if runtime is not None:
         argv += [f"--runtime={runtime}", "--time_based", "--ramp_time=1"]
+    if compress:
+        # fio's buffers are random by default; real data compresses
+        argv += [f"--buffer_compress_percentage={compress}", "--refill_buffers"]
     out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=900).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
@@ -133,44 +142,69 @@ def fio(
 
 
 def run_fio_suite(
-    targets: list[str], runtime: float, workdir: Path, region: int = REGION
+    targets: list[str], runtime: float, workdir: Path, region: int = REGION, compress: int = 0
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for name in targets:
         results[name] = {}
         with serve(name, workdir) as server:
-            fio(server.uri, "write", "1m", 8, None, region)  # prefill: reads see real data
+            # prefill: reads see real data
+            fio(server.uri, "write", "1m", 8, None, region, compress)
             for label, rw, bs, depth, unit in JOBS:
-                value = fio(server.uri, rw, bs, depth, runtime, region)[unit]
+                value = fio(server.uri, rw, bs, depth, runtime, region, compress)[unit]
                 results[name][label] = value
                 print(f"  {name:16} {label:14} {value:10.0f} {unit}", flush=True)
+            if name.startswith("portalbd"):
+                ratio = binding_bytes_per_client_byte(workdir / f"{name}.sock")
+                results[name]["binding bytes / client byte"] = ratio
+                print(f"  {name:16} bytes through the binding per client byte: {ratio:.2f}")
     return results
 
 
-async def slatedb_sequential(url: str, total: int, batch_bytes: int = 4 * MiB) -> float:
-    """MiB/s of SlateDB alone: 64 KiB puts in 4 MiB batches, one after another, then flush.
+def binding_bytes_per_client_byte(control: Path) -> float:
+    """What the store was handed, per byte the clients wrote (status counters)."""
+    from portalbd.control.client import ControlClient
 
-    That is how the daemon drains its write-back buffer, so it is the most
-    the daemon's sequential writes can sustain on the same store.
+    with ControlClient(control) as client:
+        status = client.request("Status")["Status"]
+    written = status["stats"]["bytes_written"]
+    return float(status["store"]["bytes_put"]) / written if written else float("nan")
+
+
+async def slatedb_sequential(
+    url: str, total: int, threads: int, batch_bytes: int = 4 * MiB
+) -> float:
+    """MiB/s of SlateDB alone, written the way the daemon drains: 64 KiB values
+    in their envelope, 4 MiB batches built on ``threads`` worker threads with
+    as many batches in flight as the daemon keeps, then a flush.
+
+    That is the most the daemon's sequential writes can sustain on the same
+    store with the same thread count: the binding's ceiling.
     """
-    from portalbd.config import LsmConfig
-    from portalbd.store.location import parse_storage_url
-    from portalbd.store.slate import SlateHandle, resolve_object_store
+    from functools import partial
 
+    from portalbd.config import LsmConfig
+    from portalbd.store import envelope
+    from portalbd.store.location import parse_storage_url
+    from portalbd.store.slate import SlateHandle, configure_io_threads, resolve_object_store
+
+    configure_io_threads(threads)
     location = parse_storage_url(url)
     store = resolve_object_store(location.store_url)
-    handle = await SlateHandle.open(store, location.path("bench"), LsmConfig())
+    handle = await SlateHandle.open(store, location.path(f"bench-{threads}"), LsmConfig())
     value_size = 64 * 1024
     payload = os.urandom(value_size)
     per_batch = batch_bytes // value_size
-    start = time.perf_counter()
+    encode = partial(envelope.encode, seq=1)
+    batches = []
     key = 0
     for _ in range(total // batch_bytes):
-        items: list[tuple[bytes, bytes | None]] = []
-        for _ in range(per_batch):
-            items.append((key.to_bytes(8, "big"), payload))
-            key += 1
-        await handle.write(items)
+        batches.append([((key + i).to_bytes(8, "big"), payload) for i in range(per_batch)])
+        key += per_batch
+    start = time.perf_counter()
+    width = handle.parallelism
+    for i in range(0, len(batches), width):
+        await asyncio.gather(*(handle.write(b, encode=encode) for b in batches[i : i + width]))
     await handle.flush()
     elapsed = time.perf_counter() - start
     await handle.close()
@@ -242,9 +276,9 @@ def status_kib(pid: int) -> dict[str, int]:
 def print_table(results: dict[str, dict[str, float]]) -> None:
     names = list(results)
     print()
-    print(f"{'job':15}" + "".join(f"{n:>17}" for n in names))
+    print(f"{'job':19}" + "".join(f"{n:>17}" for n in names))
     for label, _rw, _bs, _depth, unit in JOBS:
-        row = f"{label + (' IOPS' if unit == 'iops' else ' MiB/s'):15}"
+        row = f"{label + (' IOPS' if unit == 'iops' else ' MiB/s'):19}"
         row += "".join(f"{results[n].get(label, float('nan')):>17,.0f}" for n in names)
         print(row)
     base = [n for n in names if n.startswith("portalbd")]
@@ -273,6 +307,13 @@ def main() -> int:
         default=REGION // MiB,
         help="fio region (default 512; a region that fits the cache isolates the NBD path)",
     )
+    parser.add_argument(
+        "--compress",
+        type=int,
+        default=50,
+        metavar="PERCENT",
+        help="also run the jobs on data this compressible (0 skips that table)",
+    )
     parser.add_argument("--skip-slatedb", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--rss-gib", type=int, default=2, help="GiB to write for the RSS figures")
@@ -289,17 +330,30 @@ def main() -> int:
         print(f"fio region: {args.region_mib} MiB, {args.runtime:g} s per job")
         results = run_fio_suite(args.only.split(","), args.runtime, workdir, region)
         print_table(results)
+        if args.compress:
+            print(f"\nthe same jobs with fio --buffer_compress_percentage={args.compress}:")
+            squeezed = run_fio_suite(
+                args.only.split(","), args.runtime, workdir, region, args.compress
+            )
+            print_table(squeezed)
         if not args.skip_slatedb:
             print()
-            seq = {
-                "memory": asyncio.run(slatedb_sequential("memory:///", region)),
-                "file": asyncio.run(slatedb_sequential(f"file://{workdir}/slate", region)),
-            }
-            for kind, mib_s in seq.items():
-                line = f"SlateDB alone ({kind}), 64 KiB puts in 4 MiB batches: {mib_s:,.0f} MiB/s"
+            from portalbd.config import default_io_threads
+
+            threads = default_io_threads()
+            for kind, url in (("memory", "memory:///"), ("file", f"file://{workdir}/slate")):
+                ceilings = {
+                    n: asyncio.run(slatedb_sequential(url, region, n)) for n in sorted({1, threads})
+                }
+                line = f"SlateDB alone ({kind}), 64 KiB values in 4 MiB batches: " + ", ".join(
+                    f"{n} thread{'s' if n > 1 else ''} {v:,.0f} MiB/s" for n, v in ceilings.items()
+                )
                 daemon = results.get(f"portalbd-{kind}", {}).get("1M seq write")
                 if daemon:
-                    line += f"; portalbd-{kind} seq write = {daemon / mib_s:.0%} of it"
+                    line += (
+                        f"; portalbd-{kind} seq write ({threads} threads) = "
+                        f"{daemon / ceilings[threads]:.0%} of its ceiling"
+                    )
                 print(line)
         if not args.skip_rss:
             samples = rss_after_writing(workdir, args.rss_gib)
