@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import Future as ThreadFuture
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from portalbd.store import uniffi_patch
 
@@ -45,7 +43,6 @@ SCAN_BATCH = 256  # entries per call into a scan iterator
 INLINE_BATCH_BYTES = 16 * 1024
 
 Value = bytes | memoryview | None
-T = TypeVar("T")
 Encoder = Callable[[Value], bytes]
 
 
@@ -70,59 +67,6 @@ class _Workers:
 
 
 WORKERS = _Workers()
-
-
-class _StoreLoop:
-    """An event loop on a thread of its own that polls the binding's futures.
-
-    Polling a SlateDB future runs its Rust work (memtable and SST lookups,
-    iterator setup, WAL appends) on the polling thread, outside the GIL. On
-    the protocol loop that work would stall every connection; here it
-    overlaps with them. Calls made in one tick of the protocol loop cross
-    over together, so the thread handoff (two wake-ups) is paid per batch,
-    not per call.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = True
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-
-    def loop(self) -> asyncio.AbstractEventLoop | None:
-        if not self.enabled:
-            return None
-        with self._lock:
-            if self._loop is None:
-                ready = threading.Event()
-                holder: list[asyncio.AbstractEventLoop] = []
-
-                def run() -> None:
-                    loop = asyncio.new_event_loop()
-                    holder.append(loop)
-                    ready.set()
-                    loop.run_forever()
-
-                threading.Thread(target=run, name="portalbd-store", daemon=True).start()
-                ready.wait()
-                self._loop = holder[0]
-            return self._loop
-
-
-STORE_LOOP = _StoreLoop()
-
-
-class _Batch:
-    """Binding calls queued during one tick of the protocol loop."""
-
-    __slots__ = ("calls", "home")
-
-    def __init__(self, home: asyncio.AbstractEventLoop) -> None:
-        self.home = home
-        self.calls: list[tuple[Coroutine[Any, Any, Any], asyncio.Future[Any]]] = []
-
-
-async def _run_all(calls: list[Coroutine[Any, Any, Any]]) -> list[Any]:
-    return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
 def configure_io_threads(threads: int) -> None:
@@ -286,46 +230,6 @@ class SlateHandle:
         # Called after a reopen: what the old database acknowledged but never
         # made durable is gone, so caches above must forget it.
         self.on_reopen: Callable[[], None] | None = None
-        self._batch: _Batch | None = None
-
-    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await a binding coroutine on the store loop (batched per tick)."""
-        store_loop = STORE_LOOP.loop()
-        if store_loop is None:
-            return await coro
-        home = asyncio.get_running_loop()
-        future: asyncio.Future[T] = home.create_future()
-        if self._batch is None or self._batch.home is not home:
-            self._batch = _Batch(home)
-            home.call_soon(self._send_batch, store_loop)
-        self._batch.calls.append((coro, future))
-        return await future
-
-    def _send_batch(self, store_loop: asyncio.AbstractEventLoop) -> None:
-        batch, self._batch = self._batch, None
-        if batch is None:
-            return
-        coros = [coro for coro, _ in batch.calls]
-        done = asyncio.run_coroutine_threadsafe(_run_all(coros), store_loop)
-
-        def deliver(outcome: ThreadFuture[list[Any]]) -> None:
-            batch.home.call_soon_threadsafe(self._deliver, batch, outcome)
-
-        done.add_done_callback(deliver)
-
-    @staticmethod
-    def _deliver(batch: _Batch, outcome: ThreadFuture[list[Any]]) -> None:
-        try:
-            results = outcome.result()
-        except BaseException as exc:  # the store loop itself failed
-            results = [exc] * len(batch.calls)
-        for (_, future), result in zip(batch.calls, results, strict=True):
-            if future.cancelled():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
 
     @classmethod
     async def open(
@@ -428,7 +332,7 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         try:
-            value: bytes | None = await self._call(self._db.get(key))
+            value: bytes | None = await self._db.get(key)
         except sdb.Error as exc:
             raise self._failed(exc, "read failed") from exc
         if value is not None:
@@ -466,7 +370,7 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         try:
-            await self._call(self._db.write(batch))
+            await self._db.write(batch)
         except sdb.Error as exc:
             raise self._failed(exc, "write failed") from exc
 
@@ -501,23 +405,18 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
+        out: list[tuple[bytes, bytes]] = []
         try:
-            out: list[tuple[bytes, bytes]] = await self._call(self._scan(rng, limit))
+            iterator = await self._db.scan(rng)
+            while len(out) < limit:
+                wanted = min(SCAN_BATCH, limit - len(out))
+                batch = await iterator.next_batch(wanted)
+                out.extend((kv.key, kv.value) for kv in batch)
+                if len(batch) < wanted:
+                    break  # a short batch means the iterator is exhausted
         except sdb.Error as exc:
             raise self._failed(exc, "scan failed") from exc
         self.counters.bytes_got += sum(len(v) for _, v in out)
-        return out
-
-    async def _scan(self, rng: Any, limit: int) -> list[tuple[bytes, bytes]]:
-        """The whole scan as one coroutine, so it crosses to the store loop once."""
-        out: list[tuple[bytes, bytes]] = []
-        iterator = await self._db.scan(rng)
-        while len(out) < limit:
-            wanted = min(SCAN_BATCH, limit - len(out))
-            batch = await iterator.next_batch(wanted)
-            out.extend((bytes(kv.key), bytes(kv.value)) for kv in batch)
-            if len(batch) < wanted:
-                break  # a short batch means the iterator is exhausted
         return out
 
     def status_closed_reason(self) -> str | None:
