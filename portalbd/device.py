@@ -575,6 +575,11 @@ class Device:
             return
         chunk = None if data is None else data[piece.offset : piece.offset + piece.length]
         current = self._dirty.get(block)
+        if current is None and self._deltas and aligned(piece.start, piece.end, self.page_size):
+            # Whole pages drain as deltas even when the block is cached: a
+            # 4 KiB write then costs a 4 KiB put, not a 64 KiB one.
+            current = Pages(bs, self.page_size)
+            self._set_dirty(block, current)
         if isinstance(current, bytearray):
             current[piece.start : piece.end] = (
                 self._zeros[: piece.length] if chunk is None else chunk
@@ -879,12 +884,18 @@ class Device:
                 self._room.set()
             self.counters.drains += 1
             self.counters.drained_blocks += len(draining)
-            for block in draining:
+            for block, entry in draining.items():
                 load = self._loading.get(block)
                 if load is not None:
                     load.stale = True
-                if isinstance(draining[block], Pages):
-                    self._forget(block)
+                if isinstance(entry, Pages):
+                    # The store now holds base + deltas: keep a cached base
+                    # current rather than dropping it.
+                    cached = self._clean.get(block)
+                    if cached is not None and self._dirty.get(block) is None:
+                        self._remember(block, bytes(compose(cached, [entry], self.block_size)))
+                    else:
+                        self._forget(block)
             for block, value in whole:
                 # The store now holds this block; cache it unless a newer
                 # whole value shadows it (pages written since sit on top).
