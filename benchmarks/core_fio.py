@@ -168,7 +168,7 @@ def binding_bytes_per_client_byte(control: Path) -> float:
     with ControlClient(control) as client:
         status = client.request("Status")["Status"]
     written = status["stats"]["bytes_written"]
-    return float(status["store"]["bytes_put"]) / written if written else float("nan")
+    return float(status["stats"]["store"]["bytes_put"]) / written if written else float("nan")
 
 
 async def slatedb_sequential(
