@@ -95,6 +95,11 @@ class LsmConfig:
     # that is already compressed or incompressible.
     compression_codec: str | None = "none"
     sst_block_size: int | None = None
+    # SlateDB's cache of object-store parts on local disk: survives restarts,
+    # so reads from S3 that were served once come from the disk after. Off
+    # unless a directory is given.
+    object_cache_dir: str | None = None
+    object_cache_bytes: int = 16 * GIB
 
 
 @dataclass(slots=True)
@@ -271,6 +276,12 @@ def validate(config: Config) -> None:
             + ", ".join(str(s) for s in SST_BLOCK_SIZES)
             + f", got {lsm.sst_block_size}"
         )
+    if lsm.object_cache_dir is not None and not Path(lsm.object_cache_dir).is_absolute():
+        raise ConfigError(
+            f"lsm.object_cache_dir: must be an absolute path, got {lsm.object_cache_dir!r}"
+        )
+    if lsm.object_cache_bytes <= 0:
+        raise ConfigError("lsm.object_cache_bytes: must be positive")
     for name in ("flush_interval_ms", "l0_sst_size_bytes", "max_unflushed_bytes"):
         value = getattr(lsm, name)
         if value is not None and value < 0:

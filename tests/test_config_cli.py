@@ -172,6 +172,23 @@ def test_invalid_storage_url(url: str, expected: str) -> None:
     assert "storage.url" in message and expected in message
 
 
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[lsm]\nobject_cache_dir = "cache"\n', "lsm.object_cache_dir: must be an absolute path"),
+        ("[lsm]\nobject_cache_bytes = 0\n", "lsm.object_cache_bytes: must be positive"),
+        ("[device]\nio_threads = 65\n", "device.io_threads: must be from 0 to 64, got 65"),
+    ],
+)
+def test_data_plane_settings_are_checked(tmp_path: Path, toml: str, expected: str) -> None:
+    conf = write(tmp_path / "dp.toml", toml)
+    assert expected in config_error("-c", str(conf))
+
+
+def test_io_threads_flag_is_checked() -> None:
+    assert "device.io_threads: must be from 0 to 64, got -1" in config_error("--io-threads", "-1")
+
+
 @pytest.mark.parametrize("size", ["5000", "1024", "2097152", "0"])
 def test_block_size_must_be_a_power_of_two_in_range(size: str) -> None:
     message = config_error("--block-size", size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import threading
 import time
@@ -360,6 +361,29 @@ def test_write_acknowledged_before_outage_survives_reopen(
         assert nbd.pread(BS, 0) == pattern(1)
         assert nbd.pread(BS, BS) == pattern(2), "acknowledged write not durable after OK flush"
         assert nbd.pread(BS, 2 * BS) == pattern(3)
+
+
+def test_object_cache_on_local_disk_serves_s3_reads_after_restart(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "object-cache"
+    config = tmp_path / "cache.toml"
+    config.write_text(f'[lsm]\nobject_cache_dir = "{cache}"\nl0_sst_size_bytes = 1048576\n')
+    url = f"s3://{bucket}/cached"
+    blocks = [random.Random(i).randbytes(BS) for i in range(32)]  # incompressible
+    first = daemon_factory("-c", str(config), storage_url=url, env=moto.env(), instance="c1")
+    with connected(first.uri) as nbd:
+        for i in range(32):
+            nbd.pwrite(blocks[i], i * BS)
+        nbd.flush()
+    assert first.stop() == 0
+    again = daemon_factory("-c", str(config), storage_url=url, env=moto.env(), instance="c2")
+    with connected(again.uri) as nbd:
+        for i in range(32):
+            assert nbd.pread(BS, i * BS) == blocks[i]
+    parts = [p for p in cache.rglob("*") if p.is_file()]
+    assert parts, "nothing was cached on local disk"
+    assert sum(p.stat().st_size for p in parts) >= 32 * BS // 2
 
 
 def test_newer_daemon_fences_older(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -183,6 +184,11 @@ def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
         put("compression_codec", "null" if codec == "none" else f'"{codec.capitalize()}"')
     if max_retries is not None:
         put("object_store_max_retries", str(max_retries))
+    if lsm.object_cache_dir is not None:
+        put("object_store_cache_options.root_folder", json.dumps(lsm.object_cache_dir))
+        put("object_store_cache_options.max_cache_size_bytes", str(lsm.object_cache_bytes))
+        # what this daemon writes is what it reads next: cache it on the way out
+        put("object_store_cache_options.cache_on_flush", "true")
     return settings
 
 
