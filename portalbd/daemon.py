@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from portalbd import __version__
+from portalbd import __version__, allocator
 from portalbd import config as cfgmod
 from portalbd import log as logsetup
 from portalbd.config import Config, ConfigError
@@ -188,6 +188,7 @@ async def run(config: Config) -> int:
         os.getpid(),
     )
     sd_notify("READY=1\nSTATUS=serving")
+    trimmer = asyncio.ensure_future(allocator.trim_forever())
 
     fatal_waiter = asyncio.ensure_future(instance.fatal)
     stop_waiter = asyncio.ensure_future(stop.wait())
@@ -201,6 +202,7 @@ async def run(config: Config) -> int:
         fatal_waiter.cancel()
         log.info("shutdown requested; draining and flushing")
     sd_notify("STOPPING=1")
+    trimmer.cancel()
     if metrics_server is not None:
         metrics_server.close()
     await control.close()
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(cfgmod.to_toml(config))
         return 0
     logsetup.setup(config.log_level, config.instance.name)
+    allocator.limit_arenas()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency
