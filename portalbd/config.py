@@ -71,6 +71,9 @@ class S3Config:
 @dataclass(slots=True)
 class StorageConfig:
     url: str | None = None
+    # One store operation (read, write, flush) that takes longer fails with
+    # EIO: SlateDB retries a full or read-only disk forever. 0: no bound.
+    timeout_ms: int = 12_000
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -252,6 +255,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"device.dirty_bytes: must hold at least 4 blocks ({4 * device.block_size} bytes)"
         )
+    if config.storage.timeout_ms < 0:
+        raise ConfigError("storage.timeout_ms: must not be negative (0 means no bound)")
     if not 0 <= device.io_threads <= 64:
         raise ConfigError(f"device.io_threads: must be from 0 to 64, got {device.io_threads}")
     if config.nbd.max_connections < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -153,11 +154,20 @@ async def start_metrics(instance: Instance, address: str) -> asyncio.AbstractSer
     return await serve_metrics(instance, address)
 
 
+def log_tasks() -> None:
+    """SIGUSR1: log where every task of the loop is waiting (for a daemon that hangs)."""
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(limit=12, file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
+
 async def run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, log_tasks)
 
     assert config.socket is not None
     instance = Instance(config, Path(config.socket))

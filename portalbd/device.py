@@ -65,6 +65,7 @@ STATUS_SCAN_ENTRIES = 1024  # stored entries one BLOCK_STATUS scan reads at most
 STATUS_SCANS = 8  # scans one BLOCK_STATUS request may make
 DRAIN_LOG = 32  # recent drains remembered to tell whether a loaded value is stale
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
+STOP_WAIT_S = 5.0  # how long stop() waits for the background writer to end
 
 # The hole/zero flags of NBD's base:allocation context.
 STATE_HOLE = 1
@@ -190,9 +191,10 @@ class Device:
             await self.flush()
         finally:
             if self._writeback_task is not None:
+                # A drain stuck in a store call that ignores cancellation
+                # (seen on a full disk) must not hold shutdown forever.
                 self._writeback_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._writeback_task
+                await asyncio.wait({self._writeback_task}, timeout=STOP_WAIT_S)
                 self._writeback_task = None
 
     def swap_store(self, store: SlateHandle) -> None:

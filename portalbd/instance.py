@@ -31,7 +31,12 @@ from portalbd.store.metadata import (
     write_metadata,
 )
 from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
-from portalbd.store.slate import SlateHandle, StoreError, configure_io_threads
+from portalbd.store.slate import (
+    SlateHandle,
+    StoreError,
+    configure_io_threads,
+    configure_timeout,
+)
 from portalbd.store.usage import UsageSampler
 
 log = logging.getLogger("portalbd")
@@ -76,6 +81,8 @@ class Instance:
 
     async def open(self) -> None:
         cfg = self.config
+        configure_io_threads(cfg.device.io_threads)
+        configure_timeout(cfg.storage.timeout_ms / 1000)
         if self.location.kind == "s3":
             await self.check_s3()
         try:
@@ -103,7 +110,6 @@ class Instance:
         except MetadataError as exc:
             raise StartupError(str(exc)) from exc
         size = meta.size_bytes
-        configure_io_threads(cfg.device.io_threads)
         log.info(
             "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d",
             meta.layout.version,
@@ -290,6 +296,8 @@ class Instance:
         if self.usage is not None and self.usage.used_bytes is not None:
             stats["used_bytes"] = self.usage.used_bytes  # object storage taken
         stats["store"] = self.store.counters.as_dict()
+        # "ok", or why storage last failed (full, read-only, gone, unreachable)
+        stats["storage_state"] = self.store.data.health
         stats["object_store"] = self.store.object_metrics.as_dict()
         stats["device"] = {
             "loads": device.counters.loads,

@@ -186,7 +186,15 @@ class InstanceStore:
             max_retries=max_retries,
             metrics=metrics,
         )
-        return cls(location, object_store, catalog_db, catalog, data, lsm, max_retries, metrics)
+        store = cls(location, object_store, catalog_db, catalog, data, lsm, max_retries, metrics)
+        store._watch(catalog_db)
+        store._watch(data)
+        return store
+
+    def _watch(self, handle: SlateHandle) -> None:
+        """On a local directory, let the handle tell full, read-only and gone."""
+        if self.location.kind == "file":
+            handle.watch_directory(Path("/" + handle.path))
 
     def fenced(self) -> bool:
         """True once a newer daemon has opened this storage (SlateDB noticed)."""
@@ -258,6 +266,7 @@ class InstanceStore:
             max_retries=self.max_retries,
             metrics=self.object_metrics,
         )
+        self._watch(handle)
         return generation, handle
 
     async def commit_restore(self, generation: int, handle: SlateHandle) -> SlateHandle:

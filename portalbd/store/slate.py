@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from portalbd.store import uniffi_patch
 
@@ -44,6 +46,7 @@ SCAN_BATCH = 256  # entries per call into a scan iterator
 INLINE_BATCH_BYTES = 16 * 1024
 
 Value = bytes | memoryview | None
+T = TypeVar("T")
 Encoder = Callable[[Value], bytes]
 
 
@@ -68,6 +71,34 @@ class _Workers:
 
 
 WORKERS = _Workers()
+
+
+# How long one call into the store may take before it fails (None: forever).
+# SlateDB retries some errors without end (a full disk, once a second); a
+# bound turns that into an error the client sees.
+OPERATION_TIMEOUT: list[float | None] = [None]
+LOW_SPACE_BYTES = 8 * 1024 * 1024  # less free space than this is "full"
+
+
+def configure_timeout(seconds: float | None) -> None:
+    """Bound every store operation to ``seconds`` (None or 0: unbounded)."""
+    OPERATION_TIMEOUT[0] = seconds or None
+
+
+def diagnose_directory(directory: Path) -> str | None:
+    """Why a local store may be failing: gone, read-only, full; None if none of it."""
+    try:
+        stats = os.statvfs(directory)
+    except FileNotFoundError:
+        return f"storage directory {directory} is gone"
+    except OSError as exc:
+        return f"storage directory {directory}: {exc.strerror}"
+    if stats.f_flag & os.ST_RDONLY:
+        return f"storage {directory} is read-only"
+    free = stats.f_bavail * stats.f_frsize
+    if free < LOW_SPACE_BYTES:
+        return f"storage full: {free} bytes free on {directory}"
+    return None
 
 
 def configure_io_threads(threads: int) -> None:
@@ -236,6 +267,63 @@ class SlateHandle:
         # Called after a reopen: what the old database acknowledged but never
         # made durable is gone, so caches above must forget it.
         self.on_reopen: Callable[[], None] | None = None
+        # For file:// storage: the database's directory, to tell a full,
+        # read-only or deleted disk from other failures.
+        self.local_dir: Path | None = None
+        self._dir_identity: tuple[int, int] | None = None
+        self.health = "ok"  # or why the last operation failed
+
+    def watch_directory(self, directory: Path) -> None:
+        """Remember the database directory, so its removal is noticed."""
+        self.local_dir = directory
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return
+        self._dir_identity = (st.st_dev, st.st_ino)
+
+    def _directory_gone(self) -> str | None:
+        if self.local_dir is None or self._dir_identity is None:
+            return None
+        try:
+            st = os.stat(self.local_dir)
+        except OSError:
+            return f"storage directory {self.local_dir} was removed"
+        if (st.st_dev, st.st_ino) != self._dir_identity:
+            return f"storage directory {self.local_dir} was removed and made again"
+        return None
+
+    def _set_health(self, health: str) -> None:
+        if health == self.health:
+            return
+        if health == "ok":
+            log.warning("storage %s answers again (was: %s)", self.path, self.health)
+        else:
+            log.error("storage %s failing: %s", self.path, health)
+        self.health = health
+
+    def _error(self, error: StoreError) -> StoreError:
+        """Record why storage failed (diagnosed where it is local), and return it."""
+        reason = None
+        if self.local_dir is not None:
+            reason = self._directory_gone() or diagnose_directory(self.local_dir)
+        self._set_health(reason or str(error))
+        if reason and reason not in str(error):
+            return type(error)(f"{error} ({reason})")
+        return error
+
+    async def _bounded(self, awaitable: Awaitable[T], what: str) -> T:
+        """Await a binding call within the operation timeout."""
+        timeout = OPERATION_TIMEOUT[0]
+        if timeout is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout(timeout):
+                return await awaitable
+        except TimeoutError:
+            raise self._error(
+                StoreError(f"{what}: storage did not answer within {timeout:g} s")
+            ) from None
 
     @classmethod
     async def open(
@@ -295,7 +383,7 @@ class SlateHandle:
 
     def _failed(self, exc: BaseException, what: str) -> StoreError:
         """Translate an error; notice when SlateDB has given up on the store."""
-        error = translate_error(exc, what)
+        error = self._error(translate_error(exc, what))
         if not isinstance(error, StoreFenced) and self.status_closed_reason() == "panic":
             self._broken = str(error)
         return error
@@ -318,7 +406,7 @@ class SlateHandle:
                 raise StoreError(f"storage unavailable, reconnecting: {self._broken}")
             self._last_reopen = time.monotonic()
             try:
-                fresh: SlateHandle = await self._reopen()
+                fresh: SlateHandle = await self._bounded(self._reopen(), "reopening")
             except StoreError as exc:
                 raise StoreError(f"storage unavailable, reconnect failed: {exc}") from exc
             old_db, old_recorder = self._db, self._recorder
@@ -327,7 +415,7 @@ class SlateHandle:
             self.reopens += 1
             log.warning("reopened database %s after an object-store failure", self.path)
             with contextlib.suppress(Exception):
-                await old_db.shutdown()
+                await self._bounded(old_db.shutdown(), "closing the failed database")
             if self._metrics is not None and old_recorder is not None:
                 self._metrics.retire(old_recorder)
             if self.on_reopen is not None:
@@ -338,7 +426,7 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         try:
-            value: bytes | None = await self._db.get(key)
+            value: bytes | None = await self._bounded(self._db.get(key), "read failed")
         except sdb.Error as exc:
             raise self._failed(exc, "read failed") from exc
         if value is not None:
@@ -376,7 +464,7 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         try:
-            await self._db.write(batch)
+            await self._bounded(self._db.write(batch), "write failed")
         except sdb.Error as exc:
             raise self._failed(exc, "write failed") from exc
 
@@ -389,15 +477,24 @@ class SlateHandle:
         self.counters.flushes += 1
         if self._broken is not None:
             await self._recover()
+        gone = self._directory_gone()
+        if gone is not None:
+            # SlateDB would write into a new, empty directory and report
+            # success; nothing written before could ever be read again.
+            raise self._error(StoreError(f"flush failed: {gone}; the data on it is lost"))
         try:
             if memtable:
-                await self._db.flush_with_options(
-                    sdb.FlushOptions(flush_type=sdb.FlushType.MEM_TABLE)
+                await self._bounded(
+                    self._db.flush_with_options(
+                        sdb.FlushOptions(flush_type=sdb.FlushType.MEM_TABLE)
+                    ),
+                    "flush failed",
                 )
             else:
-                await self._db.flush()
+                await self._bounded(self._db.flush(), "flush failed")
         except sdb.Error as exc:
             raise self._failed(exc, "flush failed") from exc
+        self._set_health("ok")
 
     async def scan(
         self, start: bytes, end: bytes, limit: int = 1 << 30
@@ -413,10 +510,10 @@ class SlateHandle:
         rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
         out: list[tuple[bytes, bytes]] = []
         try:
-            iterator = await self._db.scan(rng)
+            iterator = await self._bounded(self._db.scan(rng), "scan failed")
             while len(out) < limit:
                 wanted = min(SCAN_BATCH, limit - len(out))
-                batch = await iterator.next_batch(wanted)
+                batch = await self._bounded(iterator.next_batch(wanted), "scan failed")
                 out.extend((kv.key, kv.value) for kv in batch)
                 if len(batch) < wanted:
                     break  # a short batch means the iterator is exhausted
@@ -437,7 +534,7 @@ class SlateHandle:
             return
         self.closed = True
         try:
-            await self._db.shutdown()
+            await self._bounded(self._db.shutdown(), "close failed")
         except sdb.Error as exc:
             raise translate_error(exc, "close failed") from exc
         finally:
