@@ -444,3 +444,17 @@ def test_latency_without_samples_and_client_peers() -> None:
     inst, _ = Fleet().add(Path("/run/portalbd/x/control.sock"))
     inst.record_status(0.0, 0.0, st)
     assert "from 127.0.0.1:5000, unix" in "\n".join(line.plain for line in summary_lines(inst))
+
+
+def test_a_failing_store_is_shown_with_its_reason() -> None:
+    st = Status.from_json(
+        {"stats": {"storage_state": "storage full: 0 bytes free on /var/lib/portalbd/db"}}
+    )
+    assert st.storage_state.startswith("storage full")
+    inst, _ = Fleet().add(Path("/run/portalbd/db/control.sock"))
+    inst.record_status(0.0, 0.0, st)
+    shown = "\n".join(line.plain for line in summary_lines(inst))
+    assert "storage failing: storage full: 0 bytes free" in shown
+    healthy, _ = Fleet().add(Path("/run/portalbd/ok/control.sock"))
+    healthy.record_status(0.0, 0.0, Status.from_json({"stats": {"storage_state": "ok"}}))
+    assert "storage failing" not in "\n".join(line.plain for line in summary_lines(healthy))

@@ -84,6 +84,8 @@ class Status:
     # Peer addresses of the connected clients, when the daemon lists them
     # (`"clients": [{"peer": "127.0.0.1:5000", ...}]`); otherwise only counts.
     client_peers: tuple[str, ...] = ()
+    # "ok", or why storage last failed ("storage full: ...", read-only, gone)
+    storage_state: str = "ok"
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Status:
@@ -131,6 +133,7 @@ class Status:
             write_latency=Latency.from_json(_dict(latency, "write")),
             flush_latency=Latency.from_json(flush),
             client_peers=_peers(d.get("clients", stats.get("clients"))),
+            storage_state=str(stats.get("storage_state") or "ok"),
         )
 
 

@@ -203,6 +203,8 @@ def summary_lines(inst: Instance) -> list[Text]:
     if st is None:
         lines.append(Text("no status received yet", style="dim"))
         return lines
+    if st.storage_state != "ok":
+        lines.append(Text(f"storage failing: {st.storage_state}", style="bold red"))
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),
