@@ -5,11 +5,8 @@ Pure and tiny so that property tests can check it against a bytearray.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from typing import NamedTuple
-
-_KEY = struct.Struct(">Q")
 
 
 class Piece(NamedTuple):
@@ -37,16 +34,6 @@ def pieces(offset: int, length: int, block_size: int) -> Iterator[Piece]:
         end = min(block_size, start + (stop - position))
         yield Piece(block, start, end, position - offset)
         position += end - start
-
-
-def block_key(block: int) -> bytes:
-    """Storage key of a block: 8 bytes big-endian, so key order is disk order."""
-    return _KEY.pack(block)
-
-
-def key_block(key: bytes) -> int:
-    value: int = _KEY.unpack(key)[0]
-    return value
 
 
 def blocks_for(size: int, block_size: int) -> int:

@@ -27,7 +27,6 @@ _BASE = struct.Struct(">Q")
 _DELTA = struct.Struct(">QH")
 BASE_KEY_SIZE = _BASE.size
 DELTA_KEY_SIZE = _DELTA.size
-MAX_PAGES = 1 << 16  # the page number is two bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,6 +219,18 @@ async def run_waves(device: Device, plan: list[list[Op]], model: bytearray) -> N
         assert bytes(model) == expected
 
 
+def uncached_twin(device: Device) -> Device:
+    """A second device on the same database, with no cache: it sees the store."""
+    return Device(
+        device.store,
+        size=SIZE,
+        block_size=BS,
+        cache_bytes=0,
+        dirty_bytes=6 * BS,
+        layout=Layout(version=2, page_size=PS, epoch=2),
+    )
+
+
 async def check_whole_disk(device: Device, model: bytearray) -> None:
     got = bytes(await device.read(0, SIZE))
     assert got == bytes(model)
@@ -241,15 +253,7 @@ def test_page_deltas_match_a_bytearray(cache_blocks: int, plan: list[list[Op]]) 
         await check_whole_disk(device, model)
         await device.flush()
         # A fresh device on the same database sees only what the store holds.
-        again = Device(
-            device.store,
-            size=SIZE,
-            block_size=BS,
-            cache_bytes=0,
-            dirty_bytes=6 * BS,
-            layout=Layout(version=2, page_size=PS, epoch=2),
-        )
-        await check_whole_disk(again, model)
+        await check_whole_disk(uncached_twin(device), model)
         await device.stop()
         await device.store.close()
 
@@ -294,15 +298,7 @@ def test_a_4k_write_into_an_unread_block_moves_one_page() -> None:
         await device.write(0, memoryview(b"w" * BS))
         await device.flush()
         model[:BS] = b"w" * BS
-        fresh = Device(
-            device.store,
-            size=SIZE,
-            block_size=BS,
-            cache_bytes=0,
-            dirty_bytes=6 * BS,
-            layout=Layout(version=2, page_size=PS, epoch=2),
-        )
-        await check_whole_disk(fresh, model)
+        await check_whole_disk(uncached_twin(device), model)
         await device.stop()
         await device.store.close()
 
