@@ -73,6 +73,14 @@ def test_cli_prints_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert "crashes=" in out
 
 
+def test_a_hunt_runs_seeds_in_parallel_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dst_main(["--seed", "3", "--seeds", "2", "--steps", "30", "--jobs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("ok seed=") == 2
+    assert "summary: 2 seeds from 3, 0 failed" in captured.out
+    assert "failed peer=" not in captured.err  # the workers log at the parent's level
+
+
 def test_replay_command_names_the_seed_and_options() -> None:
     cfg = SimConfig(seed=42, steps=500, connections=5)
     assert replay_command(cfg, 17) == "portalbd-dst --seed 42 --steps 17 --connections 5"

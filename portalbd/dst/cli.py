@@ -69,6 +69,11 @@ class Outcome:
     step: int = 0
 
 
+def quiet_logging(level: int) -> None:
+    """A spawned worker starts with no logging set up: give it the parent's level."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
 def run_one(cfg: SimConfig) -> Outcome:
     """One seed; what it found, in a form that crosses a process boundary."""
     started = time.monotonic()
@@ -112,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     started = time.monotonic()
     if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        level = logging.WARNING if args.verbose else logging.CRITICAL
+        with multiprocessing.get_context("spawn").Pool(
+            args.jobs, initializer=quiet_logging, initargs=(level,)
+        ) as pool:
             outcomes = pool.imap_unordered(run_one, configs)
             failures = sum(report(outcome) for outcome in outcomes)
     else:
