@@ -53,14 +53,19 @@ class RegionModel:
 
     ``history[r]`` lists the values acknowledged since the last one known
     durable (which is first); ``pending[r]`` is a write in flight.
+    ``dropped[r]`` counts the values already dropped from the front, so a
+    FLUSH's mark is an absolute position: a flush acknowledged on another
+    connection meanwhile (which drops a prefix) cannot shift it.
     """
 
     regions: int
     history: list[list[bytes]] = field(default_factory=list)
     pending: dict[int, bytes] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.history = [[ZERO_HASH] for _ in range(self.regions)]
+        self.dropped = [0] * self.regions
 
     def current(self, region: int) -> bytes:
         return self.history[region][-1]
@@ -72,13 +77,28 @@ class RegionModel:
         self.pending.pop(region, None)
         self.history[region].append(value)
 
+    def durable(self, region: int, value: bytes) -> None:
+        """A write acknowledged as durable (FUA): the only value allowed now."""
+        self.pending.pop(region, None)
+        self.dropped[region] += len(self.history[region])
+        self.history[region][:] = [value]
+
     def flush_issued(self, regions: list[int]) -> dict[int, int]:
         """Remember where each region stood when a FLUSH was sent."""
-        return {r: len(self.history[r]) - 1 for r in regions}
+        return {r: self.dropped[r] + len(self.history[r]) - 1 for r in regions}
 
     def flush_acked(self, mark: dict[int, int]) -> None:
-        for region, index in mark.items():
-            del self.history[region][:index]
+        """That FLUSH returned OK: what came before its mark is gone for good."""
+        for region, position in mark.items():
+            drop = min(position - self.dropped[region], len(self.history[region]) - 1)
+            if drop > 0:
+                del self.history[region][:drop]
+                self.dropped[region] += drop
+
+    def settle(self) -> None:
+        """Everything flushed with no I/O in flight: only the current values."""
+        for region in range(self.regions):
+            self.durable(region, self.current(region))
 
     def allowed(self, region: int) -> set[bytes]:
         values = set(self.history[region])
@@ -87,5 +107,7 @@ class RegionModel:
         return values
 
     def adopt(self, observed: list[bytes]) -> None:
-        self.history = [[value] for value in observed]
+        for region, value in enumerate(observed):
+            self.dropped[region] += len(self.history[region])
+            self.history[region] = [value]
         self.pending.clear()

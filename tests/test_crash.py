@@ -71,8 +71,7 @@ class Writer(threading.Thread):
                 fua = self.rng.random() < 0.1
                 nbd.pwrite(data, region * REGION, 1 if fua else 0)  # LIBNBD_CMD_FLAG_FUA
                 if fua:
-                    self.model.history[region][:] = [value]
-                    self.model.pending.pop(region, None)
+                    self.model.durable(region, value)
                 else:
                     self.model.acked(region, value)
                 self.writes += 1
@@ -138,8 +137,7 @@ class Harness:
             nbd.flush()
         finally:
             nbd.shutdown()
-        for region in range(REGIONS):
-            self.model.history[region][:] = [self.model.current(region)]
+        self.model.settle()
 
     def control_async(self, request: Any) -> threading.Thread:
         def call() -> None:
@@ -182,10 +180,7 @@ class Harness:
             worker.join(30)
         if done.is_set():
             # Acknowledged before the kill: at least the marked state survived.
-            for region, index in mark.items():
-                history = self.model.history[region]
-                if index < len(history):
-                    del history[:index]
+            self.model.flush_acked(mark)
         check(self.model, read_regions(self.daemon), "kill during flush")
 
     def during_snapshot(self) -> None:
