@@ -18,22 +18,27 @@ from portalbd.device import Device
 from portalbd.dst.cli import main as dst_main
 from portalbd.dst.cli import replay_command
 from portalbd.dst.oracle import DiskOracle
-from portalbd.dst.sim import SimConfig, Simulation, SimulationFailure, run_simulation
+from portalbd.dst.sim import SimConfig, Simulation, SimulationFailure, Stats, run_simulation
 from portalbd.store.slate import SlateHandle, resolve_object_store
 
 SEEDS = int(os.environ.get("PORTALBD_DST_SEEDS", "12"))
 STEPS = int(os.environ.get("PORTALBD_DST_STEPS", "250"))
 
 
+def simulate(cfg: SimConfig) -> Stats:
+    """Run one seed; a failure shows its history and the command that replays it."""
+    try:
+        return run_simulation(cfg)
+    except SimulationFailure as exc:
+        history = "\n".join(exc.history)
+        pytest.fail(f"{exc}\n{history}\nreplay: {replay_command(cfg, exc.step + 1)}", pytrace=False)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", range(SEEDS))
 def test_simulation_seed(seed: int) -> None:
     cfg = SimConfig(seed=seed, steps=STEPS, flush_interval_ms=0 if seed % 3 else 20)
-    try:
-        stats = run_simulation(cfg)
-    except SimulationFailure as exc:
-        history = "\n".join(exc.history)
-        pytest.fail(f"{exc}\n{history}\nreplay: {replay_command(cfg, exc.step + 1)}", pytrace=False)
+    stats = simulate(cfg)
     assert stats.steps >= STEPS
     assert stats.bytes_verified > 0
 
@@ -47,11 +52,7 @@ def test_simulation_seed_page_deltas(seed: int) -> None:
     cfg = SimConfig(
         seed=seed, steps=STEPS, block_size=16384, blocks=24, cache_blocks=0 if seed % 2 else None
     )
-    try:
-        stats = run_simulation(cfg)
-    except SimulationFailure as exc:
-        history = "\n".join(exc.history)
-        pytest.fail(f"{exc}\n{history}\nreplay: {replay_command(cfg, exc.step + 1)}", pytrace=False)
+    stats = simulate(cfg)
     assert stats.steps >= STEPS
 
 
