@@ -74,6 +74,10 @@ class StorageConfig:
     # One store operation (read, write, flush) that takes longer fails with
     # EIO: SlateDB retries a full or read-only disk forever. 0: no bound.
     timeout_ms: int = 12_000
+    # Reads get a shorter bound of their own: a client waiting on a READ is
+    # usually a filesystem or an application blocked on it, and during an
+    # outage it should see EIO in seconds, not after every write retry.
+    read_timeout_ms: int = 4_000
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -257,6 +261,8 @@ def validate(config: Config) -> None:
         )
     if config.storage.timeout_ms < 0:
         raise ConfigError("storage.timeout_ms: must not be negative (0 means no bound)")
+    if config.storage.read_timeout_ms < 0:
+        raise ConfigError("storage.read_timeout_ms: must not be negative (0 means no bound)")
     if not 0 <= device.io_threads <= 64:
         raise ConfigError(f"device.io_threads: must be from 0 to 64, got {device.io_threads}")
     if config.nbd.max_connections < 1:

@@ -82,7 +82,7 @@ class Instance:
     async def open(self) -> None:
         cfg = self.config
         configure_io_threads(cfg.device.io_threads)
-        configure_timeout(cfg.storage.timeout_ms / 1000)
+        configure_timeout(cfg.storage.timeout_ms / 1000, cfg.storage.read_timeout_ms / 1000)
         if self.location.kind == "s3":
             await self.check_s3()
         try:

@@ -178,6 +178,10 @@ def test_invalid_storage_url(url: str, expected: str) -> None:
         ('[lsm]\nobject_cache_dir = "cache"\n', "lsm.object_cache_dir: must be an absolute path"),
         ("[lsm]\nobject_cache_bytes = 0\n", "lsm.object_cache_bytes: must be positive"),
         ("[device]\nio_threads = 65\n", "device.io_threads: must be from 0 to 64, got 65"),
+        (
+            "[storage]\nread_timeout_ms = -1\n",
+            "storage.read_timeout_ms: must not be negative (0 means no bound)",
+        ),
     ],
 )
 def test_data_plane_settings_are_checked(tmp_path: Path, toml: str, expected: str) -> None:

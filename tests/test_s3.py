@@ -401,3 +401,39 @@ def test_newer_daemon_fences_older(
         assert nbd.pread(BS, 0) == pattern(1)
         nbd.pwrite(pattern(2), BS)
         nbd.flush()
+
+
+def test_read_during_outage_fails_within_five_seconds(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """A READ that needs the object store while it hangs (moto frozen with
+    SIGSTOP, as behind a partition) answers EIO within [storage]
+    read_timeout_ms (4 s by default), not after every S3 retry; once the
+    store answers, the same read returns the data."""
+    url = f"s3://{bucket}/read-outage"
+    # Small L0 tables, so the blocks live in SSTs in the bucket rather than
+    # in a WAL that the next open replays into memory.
+    config = tmp_path / "c.toml"
+    config.write_text("[lsm]\nl0_sst_size_bytes = 262144\n")
+    first = daemon_factory("-c", str(config), storage_url=url, env=moto.env(), instance="writer")
+    with connected(first.uri) as nbd:
+        for index in range(64):
+            nbd.pwrite(pattern(10 + index), index * BS)
+        nbd.flush()
+    assert first.stop() == 0
+    # A fresh daemon: nothing of the disk is cached in it, so a read goes to S3.
+    daemon = daemon_factory("-c", str(config), storage_url=url, env=moto.env(), instance="reader")
+    moto.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception, match="Input/output error"), connected(daemon.uri) as nbd:
+            nbd.pread(BS, 2 * BS)
+        took = time.monotonic() - started
+    finally:
+        moto.resume()
+    print(f"read failed after {took:.1f}s")
+    assert took <= 5.0, f"read took {took:.1f}s to fail"
+    assert "storage did not answer within 4 s" in daemon.log()
+    with connected(daemon.uri) as nbd:
+        assert nbd.pread(BS, 2 * BS) == pattern(12)
+    assert daemon.stop() == 0

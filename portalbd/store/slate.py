@@ -77,12 +77,17 @@ WORKERS = _Workers()
 # SlateDB retries some errors without end (a full disk, once a second); a
 # bound turns that into an error the client sees.
 OPERATION_TIMEOUT: list[float | None] = [None]
+READ_TIMEOUT: list[float | None] = [None]  # gets and scans: a shorter bound
 LOW_SPACE_BYTES = 8 * 1024 * 1024  # less free space than this is "full"
 
 
-def configure_timeout(seconds: float | None) -> None:
-    """Bound every store operation to ``seconds`` (None or 0: unbounded)."""
+def configure_timeout(seconds: float | None, read_seconds: float | None = None) -> None:
+    """Bound every store operation to ``seconds``, reads to ``read_seconds``.
+
+    None or 0 leaves that kind unbounded.
+    """
     OPERATION_TIMEOUT[0] = seconds or None
+    READ_TIMEOUT[0] = read_seconds or None
 
 
 def diagnose_directory(directory: Path) -> str | None:
@@ -312,9 +317,9 @@ class SlateHandle:
             return type(error)(f"{error} ({reason})")
         return error
 
-    async def _bounded(self, awaitable: Awaitable[T], what: str) -> T:
-        """Await a binding call within the operation timeout."""
-        timeout = OPERATION_TIMEOUT[0]
+    async def _bounded(self, awaitable: Awaitable[T], what: str, *, read: bool = False) -> T:
+        """Await a binding call within the operation (or read) timeout."""
+        timeout = READ_TIMEOUT[0] if read else OPERATION_TIMEOUT[0]
         if timeout is None:
             return await awaitable
         try:
@@ -426,7 +431,7 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         try:
-            value: bytes | None = await self._bounded(self._db.get(key), "read failed")
+            value: bytes | None = await self._bounded(self._db.get(key), "read failed", read=True)
         except sdb.Error as exc:
             raise self._failed(exc, "read failed") from exc
         if value is not None:
@@ -510,10 +515,10 @@ class SlateHandle:
         rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
         out: list[tuple[bytes, bytes]] = []
         try:
-            iterator = await self._bounded(self._db.scan(rng), "scan failed")
+            iterator = await self._bounded(self._db.scan(rng), "scan failed", read=True)
             while len(out) < limit:
                 wanted = min(SCAN_BATCH, limit - len(out))
-                batch = await self._bounded(iterator.next_batch(wanted), "scan failed")
+                batch = await self._bounded(iterator.next_batch(wanted), "scan failed", read=True)
                 out.extend((kv.key, kv.value) for kv in batch)
                 if len(batch) < wanted:
                     break  # a short batch means the iterator is exhausted
