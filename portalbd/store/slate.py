@@ -27,7 +27,8 @@ uniffi_patch.apply()
 
 import slatedb.uniffi as sdb  # noqa: E402  (the patch must come first)
 
-from portalbd.config import LsmConfig, default_io_threads  # noqa: E402
+from portalbd.config import LsmConfig, default_io_threads, default_read_threads  # noqa: E402
+from portalbd.store.offloop import ReadBatcher, ReadCall  # noqa: E402
 
 if TYPE_CHECKING:
     from portalbd.store.object_metrics import ObjectStoreCounters
@@ -55,13 +56,19 @@ class _Workers:
 
     def __init__(self) -> None:
         self.threads = default_io_threads()
+        self.read_threads = default_read_threads()
         self._pool: ThreadPoolExecutor | None = None
 
-    def configure(self, threads: int) -> None:
+    def configure(self, threads: int, read_threads: int) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
         self.threads = max(0, threads)
+        self.read_threads = max(0, read_threads)
+
+    def read_jobs(self) -> int:
+        """Read batches in flight on the pool (they share its threads)."""
+        return min(self.threads, self.read_threads)
 
     @property
     def pool(self) -> ThreadPoolExecutor | None:
@@ -106,9 +113,10 @@ def diagnose_directory(directory: Path) -> str | None:
     return None
 
 
-def configure_io_threads(threads: int) -> None:
-    """Set how many threads build write batches (0: all on the event loop)."""
-    WORKERS.configure(threads)
+def configure_io_threads(threads: int, read_threads: int = 0) -> None:
+    """Set how many threads build write batches (0: all on the event loop),
+    and on how many of them reads complete (0: on the event loop)."""
+    WORKERS.configure(threads, read_threads)
 
 
 def _build_batch(
@@ -269,6 +277,7 @@ class SlateHandle:
         self._last_reopen = 0.0
         self._reopen_lock = asyncio.Lock()
         self.reopens = 0
+        self._reads = ReadBatcher(lambda: WORKERS.pool, WORKERS.read_jobs)
         # Called after a reopen: what the old database acknowledged but never
         # made durable is gone, so caches above must forget it.
         self.on_reopen: Callable[[], None] | None = None
@@ -426,12 +435,21 @@ class SlateHandle:
             if self.on_reopen is not None:
                 self.on_reopen()
 
+    async def _read(self, call: ReadCall) -> Any:
+        """Run a read on the worker threads when there are any (store/offloop.py)."""
+        if self._reads.available():
+            return await self._reads.run(call, READ_TIMEOUT[0])
+        return await call()
+
     async def get(self, key: bytes) -> bytes | None:
         self.counters.gets += 1
         if self._broken is not None:
             await self._recover()
+        db = self._db
         try:
-            value: bytes | None = await self._bounded(self._db.get(key), "read failed", read=True)
+            value: bytes | None = await self._bounded(
+                self._read(lambda: db.get(key)), "read failed", read=True
+            )
         except sdb.Error as exc:
             raise self._failed(exc, "read failed") from exc
         if value is not None:
@@ -513,15 +531,23 @@ class SlateHandle:
         if self._broken is not None:
             await self._recover()
         rng = sdb.KeyRange(start=start, start_inclusive=True, end=end, end_inclusive=False)
-        out: list[tuple[bytes, bytes]] = []
-        try:
-            iterator = await self._bounded(self._db.scan(rng), "scan failed", read=True)
-            while len(out) < limit:
-                wanted = min(SCAN_BATCH, limit - len(out))
-                batch = await self._bounded(iterator.next_batch(wanted), "scan failed", read=True)
-                out.extend((kv.key, kv.value) for kv in batch)
+        db = self._db
+
+        async def entries() -> list[tuple[bytes, bytes]]:
+            found: list[tuple[bytes, bytes]] = []
+            iterator = await db.scan(rng)
+            while len(found) < limit:
+                wanted = min(SCAN_BATCH, limit - len(found))
+                batch = await iterator.next_batch(wanted)
+                found.extend((kv.key, kv.value) for kv in batch)
                 if len(batch) < wanted:
                     break  # a short batch means the iterator is exhausted
+            return found
+
+        try:
+            out: list[tuple[bytes, bytes]] = await self._bounded(
+                self._read(entries), "scan failed", read=True
+            )
         except sdb.Error as exc:
             raise self._failed(exc, "scan failed") from exc
         self.counters.bytes_got += sum(len(v) for _, v in out)
