@@ -43,10 +43,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+from portalbd.baseonly import BaseOnlyBlocks
 from portalbd.blockmath import Piece, pieces
 from portalbd.pages import (
     Layout,
     Pages,
+    Payload,
     aligned,
     base_key,
     compose,
@@ -54,6 +56,7 @@ from portalbd.pages import (
     group_by_block,
     merge_stored,
     page_span,
+    split_batches,
     stored_flags,
 )
 from portalbd.store import envelope
@@ -73,7 +76,6 @@ STATE_ZERO = 2
 
 Block = bytes | bytearray
 Entry = bytes | bytearray | Pages
-Payload = bytes | memoryview | None
 
 
 class DeviceError(Exception):
@@ -149,6 +151,8 @@ class Device:
         # Page deltas only pay when a block holds several pages.
         self._deltas = self.layout.deltas and self.page_size < block_size
         self._scan_run = 2 if self.layout.deltas else 4
+        # blocks a get can load (no deltas newer than the base): baseonly.py
+        self._base_only = BaseOnlyBlocks()
         self.cache_limit = cache_bytes
         self.dirty_limit = dirty_bytes
         self.writeback_delay = writeback_delay
@@ -206,6 +210,7 @@ class Device:
             raise DeviceError("cannot swap storage with I/O in flight")
         self.store = store
         self.forget_clean_cache()
+        self._base_only.clear()
         self._drains_done += 1  # values loaded from the old store are void
         self._drain_log.clear()
 
@@ -377,9 +382,11 @@ class Device:
         self._loading[block] = load
         self.counters.loads += 1
         self.counters.cache_misses += 1
+        drains_started = self._seq
         try:
-            if self.layout.deltas:
+            if self._deltas and block not in self._base_only:
                 found = await self.store.scan(base_key(block), base_key(block + 1))
+                self._note_scanned(block, found, load, drains_started)
             else:
                 raw = await self.store.get(base_key(block))
                 found = [] if raw is None else [(base_key(block), raw)]
@@ -394,6 +401,24 @@ class Device:
             if not load.done.done():
                 load.done.set_result(None)
         return None if load.stale else load.value
+
+    def _note_scanned(
+        self,
+        block: int,
+        entries: Sequence[tuple[bytes, bytes]],
+        load: _Load,
+        drains_started: int,
+    ) -> None:
+        """A scan found no deltas: later loads of the block may use a get.
+
+        Only when no drain started meanwhile and none overtook the load: a
+        drain writing deltas for the block may have committed after the
+        scan's snapshot (a drain also forgets its delta blocks when it ends).
+        """
+        if load.stale or self._seq != drains_started:
+            return
+        if len(entries) <= 1 and all(key == base_key(block) for key, _ in entries):
+            self._base_only.add(block)
 
     async def _load_all(self, blocks: Sequence[int]) -> dict[int, bytes]:
         """Load several blocks at once; returns those that are not stale.
@@ -434,11 +459,14 @@ class Device:
         self._loading.update(loads)
         self.counters.loads += len(run)
         self.counters.cache_misses += len(run)
+        drains_started = self._seq
         try:
             found = await self.store.scan(base_key(run[0]), base_key(run[-1] + 1))
             groups = dict(group_by_block(found))
             for block, load in loads.items():
-                self._loaded(block, load, self._decode(block, groups.get(block, ())))
+                entries = groups.get(block, ())
+                self._note_scanned(block, entries, load, drains_started)
+                self._loaded(block, load, self._decode(block, entries))
         except (StoreError, DeviceError) as exc:
             error = exc if isinstance(exc, DeviceError) else DeviceError(str(exc))
             for load in loads.values():
@@ -811,19 +839,11 @@ class Device:
             items.append((base_key(block), value if value else None))
         return items, whole
 
-    def _batches(self, items: list[tuple[bytes, Payload]]) -> list[list[tuple[bytes, Payload]]]:
-        batches: list[list[tuple[bytes, Payload]]] = []
-        current: list[tuple[bytes, Payload]] = []
-        size = 0
-        for item in items:
-            current.append(item)
-            size += len(item[1] or b"") + 64
-            if size >= self.batch_bytes:
-                batches.append(current)
-                current, size = [], 0
-        if current:
-            batches.append(current)
-        return batches
+    def _forget_base_only(self, draining: dict[int, Entry]) -> None:
+        """Blocks this drain writes deltas for need a scan again."""
+        for block, entry in draining.items():
+            if isinstance(entry, Pages):
+                self._base_only.discard(block)
 
     def _put_back(self, draining: dict[int, Entry]) -> None:
         """A drain failed: its blocks become dirty again under newer writes."""
@@ -848,6 +868,7 @@ class Device:
             self.draining_bytes = self.dirty_bytes
             self.dirty_bytes = 0
             self._seq += 1
+            self._forget_base_only(draining)
             items, whole = self._drain_items(draining)
             encode = None
             if self.layout.deltas:
@@ -857,7 +878,7 @@ class Device:
             try:
                 # Each key appears once per drain, so batches commute: keep as
                 # many in flight as the store has threads to build them.
-                batches = self._batches(items)
+                batches = split_batches(items, self.batch_bytes)
                 width = self.store.parallelism
                 for i in range(0, len(batches), width):
                     group = batches[i : i + width]
@@ -879,6 +900,7 @@ class Device:
                 self._put_back(draining)
                 raise
             finally:
+                self._forget_base_only(draining)
                 self._drains_done += 1
                 self._drain_log.append((self._drains_done, frozenset(draining)))
                 self._draining = {}
@@ -899,8 +921,11 @@ class Device:
                     else:
                         self._forget(block)
             for block, value in whole:
-                # The store now holds this block; cache it unless a newer
-                # whole value shadows it (pages written since sit on top).
+                # The store now holds this block as a base newer than any of
+                # its deltas: a get loads it.
+                self._base_only.add(block)
+                # Cache it unless a newer whole value shadows it (pages
+                # written since sit on top).
                 if not isinstance(self._dirty.get(block), bytes | bytearray):
                     self._remember(block, value)
             return True

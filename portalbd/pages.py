@@ -28,6 +28,10 @@ _DELTA = struct.Struct(">QH")
 BASE_KEY_SIZE = _BASE.size
 DELTA_KEY_SIZE = _DELTA.size
 
+# What a drain puts under a key: a block or page (a view into a buffer is
+# fine), or None for a hole.
+Payload = bytes | memoryview | None
+
 
 @dataclass(frozen=True, slots=True)
 class Layout:
@@ -211,3 +215,26 @@ def group_by_block(
         group.append((key, value))
     if group:
         yield block, group
+
+
+def split_batches(
+    items: Sequence[tuple[bytes, Payload]], batch_bytes: int
+) -> list[list[tuple[bytes, Payload]]]:
+    """Split a drain's (key, value) items, in key order, into write batches.
+
+    Each batch holds about ``batch_bytes``, and a block's keys (its base or
+    its page deltas) never straddle two: a batch is atomic, and a crash
+    between two batches must not leave one write torn across them.
+    """
+    batches: list[list[tuple[bytes, Payload]]] = []
+    current: list[tuple[bytes, Payload]] = []
+    size = 0
+    for key, value in items:
+        if size >= batch_bytes and key[:BASE_KEY_SIZE] != current[-1][0][:BASE_KEY_SIZE]:
+            batches.append(current)
+            current, size = [], 0
+        current.append((key, value))
+        size += len(value or b"") + 64
+    if current:
+        batches.append(current)
+    return batches

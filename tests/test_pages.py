@@ -9,6 +9,7 @@ concurrently with everything else (a 1 ms write-back delay).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portalbd.baseonly import GROUP_BLOCKS, BaseOnlyBlocks
 from portalbd.config import LsmConfig
 from portalbd.device import STATE_HOLE, STATE_ZERO, Device
 from portalbd.pages import (
@@ -27,6 +29,7 @@ from portalbd.pages import (
     delta_key,
     group_by_block,
     merge_stored,
+    split_batches,
     stored_flags,
 )
 from portalbd.store import envelope
@@ -332,5 +335,79 @@ def test_block_status_of_a_huge_sparse_disk_is_one_scan() -> None:
         assert zeroed == [(BS, STATE_ZERO)]
         await device.stop()
         await handle.close()
+
+    asyncio.run(body())
+
+
+# --- drains: batches and what a get can load ---------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+    batch_bytes=st.integers(1, 5 * PS),
+)
+def test_batches_never_split_a_block(shape: list[int], batch_bytes: int) -> None:
+    """0 in ``shape`` is a whole block, n > 0 a block written as n page deltas."""
+    items: list[tuple[bytes, bytes | None]] = []
+    for block, deltas in enumerate(shape):
+        if deltas == 0:
+            items.append((base_key(block), bytes(BS)))
+        else:
+            items.extend((delta_key(block, page), bytes(PS)) for page in range(deltas))
+    batches = split_batches(items, batch_bytes)
+    assert [item for batch in batches for item in batch] == items
+    owners = [{key[:8] for key, _ in batch} for batch in batches]
+    for first, second in itertools.pairwise(owners):
+        assert not first & second, "a block's keys straddle two batches"
+    for batch in batches[:-1]:
+        # a batch ends at the first block boundary once it is full
+        assert sum(len(v or b"") + 64 for _, v in batch) >= batch_bytes
+
+
+def test_base_only_bitmap_tracks_blocks_across_groups() -> None:
+    known = BaseOnlyBlocks()
+    blocks = [0, 7, 8, GROUP_BLOCKS - 1, GROUP_BLOCKS, 5 * GROUP_BLOCKS + 3, 1 << 40]
+    for block in blocks:
+        assert block not in known
+        known.add(block)
+    assert all(block in known for block in blocks)
+    assert 1 not in known and GROUP_BLOCKS + 1 not in known
+    known.discard(7)
+    known.discard(123456789)  # a group never seen: nothing to forget
+    assert 7 not in known and 8 in known
+    assert known.memory_bytes == 4 * GROUP_BLOCKS // 8
+    known.clear()
+    assert 0 not in known
+
+
+def test_loads_use_a_get_until_a_block_gets_deltas() -> None:
+    """A block the store holds as a base alone loads with one get; after a
+    drain writes page deltas for it, loads scan again (and see the pages)."""
+
+    async def body() -> None:
+        device = await open_device(0)
+        counters = device.store.counters
+        await device.write(0, memoryview(b"a" * (2 * BS)))  # blocks 0 and 1, whole
+        await device.flush()
+        gets, scans = counters.gets, counters.scans
+        assert bytes(await device.read(0, PS)) == b"a" * PS
+        assert bytes(await device.read(BS, PS)) == b"a" * PS
+        assert (counters.gets - gets, counters.scans - scans) == (2, 0)
+
+        await device.write(PS, memoryview(b"p" * PS))  # one page: a delta
+        await device.flush()
+        gets, scans = counters.gets, counters.scans
+        assert bytes(await device.read(0, 2 * PS)) == b"a" * PS + b"p" * PS
+        assert (counters.gets - gets, counters.scans - scans) == (0, 1)
+
+        # A fresh device knows nothing: it scans once, then gets.
+        twin = uncached_twin(device)
+        gets, scans = counters.gets, counters.scans
+        for _ in range(2):
+            assert bytes(await twin.read(BS, PS)) == b"a" * PS
+        assert (counters.gets - gets, counters.scans - scans) == (1, 1)
+        await device.stop()
+        await device.store.close()
 
     asyncio.run(body())
