@@ -66,6 +66,27 @@ def test_envelope_stores_what_compresses_compressed_and_the_rest_raw() -> None:
     assert envelope.encode(None, 7) == envelope.HEADER.pack(envelope.CODEC_HOLE, 7)
 
 
+def test_envelope_probes_the_ends_of_large_values_before_compressing() -> None:
+    """A 64 KiB value is compressed only when its first or last 4 KiB
+    compress; incompressible data is stored raw without a full attempt."""
+    size = 64 * 1024
+    noise = os.urandom(size)
+    text = b"portalbd " * (size // 9 + 1)
+    head_text = text[: size // 2] + noise[: size // 2]
+    tail_zeros = noise[: size - PS] + bytes(PS)  # a file's last block, padded
+    middle_only = noise[:PS] + text[: size - 2 * PS] + noise[:PS]
+    for value, codec in [
+        (noise, envelope.CODEC_RAW),
+        (head_text, envelope.CODEC_LZ4),
+        (tail_zeros, envelope.CODEC_RAW),  # 1/16 zeros saves less than 1/8
+        (noise[: size // 2] + bytes(size // 2), envelope.CODEC_LZ4),
+        (middle_only, envelope.CODEC_RAW),  # the probe's blind spot: stored raw
+    ]:
+        stored = envelope.encode(value, 3)
+        assert envelope.header(stored)[0] == codec
+        assert envelope.decode(stored, size)[2] == value
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
