@@ -24,7 +24,10 @@ class Profiler:
     def start(self) -> None:
         exe = shutil.which("py-spy")
         if exe is None:
-            log.error("--profile needs py-spy (pip install py-spy); continuing without it")
+            log.error(
+                "--profile needs py-spy, of the [trace] extra (pip install 'portalbd[trace]'); "
+                "continuing without it"
+            )
             return
         self._process = subprocess.Popen(
             [

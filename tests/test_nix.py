@@ -258,8 +258,16 @@ def _normalise(requirement: str) -> str:
 
 
 def test_nix_dependencies_match_pyproject() -> None:
+    """The Nix package is the full install: the run-time dependencies and
+    the [trace] and [csi] extras (the VM tests trace, the CSI driver ships)."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    wanted = {_normalise(r) for r in pyproject["project"]["dependencies"]}
+    project = pyproject["project"]
+    requirements = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["trace"],
+        *project["optional-dependencies"]["csi"],
+    ]
+    wanted = {_normalise(r) for r in requirements}
     deps = nix_eval("import ./overlays/python-deps.nix")
     listed = set(deps["python"]) | set(deps["programs"])
     assert listed == wanted, (

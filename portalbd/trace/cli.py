@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
+from portalbd.extras import missing_extra_message
+
 T = TypeVar("T")
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
@@ -243,18 +245,29 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ImportError as e:
+        message = missing_extra_message(e, f"portalbd-trace {args.command}")
+        if message is None:
+            raise
+        print(f"portalbd-trace: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from portalbd.trace.daemon_proc import DaemonError
     from portalbd.trace.format import TraceFormatError
     from portalbd.trace.replay import ReplayError
 
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (TraceFormatError, ReplayError, DaemonError, OSError) as e:
         print(f"portalbd-trace: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""Tools that need an optional extra say which one when it is missing.
+
+Each case runs the real console entry point in a fresh interpreter in which
+the extra's module cannot be imported (``sys.modules[name] = None`` makes
+any import of it fail, as an uninstalled package would).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from portalbd.extras import EXTRA_OF_MODULE, missing_extra_message
+
+
+def run_without(module: str, entry: str, *args: str) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None\n"
+        f"from {entry.rsplit('.', 1)[0]} import {entry.rsplit('.', 1)[1]} as main\n"
+        f"sys.exit(main({list(args)!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_csi_driver_without_grpc_names_the_csi_extra() -> None:
+    result = run_without("grpc", "portalbd.csi.entry.main", "--help")
+    assert result.returncode == 1, result.stderr
+    assert "portalbd-csi needs portalbd's [csi] extra, and grpc is not installed" in result.stderr
+    assert "pip install 'portalbd[csi]'" in result.stderr
+
+
+def test_trace_replay_without_numpy_names_the_trace_extra(tmp_path: Path) -> None:
+    result = run_without(
+        "numpy",
+        "portalbd.trace.cli.main",
+        "replay",
+        str(tmp_path / "missing.jsonl"),
+        "--uri",
+        "nbd://127.0.0.1:1",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "needs portalbd's [trace] extra, and numpy is not installed" in result.stderr
+
+
+def test_daemon_and_portalctl_import_no_extra() -> None:
+    code = (
+        "import sys\n"
+        "import portalbd.daemon, portalbd.portalctl\n"
+        f"loaded = sorted({{n.split('.')[0] for n in sys.modules}} & {set(EXTRA_OF_MODULE)!r})\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["numpy.linalg", "matplotlib"])
+def test_message_names_the_root_module(name: str) -> None:
+    message = missing_extra_message(ImportError("x", name=name), "tool")
+    assert message is not None and f"{name.split('.')[0]} is not installed" in message
+
+
+def test_unrelated_import_errors_are_not_blamed_on_an_extra() -> None:
+    assert missing_extra_message(ImportError("x", name="portalbd.nothing"), "tool") is None
