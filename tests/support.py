@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from portalbd.control.client import request_once
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -38,29 +39,6 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None, timeout: f
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
-def control_request(path: Path, request: Any, timeout: float = 60) -> Any:
-    """Send one control request; return the decoded response."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.connect(str(path))
-                break
-            except BlockingIOError:  # accept backlog full: the daemon is busy
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("control socket closed")
-            buf += chunk
-    return json.loads(buf)
-
-
 @dataclass
 class RunningDaemon:
     process: subprocess.Popen[bytes]
@@ -72,7 +50,7 @@ class RunningDaemon:
     args: list[str] = field(default_factory=list)
 
     def control(self, request: Any, timeout: float = 60) -> Any:
-        return control_request(self.control_socket, request, timeout)
+        return request_once(self.control_socket, request, timeout)
 
     def status(self) -> dict[str, Any]:
         response = self.control("Status")

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from portalbd.control.client import request_once
 from portalbd.trace import format
 from portalbd.trace.recorder import trace_dir_for
-from tests.support import RunningDaemon, control_request, start_daemon
+from tests.support import RunningDaemon, start_daemon
 
 
 class Wire:
@@ -202,7 +203,7 @@ def test_json_nested_5000_deep_gets_an_error_and_the_connection_lives(
 ) -> None:
     assert wire.ask(line) == b'{"Error":"invalid JSON: nested too deeply"}\n'
     assert wire.ask(b'"SnapshotList"\n').startswith(b'{"SnapshotList":[')
-    assert "Status" in control_request(daemon.control_socket, "Status")
+    assert "Status" in request_once(daemon.control_socket, "Status")
     log = daemon.log()
     assert "RecursionError" not in log and "never retrieved" not in log
 

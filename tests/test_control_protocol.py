@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from portalbd.control import protocol
+from portalbd.control.client import request_once
 from tests.conftest import DaemonFactory
 from tests.support import (
     RunningDaemon,
-    control_request,
     free_port,
     run_portalbd,
     wait_for_port,
@@ -232,7 +232,7 @@ def test_socket_directory_created(daemon_factory: DaemonFactory, tmp_path: Path)
     deadline = time.monotonic() + 10
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert control_request(path, "SnapshotList") == {"SnapshotList": []}
+    assert request_once(path, "SnapshotList") == {"SnapshotList": []}
     assert stat.S_IMODE(path.lstat().st_mode) == 0o660
     daemon.stop()
     assert not path.exists(), "a clean stop removes its socket"

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from portalbd.control.client import request_once
+from portalbd.control.errors import ControlError
+
 
 class DaemonError(RuntimeError):
     """The daemon did not start or answer; the message carries its log tail."""
@@ -173,23 +176,13 @@ class Daemon:
         return f"nbd://127.0.0.1:{self.port}"
 
     def control(self, request: Any, timeout: float = 30.0) -> Any:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.control_socket))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+        return request_once(self.control_socket, request, timeout)
 
     def store_stats(self) -> dict[str, Any] | None:
         """`stats.store` from Status, or None if this daemon does not report it."""
         try:
             reply = self.control("Status")
-        except (OSError, ValueError):
+        except ControlError:
             return None
         store = (
             reply.get("Status", {}).get("stats", {}).get("store")
