@@ -11,9 +11,9 @@ from pathlib import Path
 import nbd
 import pytest
 
+from portalbd.launch import free_port, wait_for_port
 from portalbd.trace import format, nbdkit_log
 from portalbd.trace.cli import main
-from portalbd.trace.daemon_proc import free_port, wait_port
 from portalbd.trace.format import OpType, TraceHeader, TraceOp
 from portalbd.trace.pattern import pattern_bytes
 from portalbd.trace.replay import ReplayError, ReplayOptions, _dependencies, replay
@@ -38,7 +38,7 @@ def nbdkit(tmp_path: Path) -> Iterator[NbdkitFactory]:
             cmd += [f"logfile={logfile}"]
         p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
         procs.append(p)
-        wait_port(port, p, 30, "nbdkit")
+        wait_for_port(port, p, 30, "nbdkit")
         return f"nbd://127.0.0.1:{port}"
 
     yield start

@@ -18,13 +18,13 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi.errors import internal
+from portalbd.launch import portalbd_command
 
 log = logging.getLogger("portalbd.csi")
 
@@ -42,11 +42,6 @@ async def daemon_pid(control_socket: Path) -> int | None:
         return None
     pid = status.get("Status", {}).get("pid") if isinstance(status, dict) else None
     return int(pid) if pid else None
-
-
-def portalbd_command() -> list[str]:
-    """Run the daemon with the interpreter that runs us (works in any venv)."""
-    return [sys.executable, "-m", "portalbd.daemon"]
 
 
 @dataclass(frozen=True, slots=True)

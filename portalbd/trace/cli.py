@@ -243,14 +243,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from portalbd.trace.daemon_proc import DaemonError
+    from portalbd.launch import LaunchError
     from portalbd.trace.format import TraceFormatError
     from portalbd.trace.replay import ReplayError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (TraceFormatError, ReplayError, DaemonError, OSError) as e:
+    except (TraceFormatError, ReplayError, LaunchError, OSError) as e:
         print(f"portalbd-trace: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
