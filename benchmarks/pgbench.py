@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from portalbd.launch import LaunchError, free_port, serving, start, stop_process
+from portalbd.launch import LaunchError, free_port, serving, spawn, start, stop_process, wait_until
 
 PG_USER = "postgres"
 TARGETS = ["portalbd-file", "nbdkit-memory"]
@@ -93,23 +93,15 @@ def fuse_file(uri: str, mountpoint: Path, log_path: Path) -> Iterator[Path]:
     """``nbdfuse MOUNTPOINT/disk URI``: the export as a regular file; unmounted afterwards."""
     mountpoint.mkdir()
     disk = mountpoint / "disk"
-    log = open(log_path, "wb")  # noqa: SIM115 (the child writes to it)
-    process = subprocess.Popen(["nbdfuse", str(disk), uri], stdout=log, stderr=subprocess.STDOUT)
+    process = spawn(["nbdfuse", str(disk), uri], log_path)
     try:
-        deadline = time.monotonic() + 30
-        while not (os.path.ismount(mountpoint) and disk.exists()):
-            if process.poll() is not None:
-                raise RuntimeError(f"nbdfuse exited with {process.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("nbdfuse did not mount")
-            time.sleep(0.05)
+        wait_until(lambda: os.path.ismount(mountpoint) and disk.exists(), process, 30, "nbdfuse")
         yield disk
     finally:
         if os.path.ismount(mountpoint):
             subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, timeout=60)
         with contextlib.suppress(LaunchError):
             stop_process(process, 60, "nbdfuse")
-        log.close()
 
 
 @contextlib.contextmanager
