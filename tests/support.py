@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,39 @@ def start_daemon(
         log_level="debug",
         wait=wait,
     )
+
+
+class Wire:
+    """One raw connection to a control socket: send bytes, read answer lines.
+
+    No client library on purpose: the wire tests check bytes, and send what
+    no client would.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"closed; partial {self.buf!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    def ask(self, data: bytes) -> bytes:
+        self.send(data)
+        return self.line()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def run_portalbd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,7 @@ import pytest
 from portalbd.control.client import request_once
 from portalbd.trace import format
 from portalbd.trace.recorder import trace_dir_for
-from tests.support import RunningDaemon, start_daemon
-
-
-class Wire:
-    """One raw connection to the control socket: send a line, read one back."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def ask(self, data: bytes) -> bytes:
-        self.sock.sendall(data)
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"closed; partial {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.support import RunningDaemon, Wire, start_daemon
 
 
 @pytest.fixture(scope="module")

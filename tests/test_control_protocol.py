@@ -21,41 +21,13 @@ from portalbd.control.client import request_once
 from tests.conftest import DaemonFactory
 from tests.support import (
     RunningDaemon,
+    Wire,
     free_port,
     run_portalbd,
     wait_for_port,
 )
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-
-
-class Wire:
-    """One raw connection: send bytes, read answer lines."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"closed; partial {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def ask(self, data: bytes) -> bytes:
-        self.send(data)
-        return self.line()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
