@@ -47,9 +47,10 @@ def free_port() -> int:
 def portalbd_command() -> list[str]:
     """The daemon of this very install: ``python -m portalbd.daemon``, or ``$PORTALBD_BIN``.
 
-    The interpreter running us always has the package, in a venv or a Nix
-    wrapper alike; a ``portalbd`` found on PATH might be another version.
-    ``$PORTALBD_BIN`` (split on spaces) runs another build on purpose.
+    The interpreter running us has the package (the CSI driver always
+    started its daemons so), while a ``portalbd`` found on PATH might be
+    another version. ``$PORTALBD_BIN`` (split on spaces) runs another build
+    on purpose.
     """
     override = os.environ.get("PORTALBD_BIN")
     if override:
