@@ -29,8 +29,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
+from portalbd.launch import free_port, serving, start
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -79,59 +78,22 @@ def import_nbd() -> Any:
     return nbd
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on {port}")
-
-
 @contextlib.contextmanager
 def serve(name: str, size: int, workdir: Path) -> Iterator[str]:
     """Start one target of ``size`` bytes on a free port; yield its URI; stop it afterwards."""
     port = free_port()
-    log = open(workdir / f"{name}-{port}.log", "wb")  # noqa: SIM115 (the child writes to it)
     if name == "portalbd-memory":
-        argv = [
-            str(BIN / "portalbd"),
-            "--instance",
-            f"bench-bs-{port}",
-            "--nbd-address",
-            f"127.0.0.1:{port}",
-            "--socket",
-            str(workdir / f"{name}-{port}.sock"),
-            "--disk-size-gb",
-            str(size // GiB),
-        ]
+        daemon = start(workdir, disk_size_gb=size // GiB, instance=f"bench-bs-{port}", port=port)
+        try:
+            yield daemon.uri
+        finally:
+            daemon.stop()
     elif name == "nbdkit-memory":
         argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", f"size={size}"]
+        with serving(argv, port, workdir / f"{name}-{port}.log", what=name, stop_timeout=60):
+            yield f"nbd://127.0.0.1:{port}"
     else:
         raise ValueError(f"unknown target {name}")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, process)
-        yield f"nbd://127.0.0.1:{port}"
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
 
 
 def scatter(uri: str, span: int, seed: int = 1) -> None:

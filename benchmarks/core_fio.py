@@ -20,8 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,8 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from portalbd.launch import LaunchError, free_port, serving, start
+
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 MiB = 1 << 20
 REGION = 512 * MiB
 
@@ -42,25 +41,6 @@ JOBS = [
     ("1M seq write", "write", "1m", 8, "MiB/s"),
     ("1M seq read", "read", "1m", 8, "MiB/s"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on {port}")
 
 
 @dataclass
@@ -74,40 +54,23 @@ class Server:
 def serve(name: str, workdir: Path) -> Iterator[Server]:
     """Start one target on a free port; stop it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 (the child writes to it)
     if name.startswith("portalbd"):
-        argv = [
-            str(BIN / "portalbd"),
-            "--instance",
-            f"bench-{port}",
-            "--nbd-address",
-            f"127.0.0.1:{port}",
-            "--socket",
-            str(workdir / f"{name}.sock"),
-            "--disk-size-gb",
-            "1",
-        ]
-        if name == "portalbd-file":
-            argv += ["--storage-url", f"file://{workdir}/data-{port}"]
-    elif name == "nbdkit-memory":
+        storage = f"file://{workdir}/data-{port}" if name == "portalbd-file" else None
+        daemon = start(workdir, storage_url=storage, instance=name, port=port)
+        try:
+            yield Server(name, daemon.process, daemon.uri)
+        finally:
+            with contextlib.suppress(LaunchError):
+                daemon.stop(120)
+        return
+    if name == "nbdkit-memory":
         argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "1G"]
     else:
         script = REPO / "benchmarks" / "nbdkit_ramdisk.py"
         argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "python", str(script)]
         argv.append(f"size={1 << 30}")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, process)
+    with serving(argv, port, workdir / f"{name}.log", what=name) as process:
         yield Server(name, process, f"nbd://127.0.0.1:{port}")
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
 
 
 def fio(
@@ -217,24 +180,11 @@ def rss_after_writing(workdir: Path, gib: int = 2) -> list[dict[str, int]]:
     Default settings, file storage. A second GiB shows whether memory keeps
     growing with the data written or stays at the configured bounds.
     """
-    port = free_port()
-    argv = [
-        str(BIN / "portalbd"),
-        "--instance",
-        f"rss-{port}",
-        "--nbd-address",
-        f"127.0.0.1:{port}",
-        "--socket",
-        str(workdir / "rss.sock"),
-        "--storage-url",
-        f"file://{workdir}/rss-data",
-        "--disk-size-gb",
-        str(gib),
-    ]
-    with open(workdir / "rss.log", "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    daemon = start(
+        workdir, storage_url=f"file://{workdir}/rss-data", disk_size_gb=gib, instance="rss"
+    )
+    process, port = daemon.process, daemon.port
     try:
-        wait_for_port(port, process)
         samples = [status_kib(process.pid)]
         for i in range(gib):
             subprocess.run(
@@ -256,12 +206,8 @@ def rss_after_writing(workdir: Path, gib: int = 2) -> list[dict[str, int]]:
             samples.append(status_kib(process.pid))
         return samples
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with contextlib.suppress(LaunchError):
+            daemon.stop(120)
 
 
 def status_kib(pid: int) -> dict[str, int]:

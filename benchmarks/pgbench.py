@@ -22,8 +22,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from portalbd.launch import LaunchError, free_port, serving, spawn, start, stop_process, wait_until
+
 PG_USER = "postgres"
 TARGETS = ["portalbd-file", "nbdkit-memory"]
 
@@ -44,25 +43,6 @@ class Result:
     latency_ms: float = float("nan")
     error: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on {port}")
 
 
 def pg_bin() -> Path:
@@ -86,46 +66,26 @@ def run(argv: list[str], timeout: float, user: str | None = None) -> str:
     return done.stdout
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextlib.contextmanager
 def serve(name: str, disk_gib: int, workdir: Path) -> Iterator[str]:
     """Start one NBD target on a free port; yield its URI; stop it afterwards."""
     port = free_port()
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 (the child writes to it)
     if name.startswith("portalbd"):
-        argv = [
-            str(BIN / "portalbd"),
-            "--instance",
-            f"bench-pg-{port}",
-            "--nbd-address",
-            f"127.0.0.1:{port}",
-            "--socket",
-            str(workdir / f"{name}.sock"),
-            "--disk-size-gb",
-            str(disk_gib),
-        ]
-        if name == "portalbd-file":
-            argv += ["--storage-url", f"file://{workdir}/data-{port}"]
+        storage = f"file://{workdir}/data-{port}" if name == "portalbd-file" else None
+        daemon = start(
+            workdir, storage_url=storage, disk_size_gb=disk_gib, instance=name, port=port
+        )
+        try:
+            yield daemon.uri
+        finally:
+            with contextlib.suppress(LaunchError):
+                daemon.stop(120)
     elif name == "nbdkit-memory":
         argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", f"{disk_gib}G"]
+        with serving(argv, port, workdir / f"{name}.log", what=name):
+            yield f"nbd://127.0.0.1:{port}"
     else:
         raise ValueError(f"unknown target {name}")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, process)
-        yield f"nbd://127.0.0.1:{port}"
-    finally:
-        stop(process)
-        log.close()
 
 
 @contextlib.contextmanager
@@ -133,22 +93,15 @@ def fuse_file(uri: str, mountpoint: Path, log_path: Path) -> Iterator[Path]:
     """``nbdfuse MOUNTPOINT/disk URI``: the export as a regular file; unmounted afterwards."""
     mountpoint.mkdir()
     disk = mountpoint / "disk"
-    log = open(log_path, "wb")  # noqa: SIM115 (the child writes to it)
-    process = subprocess.Popen(["nbdfuse", str(disk), uri], stdout=log, stderr=subprocess.STDOUT)
+    process = spawn(["nbdfuse", str(disk), uri], log_path)
     try:
-        deadline = time.monotonic() + 30
-        while not (os.path.ismount(mountpoint) and disk.exists()):
-            if process.poll() is not None:
-                raise RuntimeError(f"nbdfuse exited with {process.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("nbdfuse did not mount")
-            time.sleep(0.05)
+        wait_until(lambda: os.path.ismount(mountpoint) and disk.exists(), process, 30, "nbdfuse")
         yield disk
     finally:
         if os.path.ismount(mountpoint):
             subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, timeout=60)
-        stop(process, 60)
-        log.close()
+        with contextlib.suppress(LaunchError):
+            stop_process(process, 60, "nbdfuse")
 
 
 @contextlib.contextmanager

@@ -24,8 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.s3support import MotoServer
-from tests.support import start_daemon
+from portalbd.launch import MotoServer, start
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -72,7 +71,7 @@ def measure(
         env = moto.env()
     else:
         url = f"file://{workdir}/{tag}"
-    daemon = start_daemon(
+    daemon = start(
         workdir, "-c", str(config), storage_url=url, disk_size_gb=4, instance=tag, env=env
     )
     try:

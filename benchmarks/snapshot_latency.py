@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import RunningDaemon, connected, start_daemon
+from portalbd.launch import Daemon, start
 
 MIB = 1024 * 1024
 
@@ -59,7 +59,7 @@ def fill(uri: str, mib: int) -> float:
     return time.monotonic() - started
 
 
-def timed(daemon: RunningDaemon, request: object) -> float:
+def timed(daemon: Daemon, request: object) -> float:
     started = time.perf_counter()
     reply = daemon.control(request, timeout=600)
     elapsed = time.perf_counter() - started
@@ -68,13 +68,19 @@ def timed(daemon: RunningDaemon, request: object) -> float:
     return elapsed * 1000
 
 
-def dirty(daemon: RunningDaemon, rng: random.Random) -> None:
-    with connected(daemon.uri) as handle:
+def dirty(daemon: Daemon, rng: random.Random) -> None:
+    import nbd
+
+    handle = nbd.NBD()
+    handle.connect_uri(daemon.uri)
+    try:
         for i in range(4):
             handle.pwrite(rng.randbytes(MIB), rng.randrange(64) * MIB + i)
+    finally:
+        handle.shutdown()
 
 
-def wait_idle(daemon: RunningDaemon) -> None:
+def wait_idle(daemon: Daemon) -> None:
     deadline = time.monotonic() + 15
     while daemon.status()["stats"]["connections"] and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -88,7 +94,7 @@ def p99(values: list[float]) -> float:
 def measure(workdir: Path, mib: int, tries: int) -> dict[str, list[float]]:
     storage = workdir / f"data-{mib}"
     size_gib = max(1, math.ceil(mib / 1024) + 1)
-    daemon = start_daemon(
+    daemon = start(
         workdir,
         storage_url=f"file://{storage}",
         disk_size_gb=size_gib,

@@ -68,11 +68,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 def end_to_end(n: int, rounds: int, depth: int) -> None:
-    try:
-        daemon_proc.portalbd_command()
-    except daemon_proc.DaemonError as e:
-        print(f"end to end: skipped ({e})")
-        return
     if rounds < 1:
         return
     ops = workload(n, depth)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from portalbd.control.client import ControlClient, ControlError, NotRunning
+from portalbd.control.client import ControlClient
+from portalbd.control.errors import ControlError, NotRunning
 from portalbd.paths import control_socket_path, discover_sockets
 
 EXIT_OK = 0

@@ -24,6 +24,7 @@ import grpc
 from portalbd.csi.mounts import mounts
 from portalbd.csi.proto import csi_pb2 as pb
 from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
+from portalbd.launch import LaunchError, spawn, stop_process, wait_until
 from tests.support import BIN
 
 MODE = pb.VolumeCapability.AccessMode.Mode
@@ -87,16 +88,13 @@ def start_driver(
         "debug",
         *extra,
     ]
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            argv, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-    deadline = time.monotonic() + 30
-    while not socket.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"portalbd-csi did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
+    process = spawn(argv, log_path, env=env)
+    try:
+        wait_until(socket.exists, process, 30, "portalbd-csi")
+    except LaunchError as exc:
+        process.kill()
+        process.wait()
+        raise LaunchError(f"{exc}:\n{log_path.read_text()}") from None
     channel = grpc.insecure_channel(f"unix://{socket}")
     grpc.channel_ready_future(channel).result(timeout=30)
     return Driver(
@@ -114,13 +112,8 @@ def start_driver(
 
 def stop_driver(driver: Driver) -> None:
     driver.channel.close()
-    if driver.process.poll() is None:
-        driver.process.send_signal(signal.SIGTERM)
-        try:
-            driver.process.wait(30)
-        except subprocess.TimeoutExpired:
-            driver.process.kill()
-            driver.process.wait()
+    with contextlib.suppress(LaunchError):  # killed after 30 s: cleanup_tree does the rest
+        stop_process(driver.process, 30, "portalbd-csi")
 
 
 def _quiet(*argv: str) -> None:

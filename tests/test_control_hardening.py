@@ -11,39 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from portalbd.control.client import request_once
 from portalbd.trace import format
 from portalbd.trace.recorder import trace_dir_for
-from tests.support import RunningDaemon, control_request, start_daemon
-
-
-class Wire:
-    """One raw connection to the control socket: send a line, read one back."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def ask(self, data: bytes) -> bytes:
-        self.sock.sendall(data)
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"closed; partial {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.support import RunningDaemon, Wire, start_daemon
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +179,7 @@ def test_json_nested_5000_deep_gets_an_error_and_the_connection_lives(
 ) -> None:
     assert wire.ask(line) == b'{"Error":"invalid JSON: nested too deeply"}\n'
     assert wire.ask(b'"SnapshotList"\n').startswith(b'{"SnapshotList":[')
-    assert "Status" in control_request(daemon.control_socket, "Status")
+    assert "Status" in request_once(daemon.control_socket, "Status")
     log = daemon.log()
     assert "RecursionError" not in log and "never retrieved" not in log
 

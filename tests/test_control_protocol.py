@@ -17,45 +17,17 @@ from pathlib import Path
 import pytest
 
 from portalbd.control import protocol
+from portalbd.control.client import request_once
 from tests.conftest import DaemonFactory
 from tests.support import (
     RunningDaemon,
-    control_request,
+    Wire,
     free_port,
     run_portalbd,
     wait_for_port,
 )
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-
-
-class Wire:
-    """One raw connection: send bytes, read answer lines."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"closed; partial {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def ask(self, data: bytes) -> bytes:
-        self.send(data)
-        return self.line()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -232,7 +204,7 @@ def test_socket_directory_created(daemon_factory: DaemonFactory, tmp_path: Path)
     deadline = time.monotonic() + 10
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert control_request(path, "SnapshotList") == {"SnapshotList": []}
+    assert request_once(path, "SnapshotList") == {"SnapshotList": []}
     assert stat.S_IMODE(path.lstat().st_mode) == 0o660
     daemon.stop()
     assert not path.exists(), "a clean stop removes its socket"

@@ -7,6 +7,8 @@ code the spec prescribes, with the message a user would see.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -502,6 +504,36 @@ def test_snapshots_offline_lifecycle(driver: Driver) -> None:
 
 
 # --- node argument checks (no mounting) ----------------------------------------------------
+
+
+def test_snapshot_when_the_serving_daemon_is_gone(driver: Driver) -> None:
+    """The node went down with the volume staged: its control socket stayed, nobody answers."""
+    volume = create(driver, "orphaned", required=4 * MIB)
+    stale = driver.base / "stale-control.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()
+    staged = driver.base / "root" / "csi" / "staged" / f"{volume.volume_id}.json"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_text(
+        json.dumps(
+            {
+                "node_id": "gone-node",
+                "control_socket": str(stale),
+                "staging_path": str(driver.base / "nowhere"),
+            }
+        )
+    )
+    try:
+        expect(
+            Code.INTERNAL,
+            f"connection refused on control socket {stale}: the socket is stale, "
+            "no daemon is running there",
+            driver.controller.CreateSnapshot,
+            pb.CreateSnapshotRequest(source_volume_id=volume.volume_id, name="orphan-snap"),
+        )
+    finally:
+        staged.unlink()
 
 
 def test_node_info_and_capabilities(driver: Driver) -> None:

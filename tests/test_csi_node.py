@@ -20,8 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from portalbd.control.async_client import request_once
+from portalbd.control.errors import ControlError
 from portalbd.csi.proto import csi_pb2 as pb
-from portalbd.csi.supervisor import control
 from tests.csi_support import Driver, block_cap, mount_cap, rpc_error, running_driver
 
 MIB = 1 << 20
@@ -335,8 +336,8 @@ async def _status(socket: Path) -> dict[str, dict[str, int]]:
     reply: dict[str, dict[str, int]] = {}
     for _ in range(300):
         try:
-            reply = await control(socket, "Status", timeout=5)
-        except OSError:
+            reply = await request_once(socket, "Status", timeout=5)
+        except ControlError:
             reply = {}
         if "Status" in reply:
             return reply

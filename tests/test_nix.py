@@ -32,6 +32,7 @@ import pytest
 import tomlkit
 
 from portalbd import config as portalbd_config
+from portalbd.launch import free_port, portalbd_command
 
 ROOT = Path(__file__).resolve().parent.parent
 VM_TESTS = ROOT / "nixos" / "tests"
@@ -330,13 +331,6 @@ def test_template_unit_has_the_module_hardening() -> None:
 # -- sd_notify ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -347,9 +341,8 @@ def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
 
 
 def _daemon(tmp_path: Path, port: int, notify: str) -> subprocess.Popen[bytes]:
-    exe = shutil.which("portalbd") or str(Path(sys.executable).parent / "portalbd")
     return subprocess.Popen(
-        [exe, "--instance", "notifytest", "--storage-url", "memory://",
+        [*portalbd_command(), "--instance", "notifytest", "--storage-url", "memory://",
          "--disk-size-gb", "1", "--nbd-address", f"127.0.0.1:{port}",
          "--socket", str(tmp_path / "control.sock")],
         env={**os.environ, "NOTIFY_SOCKET": notify},
@@ -363,7 +356,7 @@ def _messages(sock: socket.socket) -> dict[str, str]:
 
 
 def test_daemon_notifies_ready_then_stopping(tmp_path: Path, notify_socket: socket.socket) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _daemon(tmp_path, port, str(tmp_path / "notify"))
     try:
         ready = _messages(notify_socket)
@@ -389,7 +382,7 @@ def test_daemon_notifies_abstract_socket(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
         sock.settimeout(60)
-        proc = _daemon(tmp_path, _free_port(), "@" + name)
+        proc = _daemon(tmp_path, free_port(), "@" + name)
         try:
             assert _messages(sock).get("READY") == "1"
             proc.send_signal(signal.SIGTERM)

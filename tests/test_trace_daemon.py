@@ -9,8 +9,9 @@ from pathlib import Path
 import nbd
 import pytest
 
+from portalbd.launch import Daemon
 from portalbd.trace import daemon_proc, format
-from portalbd.trace.daemon_proc import Daemon, DaemonConfig
+from portalbd.trace.daemon_proc import DaemonConfig
 from portalbd.trace.format import FLAG_FUA, FLAG_NO_HOLE, OpType
 from portalbd.trace.pattern import pattern_bytes
 from portalbd.trace.replay import replay

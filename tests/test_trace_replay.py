@@ -11,9 +11,9 @@ from pathlib import Path
 import nbd
 import pytest
 
+from portalbd.launch import free_port, spawn, stop_process, wait_for_port
 from portalbd.trace import format, nbdkit_log
 from portalbd.trace.cli import main
-from portalbd.trace.daemon_proc import free_port, wait_port
 from portalbd.trace.format import OpType, TraceHeader, TraceOp
 from portalbd.trace.pattern import pattern_bytes
 from portalbd.trace.replay import ReplayError, ReplayOptions, _dependencies, replay
@@ -36,15 +36,14 @@ def nbdkit(tmp_path: Path) -> Iterator[NbdkitFactory]:
         cmd += ["memory", str(size)]
         if logfile is not None:
             cmd += [f"logfile={logfile}"]
-        p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        p = spawn(cmd, None)
         procs.append(p)
-        wait_port(port, p, 30, "nbdkit")
+        wait_for_port(port, p, 30, "nbdkit")
         return f"nbd://127.0.0.1:{port}"
 
     yield start
     for p in procs:
-        p.terminate()
-        p.wait(30)
+        stop_process(p, 30, "nbdkit")
 
 
 def checksum(uri: str) -> str:

@@ -23,8 +23,9 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 from textual.widgets._toast import Toast
 
+from portalbd.control.client import request_once
 from tests.conftest import DaemonFactory
-from tests.support import RunningDaemon, control_request
+from tests.support import RunningDaemon
 from tui.app import PortalbdApp
 from tui.config import Settings
 from tui.model import Instance, State
@@ -189,7 +190,7 @@ def test_tui_against_real_daemons(
             await pilot.press("d")
             await wait_for(pilot, "delete confirm", lambda: isinstance(app.screen, ConfirmScreen))
             assert (
-                control_request(disk.control_socket, {"SnapshotDelete": {"name": "before-change"}})
+                request_once(disk.control_socket, {"SnapshotDelete": {"name": "before-change"}})
                 == "Ok"
             )
             await pilot.press("y")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from portalbd.control.async_client import AsyncControlClient
+from portalbd.control.errors import ProtocolError, Timeout, Unreachable
 from tui.app import parse_args
 from tui.config import pick_theme, terminal_is_light
-from tui.control import ControlClient, ProtocolError, Unreachable, Unresponsive
 from tui.demo import demo_fleet, instance
 from tui.discovery import default_roots, scan
 from tui.format import (
@@ -343,6 +344,11 @@ def test_discovery_follows_the_documented_layout(
 # --- control client failures (real sockets standing in for broken daemons) ---
 
 
+def tui_client(path: Path, timeout: float) -> AsyncControlClient:
+    """The client as the TUI makes it: short messages, shown next to their instance."""
+    return AsyncControlClient(path, timeout, name_socket=False)
+
+
 def test_control_client_tells_down_from_unresponsive(
     tmp_path: Path, listening: list[socket.socket]
 ) -> None:
@@ -354,13 +360,13 @@ def test_control_client_tells_down_from_unresponsive(
 
     async def run() -> None:
         with pytest.raises(Unreachable, match="socket not found"):
-            await ControlClient(missing).status(1.0)
+            await tui_client(missing, 1.0).status()
         with pytest.raises(Unreachable, match="connection refused"):
-            await ControlClient(stale).status(1.0)
-        client = ControlClient(hung)
+            await tui_client(stale, 1.0).status()
+        client = tui_client(hung, 0.3)
         started = time.monotonic()
-        with pytest.raises(Unresponsive, match=r"no answer within 0.3s"):
-            await client.status(0.3)
+        with pytest.raises(Timeout, match=r"no answer within 0.3s"):
+            await client.status()
         assert time.monotonic() - started < 5  # bounded by the deadline, not hung
         await client.close()
 
@@ -381,11 +387,11 @@ def test_control_client_rejects_garbage(tmp_path: Path) -> None:
 
         server = await asyncio.start_unix_server(reply, str(path))
         async with server:
-            client = ControlClient(path)
+            client = tui_client(path, 2.0)
             with pytest.raises(ProtocolError, match="expected Status"):
-                await client.status(2.0)
+                await client.status()
             with pytest.raises(ProtocolError):
-                await client.snapshot_list(2.0)
+                await client.snapshot_list()
             await client.close()
 
     asyncio.run(run())

@@ -20,18 +20,13 @@ from textual.binding import Binding
 from textual.reactive import var
 from textual.screen import Screen
 
+from portalbd.control.async_client import AsyncControlClient
+from portalbd.control.errors import ControlError, DaemonError, Timeout, Unreachable
 from tui import __doc__ as tui_doc
 from tui.config import Settings, pick_theme
-from tui.control import (
-    ControlClient,
-    ControlError,
-    DaemonError,
-    Unreachable,
-    Unresponsive,
-)
 from tui.discovery import scan
 from tui.format import fmt_time
-from tui.model import Fleet, Instance, State
+from tui.model import Fleet, Instance, Snapshot, State, Status
 from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
 from tui.view import is_client_refusal
 
@@ -70,7 +65,7 @@ class PortalbdApp(App[None]):
         self.fleet = fleet if fleet is not None else Fleet()
         self.live = live
         self.clock = clock
-        self._clients: dict[str, ControlClient] = {}
+        self._clients: dict[str, AsyncControlClient] = {}
         self._polling: set[str] = set()
         self._snapshot_wanted: set[str] = set()
         self._snapshots_fetched: dict[str, float] = {}
@@ -122,10 +117,11 @@ class PortalbdApp(App[None]):
         self.run_worker(self._poll(inst), group="poll", exit_on_error=False)
 
     async def _poll(self, inst: Instance) -> None:
-        client = self._clients.setdefault(inst.key, ControlClient(inst.socket))
-        timeout = self.settings.status_timeout_s
+        client = self._clients.get(inst.key)
+        if client is None:
+            client = self._clients[inst.key] = self._client(inst, self.settings.status_timeout_s)
         try:
-            status = await client.status(timeout)
+            status = Status.from_json(await client.status())
             t, wall = self.clock()
             inst.record_status(t, wall, status)
             wanted = inst.key in self._snapshot_wanted
@@ -135,9 +131,9 @@ class PortalbdApp(App[None]):
             stale = t - self._snapshots_fetched.get(inst.key, -1e9) > SNAPSHOT_REREAD_S
             if wanted or stale or known is None or len(known) != status.snapshot_count:
                 self._snapshot_wanted.discard(inst.key)
-                inst.set_snapshots(await client.snapshot_list(timeout))
+                inst.set_snapshots([Snapshot.from_json(s) for s in await client.snapshot_list()])
                 self._snapshots_fetched[inst.key] = t
-        except Unresponsive as exc:
+        except Timeout as exc:
             inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"unresponsive: {exc}")
         except Unreachable as exc:
             inst.record_failure(self.clock()[1], State.DOWN, str(exc))
@@ -166,13 +162,15 @@ class PortalbdApp(App[None]):
 
     # --- operations --------------------------------------------------------
 
-    async def _call(self, inst: Instance, op: Callable[[ControlClient], Awaitable[T]]) -> T:
+    @staticmethod
+    def _client(inst: Instance, timeout: float) -> AsyncControlClient:
+        """Messages leave the path out: the TUI shows each one next to its instance."""
+        return AsyncControlClient(inst.socket, timeout, name_socket=False)
+
+    async def _call(self, inst: Instance, op: Callable[[AsyncControlClient], Awaitable[T]]) -> T:
         """Run one operation on its own connection, so polling is not queued behind it."""
-        client = ControlClient(inst.socket)
-        try:
+        async with self._client(inst, self.settings.action_timeout_s) as client:
             return await op(client)
-        finally:
-            await client.close()
 
     def _failed(self, inst: Instance, what: str, exc: BaseException) -> None:
         message = str(exc) if isinstance(exc, ControlError) else f"internal error: {exc!r}"
@@ -212,9 +210,8 @@ class PortalbdApp(App[None]):
         self.push_screen(SnapshotNameScreen(inst.name, existing, suggestion), answered)
 
     async def _create(self, inst: Instance, name: str) -> None:
-        timeout = self.settings.action_timeout_s
         try:
-            await self._call(inst, lambda c: c.snapshot_create(name, timeout))
+            await self._call(inst, lambda c: c.snapshot_create(name))
         except Exception as exc:
             self._failed(inst, f"snapshot {name}", exc)
         else:
@@ -243,9 +240,8 @@ class PortalbdApp(App[None]):
         )
 
     async def _delete(self, inst: Instance, name: str) -> None:
-        timeout = self.settings.action_timeout_s
         try:
-            await self._call(inst, lambda c: c.snapshot_delete(name, timeout))
+            await self._call(inst, lambda c: c.snapshot_delete(name))
         except Exception as exc:
             self._failed(inst, f"delete {name}", exc)
         else:
@@ -283,9 +279,8 @@ class PortalbdApp(App[None]):
         )
 
     async def _restore(self, inst: Instance, name: str, force: bool) -> None:
-        timeout = self.settings.action_timeout_s
         try:
-            await self._call(inst, lambda c: c.snapshot_restore(name, force, timeout))
+            await self._call(inst, lambda c: c.snapshot_restore(name, force))
         except DaemonError as exc:
             if force or not is_client_refusal(str(exc)):
                 self._failed(inst, f"restore {name}", exc)

@@ -1,99 +1,47 @@
-"""A blocking client for the control socket, for portalctl and scripts.
+"""The blocking client for the control socket: portalctl, tests, benchmarks, trace tools.
 
-Failures are sorted by what the operator has to do about them: no daemon
-(`NotRunning`: the socket is missing or nobody accepts on it), no access
-(`AccessDenied`), no answer in time (`Timeout`), an answer that is not the
-protocol (`ProtocolError`), or the daemon's own refusal (`DaemonError`,
-whose text the daemon wrote for people). The TUI has its own asyncio client
-(`tui/control.py`); this one has no event loop so a CLI starts fast.
+It has no event loop, so a CLI starts fast; `portalbd.control.async_client`
+is the same client for asyncio code. Both raise only the errors in
+`portalbd.control.errors`, worded by `Messages`.
 """
 
 from __future__ import annotations
 
-import errno
-import json
 import socket
-import stat
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-# Replies can be long (a SnapshotList of thousands); requests stay small.
-MAX_REPLY = 16 * 1024 * 1024
+from portalbd.control import calls, replies
+from portalbd.control.errors import (
+    ConnectionLost,
+    Messages,
+    ProtocolError,
+)
+from portalbd.control.protocol import encode_document
 
+T = TypeVar("T")
 
-class ControlError(Exception):
-    """Any failure of a control request; the message is meant for people."""
-
-
-class NotRunning(ControlError):
-    """No daemon listens on the socket; ``reason`` is missing, stale or not-a-socket."""
-
-    def __init__(self, message: str, path: Path, reason: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.reason = reason
-
-
-class AccessDenied(ControlError):
-    """The socket exists but this user may not connect to it."""
-
-
-class Timeout(ControlError):
-    """The daemon did not answer before the deadline."""
-
-
-class ProtocolError(ControlError):
-    """The reply was not a response the protocol documents."""
-
-
-class DaemonError(ControlError):
-    """The daemon answered ``{"Error": ...}``."""
-
-
-def _is_socket(path: Path) -> bool:
-    try:
-        return stat.S_ISSOCK(path.stat().st_mode)
-    except OSError:
-        return False
-
-
-def describe_connect_error(path: Path, exc: OSError) -> ControlError:
-    """Turn a failed connect into an error that says what is wrong and where."""
-    if isinstance(exc, FileNotFoundError):
-        return NotRunning(
-            f"control socket {path} does not exist: is the daemon running?", path, "missing"
-        )
-    if isinstance(exc, ConnectionRefusedError) and not _is_socket(path):
-        return NotRunning(f"{path} is not a control socket", path, "not-a-socket")
-    if isinstance(exc, ConnectionRefusedError):
-        return NotRunning(
-            f"connection refused on control socket {path}: the socket is stale, "
-            "no daemon is running there",
-            path,
-            "stale",
-        )
-    if isinstance(exc, PermissionError):
-        return AccessDenied(
-            f"permission denied on control socket {path} "
-            "(run as the daemon's user or a member of its group, or as root)"
-        )
-    if exc.errno == errno.ENOTSOCK or exc.errno == errno.ENOTDIR:
-        return NotRunning(f"{path} is not a control socket", path, "not-a-socket")
-    if isinstance(exc, TimeoutError):
-        return Timeout(f"timed out connecting to control socket {path}")
-    return ControlError(f"cannot connect to control socket {path}: {exc.strerror or exc}")
+# A daemon whose accept backlog is full refuses new connections with EAGAIN
+# for a moment; it is busy, not gone, so connecting is retried this often.
+BUSY_RETRY_S = 0.05
 
 
 class ControlClient:
-    """One connection; requests are answered in order on it."""
+    """One connection, opened on first use; requests are answered in order on it.
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    ``timeout`` bounds each request, connecting included. After any failure
+    the connection is dropped (a late reply would be read as the next one's)
+    and the next request opens a new one.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0, *, name_socket: bool = True) -> None:
         self.path = Path(path)
         self.timeout = timeout
+        self.messages = Messages(self.path, name_socket)
         self._sock: socket.socket | None = None
-        self._buffer = b""
+        self._buffer = bytearray()
 
     def __enter__(self) -> ControlClient:
         return self
@@ -110,92 +58,97 @@ class ControlClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        self._buffer = b""
+        self._buffer = bytearray()
 
-    def _connect(self) -> socket.socket:
-        if self._sock is None:
+    def _connect(self, deadline: float) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 sock.connect(str(self.path))
+            except BlockingIOError as exc:
+                sock.close()
+                if time.monotonic() + BUSY_RETRY_S >= deadline:
+                    raise self.messages.connect_failed(exc) from None
+                time.sleep(BUSY_RETRY_S)
+                continue
             except OSError as exc:
                 sock.close()
-                raise describe_connect_error(self.path, exc) from None
+                raise self.messages.connect_failed(exc) from None
             self._sock = sock
-        return self._sock
+            return sock
 
     def raw(self, request: Any) -> Any:
-        """Send a request, return the decoded response, ``{"Error": ...}`` included."""
-        sock = self._connect()
+        """Send a request document, return the decoded response, ``{"Error": ...}`` included."""
         deadline = time.monotonic() + self.timeout
+        sock = self._connect(deadline)
+        buffer = self._buffer
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            while b"\n" not in self._buffer:
+            sock.sendall(encode_document(request))
+            end = buffer.find(b"\n")
+            while end < 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
                 sock.settimeout(remaining)
-                chunk = sock.recv(65536)
+                chunk = sock.recv(1 << 20)
                 if not chunk:
-                    raise ProtocolError(f"the daemon closed control socket {self.path}")
-                self._buffer += chunk
-                if len(self._buffer) > MAX_REPLY:
-                    raise ProtocolError(f"reply longer than {MAX_REPLY} bytes")
+                    raise self.messages.closed()
+                scanned = len(buffer)  # search only what is new: long replies stay linear
+                buffer += chunk
+                end = buffer.find(b"\n", scanned)
+                if len(buffer) > replies.MAX_REPLY and not 0 <= end <= replies.MAX_REPLY:
+                    raise replies.too_long()
         except TimeoutError:
-            self.close()  # a late reply would be read as the next one's
-            raise Timeout(
-                f"no answer from the daemon on {self.path} within {self.timeout:g}s "
-                "(it may still be working on the request)"
-            ) from None
-        except ProtocolError:
+            self.close()
+            raise self.messages.no_answer(self.timeout) from None
+        except (ConnectionLost, ProtocolError):
             self.close()
             raise
         except OSError as exc:
             self.close()
-            raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
-        line, _, self._buffer = self._buffer.partition(b"\n")
+            raise self.messages.broken(exc) from None
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
         try:
-            return json.loads(line)
-        except ValueError:
+            return replies.decode(line)
+        except ProtocolError:
             self.close()
-            raise ProtocolError(f"reply is not JSON: {line[:80]!r}") from None
+            raise
 
     def request(self, request: Any) -> Any:
         """Like `raw`, but an ``{"Error": ...}`` reply raises `DaemonError`."""
         reply = self.raw(request)
-        if isinstance(reply, dict) and "Error" in reply:
-            raise DaemonError(str(reply["Error"]))
+        refused = replies.refusal(reply)
+        if refused is not None:
+            raise refused
         return reply
 
-    def _tagged(self, request: Any, tag: str, kind: type) -> Any:
-        reply = self.request(request)
-        if isinstance(reply, dict) and isinstance(reply.get(tag), kind):
-            return reply[tag]
-        raise ProtocolError(f"expected {tag}, got {str(reply)[:80]}")
-
-    def _ok(self, request: Any) -> None:
-        reply = self.request(request)
-        if reply != "Ok":
-            raise ProtocolError(f"expected Ok, got {str(reply)[:80]}")
+    def call(self, call: calls.Call[T]) -> T:
+        return call.read(self.request(call.request))
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._tagged("Status", "Status", dict)
-        return result
+        return self.call(calls.status())
 
     def snapshot_create(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._tagged({"SnapshotCreate": {"name": name}}, "Snapshot", dict)
-        return result
+        return self.call(calls.snapshot_create(name))
 
     def snapshot_list(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._tagged("SnapshotList", "SnapshotList", list)
-        return result
+        return self.call(calls.snapshot_list())
 
     def snapshot_get(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._tagged({"SnapshotGet": {"name": name}}, "Snapshot", dict)
-        return result
+        return self.call(calls.snapshot_get(name))
 
     def snapshot_delete(self, name: str) -> None:
-        self._ok({"SnapshotDelete": {"name": name}})
+        self.call(calls.snapshot_delete(name))
 
     def snapshot_restore(self, name: str, force: bool = False) -> None:
-        self._ok({"SnapshotRestore": {"name": name, "force": force}})
+        self.call(calls.snapshot_restore(name, force))
+
+
+def request_once(path: Path, request: Any, timeout: float = 60.0) -> Any:
+    """One request on its own connection; the reply as decoded, ``{"Error": ...}`` included."""
+    with ControlClient(path, timeout) as client:
+        return client.raw(request)

@@ -77,9 +77,18 @@ def parse_request(line: bytes | str) -> Request:
     return Request(kind, dict(args))
 
 
+def request_document(kind: str, **args: Any) -> Any:
+    """A request as the wire has it: bare ``"Kind"``, or ``{"Kind": {fields}}``."""
+    return {kind: args} if args else kind
+
+
+def encode_document(document: Any) -> bytes:
+    """One request line; clients send documents a caller shaped (portalctl --json, tests) too."""
+    return json.dumps(document).encode() + b"\n"
+
+
 def encode_request(kind: str, **args: Any) -> bytes:
-    doc: Any = {kind: args} if args else kind
-    return json.dumps(doc).encode() + b"\n"
+    return encode_document(request_document(kind, **args))
 
 
 def check_snapshot_name(name: str) -> None:

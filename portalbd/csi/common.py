@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from portalbd.control.errors import ControlError
 from portalbd.csi.errors import CsiError, invalid
 from portalbd.csi.mounts import CommandFailed
 from portalbd.csi.proto import csi_pb2 as pb
@@ -73,7 +74,7 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except StoreError as exc:
             log.error("%s: storage: %s", name, exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"storage: {exc}")
-        except CommandFailed as exc:
+        except (CommandFailed, ControlError) as exc:
             log.error("%s: %s", name, exc)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except (OSError, ValueError, KeyError) as exc:

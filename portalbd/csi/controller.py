@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from portalbd.config import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+from portalbd.control.async_client import request_once
 from portalbd.csi import errors as e
 from portalbd.csi.common import (
     DEFAULT_FS_TYPE,
@@ -31,7 +32,6 @@ from portalbd.csi.common import (
 from portalbd.csi.mounts import is_mounted, run
 from portalbd.csi.proto import csi_pb2 as pb
 from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
-from portalbd.csi.supervisor import control
 from portalbd.csi.volumes import Registry, SnapshotRecord, VolumeRecord, name_hash
 
 log = logging.getLogger("portalbd.csi")
@@ -386,9 +386,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         if frozen:
             await run("fsfreeze", "--freeze", frozen)
         try:
-            reply = await control(socket, {"SnapshotCreate": {"name": checkpoint}})
+            reply = await request_once(socket, {"SnapshotCreate": {"name": checkpoint}})
             if isinstance(reply, dict) and "already exists" in str(reply.get("Error", "")):
-                reply = await control(socket, {"SnapshotGet": {"name": checkpoint}})
+                reply = await request_once(socket, {"SnapshotGet": {"name": checkpoint}})
         finally:
             if frozen:
                 await run("fsfreeze", "--unfreeze", frozen)
@@ -411,7 +411,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                         f"source volume {record.source_volume_id} is served on node "
                         f"{staged.node_id}; its control socket is not reachable from here"
                     )
-                reply = await control(socket, {"SnapshotDelete": {"name": record.checkpoint}})
+                reply = await request_once(socket, {"SnapshotDelete": {"name": record.checkpoint}})
                 if reply != "Ok" and "not found" not in str(reply):
                     raise e.internal(f"daemon refused to delete the snapshot: {reply}")
             elif self.registry.volume(record.source_volume_id, include_deleted=True) is not None:

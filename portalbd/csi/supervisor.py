@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from portalbd.control.async_client import request_once
+from portalbd.control.errors import ControlError
 from portalbd.csi.errors import internal
+from portalbd.launch import portalbd_command
 
 log = logging.getLogger("portalbd.csi")
 
@@ -32,37 +32,16 @@ RESTART_DELAY_S = 1.0
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
-async def control(path: Path, request: Any, timeout: float = 60) -> Any:
-    """One request on a daemon's control socket."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
-    try:
-        writer.write(json.dumps(request).encode() + b"\n")
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    if not line:
-        raise ConnectionError(f"{path}: control socket closed")
-    return json.loads(line)
-
-
 async def daemon_pid(control_socket: Path) -> int | None:
     """The pid of the daemon answering on this socket, if one does."""
     if not control_socket.exists():
         return None
     try:
-        status = await control(control_socket, "Status", timeout=5)
-    except (OSError, ConnectionError, TimeoutError, ValueError):
+        status = await request_once(control_socket, "Status", timeout=5)
+    except ControlError:
         return None
     pid = status.get("Status", {}).get("pid") if isinstance(status, dict) else None
     return int(pid) if pid else None
-
-
-def portalbd_command() -> list[str]:
-    """Run the daemon with the interpreter that runs us (works in any venv)."""
-    return [sys.executable, "-m", "portalbd.daemon"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from portalbd.launch import LaunchError, MotoServer
 from portalbd.trace import daemon_proc, format, results
 from portalbd.trace.daemon_proc import DaemonConfig
 from portalbd.trace.replay import ReplayOptions, ReplayResult, replay
@@ -127,13 +128,13 @@ class Bench:
         self.configs = sweep.configs()
         self.opt = options
         self.console = console or wide_console()
-        self.s3: daemon_proc.MotoServer | None = None
+        self.s3: MotoServer | None = None
 
     def run(self) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
         with contextlib.ExitStack() as stack:
             if self.opt.uri is None and any(c.storage == "s3" for c in self.configs):
-                self.s3 = stack.enter_context(daemon_proc.moto_server())
+                self.s3 = stack.enter_context(daemon_proc.s3_server())
             workroot = self.opt.workdir or Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="portalbd-bench-"))
             )
@@ -214,7 +215,7 @@ class Bench:
                 marks: dict[str, dict[str, Any] | None] = {}
 
                 def mark() -> None:
-                    marks["before"] = d.store_stats()
+                    marks["before"] = daemon_proc.store_stats(d)
 
                 with contextlib.ExitStack() as stack:
                     if self.opt.profile_dir is not None:
@@ -222,11 +223,9 @@ class Bench:
                         svg = self.opt.profile_dir / f"{path.stem}-{_slug(cfg.label())}.svg"
                         stack.enter_context(_profiler(d.process.pid, svg))
                     replay_all(d.uri, mark)
-                store = store_delta(marks.get("before"), d.store_stats())
+                store = store_delta(marks.get("before"), daemon_proc.store_stats(d))
                 if d.process.poll() is not None:
-                    raise daemon_proc.DaemonError(
-                        f"portalbd exited during the replay\n{d.log_tail()}"
-                    )
+                    raise LaunchError(f"portalbd exited during the replay\n{d.log_tail()}")
             finally:
                 d.stop()
         summary = results.summarize(measured)

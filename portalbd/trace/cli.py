@@ -259,13 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from portalbd.trace.daemon_proc import DaemonError
+    from portalbd.launch import LaunchError
     from portalbd.trace.format import TraceFormatError
     from portalbd.trace.replay import ReplayError
 
     try:
         return COMMANDS[args.command](args)
-    except (TraceFormatError, ReplayError, DaemonError, OSError) as e:
+    except (TraceFormatError, ReplayError, LaunchError, OSError) as e:
         print(f"portalbd-trace: {e}", file=sys.stderr)
         return 1
 

@@ -1,6 +1,6 @@
-"""Starting and stopping a `portalbd` daemon (and an S3 stand-in) as subprocesses.
+"""The daemons `bench` and `gen` run: the knobs they sweep, as flags and TOML.
 
-`bench` and `gen` run the real daemon binary, configured through the same
+They run the real daemon (`portalbd.launch`), configured through the same
 flags and TOML a user would write, so what they measure is what ships.
 """
 
@@ -8,41 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-
-class DaemonError(RuntimeError):
-    """The daemon did not start or answer; the message carries its log tail."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def portalbd_command() -> list[str]:
-    """The daemon next to this interpreter (venv), else on PATH."""
-    override = os.environ.get("PORTALBD_BIN")
-    if override:
-        return override.split()
-    local = Path(sys.executable).parent / "portalbd"
-    if local.exists():
-        return [str(local)]
-    found = shutil.which("portalbd")
-    if found:
-        return [found]
-    raise DaemonError("cannot find the portalbd command (install portalbd or set PORTALBD_BIN)")
+from portalbd.control.errors import ControlError
+from portalbd.launch import Daemon, LaunchError, MotoServer, free_port, launch, moto_server
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,134 +60,15 @@ def _human(n: int) -> str:
     return str(n)
 
 
-@dataclass(slots=True)
-class MotoServer:
-    """A local S3 endpoint (moto_server) with one bucket."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-    bucket: str = "portalbd-bench"
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT": self.endpoint,
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_REGION": "us-east-1",
-            "AWS_ALLOW_HTTP": "true",
-        }
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+BUCKET = "portalbd-bench"
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[MotoServer]:
-    exe = Path(sys.executable).parent / "moto_server"
-    cmd = [str(exe) if exe.exists() else "moto_server"]
-    port = free_port()
-    proc = subprocess.Popen(
-        [*cmd, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = MotoServer(port=port, process=proc)
-    try:
-        wait_port(port, proc, 30.0, "moto_server")
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=server.endpoint,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        ).create_bucket(Bucket=server.bucket)
+def s3_server() -> Iterator[MotoServer]:
+    """A local moto S3 with the bench's bucket; gone afterwards."""
+    with moto_server() as server:
+        server.create_bucket(BUCKET)
         yield server
-    finally:
-        server.stop()
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DaemonError(f"{what} exited with status {proc.returncode} while starting")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise DaemonError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
-
-
-@dataclass(slots=True)
-class Daemon:
-    process: subprocess.Popen[bytes]
-    port: int
-    control_socket: Path
-    log_path: Path
-    workdir: Path
-    _log: TextIO | None = field(default=None, repr=False)
-
-    @property
-    def uri(self) -> str:
-        return f"nbd://127.0.0.1:{self.port}"
-
-    def control(self, request: Any, timeout: float = 30.0) -> Any:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.control_socket))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
-
-    def store_stats(self) -> dict[str, Any] | None:
-        """`stats.store` from Status, or None if this daemon does not report it."""
-        try:
-            reply = self.control("Status")
-        except (OSError, ValueError):
-            return None
-        store = (
-            reply.get("Status", {}).get("stats", {}).get("store")
-            if isinstance(reply, dict)
-            else None
-        )
-        return dict(store) if isinstance(store, dict) else None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return int(self.process.returncode)
 
 
 def daemon_args(
@@ -263,9 +116,9 @@ def storage_url_for(cfg: DaemonConfig, workdir: Path, s3: MotoServer | None) -> 
         return f"file://{path}"
     if cfg.storage == "s3":
         if s3 is None:
-            raise DaemonError("s3 storage needs a moto_server (internal error)")
-        return f"s3://{s3.bucket}/{workdir.name}"
-    raise DaemonError(f"unknown storage {cfg.storage!r} (memory, file or s3)")
+            raise LaunchError("s3 storage needs a moto_server (internal error)")
+        return f"s3://{BUCKET}/{workdir.name}"
+    raise LaunchError(f"unknown storage {cfg.storage!r} (memory, file or s3)")
 
 
 def start(
@@ -281,29 +134,29 @@ def start(
 ) -> Daemon:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    args = daemon_args(
-        cfg, workdir, size_bytes, port, storage_url_for(cfg, workdir, s3), trace, workload, extra
-    )
-    env = dict(os.environ)
-    if s3 is not None:
-        env.update(s3.env())
+    storage_url = storage_url_for(cfg, workdir, s3)
+    args = daemon_args(cfg, workdir, size_bytes, port, storage_url, trace, workload, extra)
     log_path = workdir / "portalbd.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed by Daemon.stop
-    proc = subprocess.Popen(
-        [*portalbd_command(), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
+    log_path.unlink(missing_ok=True)  # one daemon per workdir: its log alone
+    return launch(
+        args,
+        port=port,
+        control_socket=workdir / "control.sock",
+        log_path=log_path,
+        env=s3.env() if s3 is not None else None,
         cwd=workdir,
+        storage_url=storage_url,
+        timeout=timeout,
     )
-    d = Daemon(proc, port, workdir / "control.sock", log_path, workdir, log)
+
+
+def store_stats(daemon: Daemon) -> dict[str, Any] | None:
+    """`stats.store` from Status, or None if this daemon does not report it."""
     try:
-        wait_port(port, proc, timeout, "portalbd")
-        deadline = time.monotonic() + timeout
-        while not d.control_socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except DaemonError as e:
-        d.stop(5)
-        raise DaemonError(f"{e}\n--- {log_path} ---\n{d.log_tail()}") from None
-    return d
+        reply = daemon.control("Status", timeout=30)
+    except ControlError:
+        return None
+    store = (
+        reply.get("Status", {}).get("stats", {}).get("store") if isinstance(reply, dict) else None
+    )
+    return dict(store) if isinstance(store, dict) else None

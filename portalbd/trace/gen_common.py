@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from portalbd.launch import free_port, wait_for_port
 from portalbd.trace import daemon_proc, nbdkit_log
 from portalbd.trace.daemon_proc import DaemonConfig
 
@@ -104,7 +105,7 @@ def recording_server(
         stack.callback(_quiet(d.stop, "stop portalbd"))
         return Target(d.uri, finish)
     if server == "nbdkit":
-        port = daemon_proc.free_port()
+        port = free_port()
         logfile = workdir / "nbdkit.log"
         proc = subprocess.Popen(
             ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=log",
@@ -118,7 +119,7 @@ def recording_server(
                 proc.wait(30)
 
         stack.callback(_quiet(stop, "stop nbdkit"))
-        daemon_proc.wait_port(port, proc, 30, "nbdkit")
+        wait_for_port(port, proc, 30, "nbdkit")
 
         def finish_nbdkit() -> None:
             stop()

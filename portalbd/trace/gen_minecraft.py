@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from portalbd.trace.daemon_proc import free_port
+from portalbd.launch import free_port
 from portalbd.trace.gen_common import GIB, GenContext, GenError, log, mounted, run
 
 DEFAULT_SIZE = 1 * GIB
