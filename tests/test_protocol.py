@@ -203,12 +203,15 @@ def test_refusal_reports_policy() -> None:
     ],
 )
 def test_check_request(command: int, flags: int, offset: int, length: int, expected: int) -> None:
-    assert p.check_request(p.Request(flags, command, 1, offset, length), 1 << 30) == expected
+    request = p.Request(flags=flags, command=command, handle=1, offset=offset, length=length)
+    assert p.check_request(request, 1 << 30) == expected
 
 
 def test_request_roundtrip_and_bad_magic() -> None:
     raw = p.encode_request(p.Cmd.WRITE, 0xDEADBEEF, 4096, 512, p.CMD_FLAG_FUA)
-    assert p.decode_request(raw) == p.Request(p.CMD_FLAG_FUA, p.Cmd.WRITE, 0xDEADBEEF, 4096, 512)
+    assert p.decode_request(raw) == p.Request(
+        flags=p.CMD_FLAG_FUA, command=p.Cmd.WRITE, handle=0xDEADBEEF, offset=4096, length=512
+    )
     with pytest.raises(p.ProtocolError, match="magic"):
         p.decode_request(b"\x00" * 28)
 
