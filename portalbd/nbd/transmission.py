@@ -247,8 +247,13 @@ class RequestDecoder:
         :class:`Request`; only one whose payload is still to come is
         announced first with :class:`PayloadAhead`.
         """
-        if self._state is not _State.HEADER:
-            return self._continue()
+        state = self._state
+        if state is not _State.HEADER:
+            if state is _State.PAYLOAD:
+                return self._next_payload()
+            if state is _State.SKIP:
+                return self._next_skip()
+            raise ProtocolError("the request stream has ended")
         chunk = self._chunk
         pos = self._pos
         if self._header_fill == 0 and len(chunk) - pos >= REQUEST_HEADER_SIZE:
@@ -286,14 +291,6 @@ class RequestDecoder:
             self._state = _State.PAYLOAD
             self._payload_fill = 0
         return PayloadAhead(request)
-
-    def _continue(self) -> Request | NeedData:
-        state = self._state
-        if state is _State.PAYLOAD:
-            return self._next_payload()
-        if state is _State.SKIP:
-            return self._next_skip()
-        raise ProtocolError("the request stream has ended")
 
     def _gather_header(self) -> tuple[int, int, int, int, int, int] | None:
         """A header spread over pieces, copied together; None until complete."""
