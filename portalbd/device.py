@@ -45,6 +45,7 @@ from itertools import chain
 
 from portalbd.baseonly import BaseOnlyBlocks
 from portalbd.blockmath import Piece, pieces
+from portalbd.nbd.wire import STATE_HOLE, STATE_ZERO  # block status speaks NBD's flags
 from portalbd.pages import (
     Layout,
     Pages,
@@ -69,10 +70,6 @@ STATUS_SCANS = 8  # scans one BLOCK_STATUS request may make
 DRAIN_LOG = 32  # recent drains remembered to tell whether a loaded value is stale
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
 STOP_WAIT_S = 5.0  # how long stop() waits for the background writer to end
-
-# The hole/zero flags of NBD's base:allocation context.
-STATE_HOLE = 1
-STATE_ZERO = 2
 
 Block = bytes | bytearray
 Entry = bytes | bytearray | Pages

@@ -23,6 +23,7 @@ import pytest
 
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
+from tests.rawnbd import RawClient
 from tests.support import RunningDaemon, connected
 
 pytestmark = pytest.mark.timeout(240)
@@ -66,9 +67,7 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
 
 def handshake(s: socket.socket) -> None:
     """Fixed newstyle, EXPORT_NAME, no zeroes: simple replies."""
-    recv_exactly(s, p.SERVER_GREETING.size)
-    s.sendall(FLAGS + p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.EXPORT_NAME, 0))
-    recv_exactly(s, p.EXPORT_NAME_REPLY.size)
+    RawClient(s).attach()
 
 
 def drain(s: socket.socket, limit: float = 0.2) -> bytes:
@@ -151,7 +150,7 @@ def test_garbage_requests_after_a_valid_handshake(fuzz_daemon: RunningDaemon) ->
                 offset = rng.choice([0, size - 1, size, size + 4096, (1 << 64) - 1])
                 length = rng.choice([0, 1, 512, 65536, p.MAX_PAYLOAD + 1, (1 << 32) - 1])
                 magic = p.REQUEST_MAGIC if rng.random() < 0.9 else rng.randrange(1 << 32)
-                header = struct.pack(">IHHQQI", magic, flags, command, i, offset, length)
+                header = p.REQUEST_HEADER.pack(magic, flags, command, i, offset, length)
                 payload = b""
                 if command == p.Cmd.WRITE and length <= 65536:
                     payload = rng.randbytes(length)

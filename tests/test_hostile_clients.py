@@ -20,12 +20,12 @@ import pytest
 
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
+from tests.rawnbd import RawClient
 from tests.support import RunningDaemon, connected, nbd_handle
 
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-FLAGS = struct.pack(">I", p.CLIENT_FIXED_NEWSTYLE | p.CLIENT_NO_ZEROES)
 
 
 def proc_kib(pid: int, field: str) -> int:
@@ -52,11 +52,11 @@ def raw(daemon: RunningDaemon, *, reset: bool = True) -> socket.socket:
     return s
 
 
-def attach(s: socket.socket) -> None:
+def attach(s: socket.socket) -> RawClient:
     """Fixed newstyle, EXPORT_NAME, no zeroes: simple replies."""
-    recv_exactly(s, p.SERVER_GREETING.size)
-    s.sendall(FLAGS + p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.EXPORT_NAME, 0))
-    recv_exactly(s, p.EXPORT_NAME_REPLY.size)
+    client = RawClient(s)
+    client.attach()
+    return client
 
 
 def send_some(s: socket.socket, data: bytes, seconds: float) -> int:
@@ -253,17 +253,18 @@ def busy_client(daemon: RunningDaemon, ended: list[str]) -> None:
     """Keeps four 4 KiB READs in flight until the daemon closes; records how."""
     s = raw(daemon, reset=False)
     try:
-        attach(s)
+        client = attach(s)
         s.settimeout(30)
         handle = 0
         while True:
             batch = b"".join(
-                p.encode_request(p.Cmd.READ, handle + i, i * 4096, 4096) for i in range(4)
+                client.replies.request(p.Cmd.READ, handle + i, i * 4096, 4096) for i in range(4)
             )
             handle += 4
             s.sendall(batch)
             for _ in range(4):
-                recv_exactly(s, 16 + 4096)
+                reply = client.simple_reply()
+                assert reply.error == 0 and len(reply.data) == 4096
     except ConnectionResetError:
         ended.append("reset")
     except (ConnectionError, BrokenPipeError):

@@ -10,7 +10,6 @@ READ), and keeps memory within its payload budget whatever the mix.
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 import time
 
@@ -18,8 +17,9 @@ import pytest
 
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
+from tests.rawnbd import RawClient
 from tests.support import RunningDaemon, connected
-from tests.test_hostile_clients import attach, proc_kib, raw, recv_exactly
+from tests.test_hostile_clients import attach, proc_kib, raw
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,10 +27,9 @@ MIB = 1 << 20
 LARGE = 64 * MIB
 
 
-def reply(s: socket.socket) -> tuple[int, int]:
-    magic, error, handle = p.SIMPLE_REPLY.unpack(recv_exactly(s, p.SIMPLE_REPLY.size))
-    assert magic == p.SIMPLE_REPLY_MAGIC
-    return error, handle
+def reply(client: RawClient) -> tuple[int, int]:
+    got = client.simple_reply()
+    return got.error, got.handle
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -52,28 +51,29 @@ def test_libnbd_sees_64_mib_and_moves_it(daemon: RunningDaemon) -> None:
 def test_raw_client_without_block_sizes_moves_64_mib(daemon: RunningDaemon) -> None:
     data = pattern(2, LARGE)
     with raw(daemon, reset=False) as s:
-        attach(s)
+        client = attach(s)
         s.settimeout(60)
-        s.sendall(p.encode_request(p.Cmd.WRITE, 1, 0, LARGE))
-        s.sendall(data)
-        assert reply(s) == (0, 1)
-        s.sendall(p.encode_request(p.Cmd.READ, 2, 0, LARGE))
-        assert reply(s) == (0, 2)
-        assert recv_exactly(s, LARGE) == data
+        client.send(p.Cmd.WRITE, 1, 0, LARGE, payload=data)
+        assert reply(client) == (0, 1)
+        client.send(p.Cmd.READ, 2, 0, LARGE)
+        got = client.simple_reply()
+        assert (got.error, got.handle) == (0, 2)
+        assert got.data == data
 
 
 def test_larger_than_64_mib_is_refused_as_the_spec_says(daemon: RunningDaemon) -> None:
     with raw(daemon, reset=False) as s:
-        attach(s)
+        client = attach(s)
         s.settimeout(60)
-        s.sendall(p.encode_request(p.Cmd.WRITE, 1, 0, LARGE + 1))
-        s.sendall(b"\x5a" * (LARGE + 1))  # skipped, not parsed as requests
-        assert reply(s) == (p.Err.EINVAL, 1)
-        s.sendall(p.encode_request(p.Cmd.READ, 2, 0, LARGE + 1))
-        assert reply(s) == (p.Err.EOVERFLOW, 2)
-        s.sendall(p.encode_request(p.Cmd.READ, 3, 0, 4096))
-        assert reply(s) == (0, 3)
-        assert recv_exactly(s, 4096) == bytes(4096)  # nothing of the refused write landed
+        # The payload is skipped, not parsed as requests.
+        client.send(p.Cmd.WRITE, 1, 0, LARGE + 1, payload=b"\x5a" * (LARGE + 1))
+        assert reply(client) == (p.Err.EINVAL, 1)
+        client.send(p.Cmd.READ, 2, 0, LARGE + 1)
+        assert reply(client) == (p.Err.EOVERFLOW, 2)
+        client.send(p.Cmd.READ, 3, 0, 4096)
+        got = client.simple_reply()
+        assert (got.error, got.handle) == (0, 3)
+        assert got.data == bytes(4096)  # nothing of the refused write landed
     log = daemon.log()
     assert "invalid request" in log and "EOVERFLOW" in log and "EINVAL" in log
 
@@ -92,24 +92,20 @@ def test_many_large_requests_at_once_stay_within_the_budget(
     def client(index: int) -> None:
         try:
             with raw(daemon, reset=False) as s:
-                attach(s)
+                client = attach(s)
                 s.settimeout(120)
                 offset = index * 3 * LARGE
                 for i in range(3):
-                    s.sendall(p.encode_request(p.Cmd.WRITE, i, offset + i * LARGE, LARGE))
-                    s.sendall(data)
+                    client.send(p.Cmd.WRITE, i, offset + i * LARGE, LARGE, payload=data)
                 for i in range(3):
-                    s.sendall(p.encode_request(p.Cmd.READ, 10 + i, offset + i * LARGE, LARGE))
+                    client.send(p.Cmd.READ, 10 + i, offset + i * LARGE, LARGE)
                 seen = set()
-                for _ in range(3):
-                    error, handle = reply(s)
-                    assert error == 0
-                    seen.add(handle)
-                for _ in range(3):
-                    error, handle = reply(s)
-                    assert error == 0
-                    assert recv_exactly(s, LARGE) == data
-                    seen.add(handle)
+                for _ in range(6):
+                    got = client.simple_reply()
+                    assert got.error == 0
+                    if got.handle >= 10:  # a READ's: the codec took its data
+                        assert got.data == data
+                    seen.add(got.handle)
                 assert seen == {0, 1, 2, 10, 11, 12}
         except BaseException as exc:
             errors.append(exc)

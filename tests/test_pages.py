@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from portalbd.baseonly import GROUP_BLOCKS, BaseOnlyBlocks
 from portalbd.config import LsmConfig
-from portalbd.device import STATE_HOLE, STATE_ZERO, Device
+from portalbd.device import Device
+from portalbd.nbd.wire import STATE_HOLE, STATE_ZERO
 from portalbd.pages import (
     Layout,
     Pages,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -203,12 +204,15 @@ def test_refusal_reports_policy() -> None:
     ],
 )
 def test_check_request(command: int, flags: int, offset: int, length: int, expected: int) -> None:
-    assert p.check_request(p.Request(flags, command, 1, offset, length), 1 << 30) == expected
+    request = p.Request(flags=flags, command=command, handle=1, offset=offset, length=length)
+    assert p.check_request(request, 1 << 30) == expected
 
 
 def test_request_roundtrip_and_bad_magic() -> None:
     raw = p.encode_request(p.Cmd.WRITE, 0xDEADBEEF, 4096, 512, p.CMD_FLAG_FUA)
-    assert p.decode_request(raw) == p.Request(p.CMD_FLAG_FUA, p.Cmd.WRITE, 0xDEADBEEF, 4096, 512)
+    assert p.decode_request(raw) == p.Request(
+        flags=p.CMD_FLAG_FUA, command=p.Cmd.WRITE, handle=0xDEADBEEF, offset=4096, length=512
+    )
     with pytest.raises(p.ProtocolError, match="magic"):
         p.decode_request(b"\x00" * 28)
 
@@ -247,3 +251,163 @@ def test_fuzz_valid_option_sequences_end_in_transmission(options: list[bytes]) -
     stream = FLAGS + b"".join(options) + option(p.Opt.GO, info_payload(""))
     _, event = m.receive_data(stream)
     assert isinstance(event, p.TransmissionReady)
+
+
+# --- the transmission phase as the server decodes it ------------------------------------
+
+
+def decoder(*, read_only: bool = False) -> p.RequestDecoder:
+    return p.RequestDecoder(export_size=EXPORT.size, read_only=read_only)
+
+
+def events(d: p.RequestDecoder) -> list[p.Request | p.PayloadAhead]:
+    out: list[p.Request | p.PayloadAhead] = []
+    while (event := d.next_event()) is not p.NEED_DATA:
+        out.append(event)
+    return out
+
+
+def test_read_only_export_refuses_every_change_in_one_place() -> None:
+    d = decoder(read_only=True)
+    d.receive_data(
+        p.encode_request(p.Cmd.WRITE, 1, 0, 4)
+        + b"DATA"  # skipped, not parsed as a header
+        + p.encode_request(p.Cmd.TRIM, 2, 0, 4096)
+        + p.encode_request(p.Cmd.WRITE_ZEROES, 3, 0, 4096)
+        + p.encode_request(p.Cmd.READ, 4, 0, 4096)
+        + p.encode_request(p.Cmd.WRITE, 5, EXPORT.size, 1)  # past the end: that error first
+        + b"X"
+    )
+    got = events(d)
+    assert [(r.handle, r.error) for r in got if isinstance(r, p.Request)] == [
+        (1, p.Err.EPERM),
+        (2, p.Err.EPERM),
+        (3, p.Err.EPERM),
+        (4, p.Err.OK),
+        (5, p.Err.ENOSPC),
+    ]
+    assert all(r.payload is None for r in got if isinstance(r, p.Request))
+
+
+def test_whole_write_is_a_view_of_the_bytes_received() -> None:
+    d = decoder()
+    chunk = (
+        p.encode_request(p.Cmd.WRITE, 9, 4096, 5)
+        + b"hello"
+        + p.encode_request(p.Cmd.FLUSH, 10, 0, 0)
+    )
+    d.receive_data(chunk)
+    write, flush = events(d)
+    assert isinstance(write, p.Request) and write.payload is not None
+    assert write.payload.obj is chunk and bytes(write.payload) == b"hello"
+    assert isinstance(flush, p.Request) and flush.command == p.Cmd.FLUSH
+    owned = p.payload_owned(write.payload)  # it pins the chunk: work that outlives it copies
+    assert owned is not write.payload and bytes(owned) == b"hello"
+
+
+def test_payload_still_to_come_is_announced_then_gathered() -> None:
+    d = decoder()
+    d.receive_data(p.encode_request(p.Cmd.WRITE, 7, 0, 1000) + b"a" * 400)
+    (ahead,) = events(d)
+    assert isinstance(ahead, p.PayloadAhead) and ahead.request.handle == 7
+    assert d.payload_progress == (400, 1000)  # what the stalled-payload log line says
+    assert not d.between_requests
+    d.receive_data(b"b" * 600)
+    (write,) = events(d)
+    assert write is ahead.request and write.payload is not None
+    assert bytes(write.payload) == b"a" * 400 + b"b" * 600
+    assert p.payload_owned(write.payload) is write.payload  # its own buffer already
+    assert d.payload_progress is None and d.between_requests
+
+
+def test_a_caller_that_stops_keeps_the_rest_buffered() -> None:
+    d = decoder()
+    d.receive_data(
+        p.encode_request(p.Cmd.READ, 1, 0, 512) + p.encode_request(p.Cmd.READ, 2, 0, 512)
+    )
+    first = d.next_event()
+    assert isinstance(first, p.Request) and first.handle == 1
+    assert d.buffered == p.REQUEST_HEADER_SIZE and d.between_requests
+    d.receive_data(p.encode_request(p.Cmd.FLUSH, 3, 0, 0)[:10])  # behind what waits
+    assert [r.handle for r in events(d) if isinstance(r, p.Request)] == [2]
+    d.receive_data(p.encode_request(p.Cmd.FLUSH, 3, 0, 0)[10:])
+    assert [r.handle for r in events(d) if isinstance(r, p.Request)] == [3]
+
+
+def test_wrong_request_magic_ends_the_stream() -> None:
+    d = decoder()
+    d.receive_data(b"\xde\xad\xbe\xef" + bytes(24))
+    with pytest.raises(p.ProtocolError, match="bad request magic 0xdeadbeef"):
+        d.next_event()
+    with pytest.raises(p.ProtocolError, match="the request stream has ended"):
+        d.next_event()
+
+
+# --- the client's side ----------------------------------------------------------------
+
+
+def test_client_handshake_with_export_name_and_zeroes() -> None:
+    client = p.ClientHandshake(export_name="portalbd", structured=False, go=False, no_zeroes=False)
+    server = machine()
+    out, event = client.receive_data(server.greeting())
+    assert event is None
+    answer, done = server.receive_data(out)
+    assert isinstance(done, p.TransmissionReady) and not server.no_zeroes
+    _, ready = client.receive_data(answer + b"next")
+    assert isinstance(ready, p.ClientReady)
+    assert (ready.size, ready.flags, ready.structured_replies) == (EXPORT.size, EXPORT.flags, False)
+    assert client.leftover == b"next"
+
+
+def test_client_handshake_rejects_what_is_not_an_nbd_server() -> None:
+    with pytest.raises(p.ProtocolError, match="bad greeting magic"):
+        p.ClientHandshake().receive_data(b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n")
+
+
+@pytest.mark.parametrize(
+    ("expect", "reply", "message"),
+    [
+        ((1, p.Cmd.READ, 0, 4), p.simple_reply(2), "reply for unknown handle 2"),
+        ((1, p.Cmd.READ, 0, 4), b"\x00" * 16, "bad reply magic 0x0"),
+        (
+            (1, p.Cmd.READ, 0, 4),
+            p.structured_block_status(1, 1, [(4, 0)]),
+            "block status answers command 0",
+        ),
+        (
+            (1, p.Cmd.READ, 0, 4),
+            p.structured_read_header(1, 8, 4) + b"data",
+            "chunk 8+4 outside the request",
+        ),
+        ((1, p.Cmd.BLOCK_STATUS, 0, 4), p.structured_error(1, 0), "error chunk with error 0"),
+    ],
+)
+def test_reply_decoder_says_what_the_server_got_wrong(
+    expect: tuple[int, int, int, int], reply: bytes, message: str
+) -> None:
+    replies = p.ReplyDecoder()
+    replies.expect(*expect)
+    replies.receive_data(reply)
+    with pytest.raises(p.ProtocolError, match=re.escape(message)):
+        replies.next_event()
+
+
+def test_reply_decoder_reads_error_and_block_status_chunks() -> None:
+    replies = p.ReplyDecoder()
+    replies.expect(1, p.Cmd.READ, 0, 4096)
+    replies.expect(2, p.Cmd.BLOCK_STATUS, 0, 8192)
+    replies.receive_data(
+        p.structured_error(1, p.Err.EIO, "storage unreachable")
+        + p.structured_block_status(2, 1, [(4096, p.STATE_HOLE | p.STATE_ZERO), (4096, 0)])
+    )
+    error = replies.next_event()
+    assert isinstance(error, p.ReplyChunk) and error.done
+    assert (error.kind, error.error, error.message) == (
+        p.REPLY_TYPE_ERROR,
+        p.Err.EIO,
+        "storage unreachable",
+    )
+    status = replies.next_event()
+    assert isinstance(status, p.ReplyChunk) and status.context_id == 1
+    assert status.extents == ((4096, p.STATE_HOLE | p.STATE_ZERO), (4096, 0))
+    assert replies.next_event() is p.NEED_DATA and replies.in_flight == 0

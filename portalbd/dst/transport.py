@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,8 +131,6 @@ class Reply:
 
 @dataclass(slots=True)
 class _Pending:
-    command: int
-    length: int
     future: asyncio.Future[Reply]
     data: bytearray = field(default_factory=bytearray)
     extents: list[tuple[int, int]] = field(default_factory=list)
@@ -141,7 +138,13 @@ class _Pending:
 
 
 class SimClient:
-    """A minimal NBD client over a :class:`LoopbackTransport`."""
+    """A minimal NBD client over a :class:`LoopbackTransport`.
+
+    The protocol is the codec's (:class:`~portalbd.nbd.protocol.ClientHandshake`,
+    :class:`~portalbd.nbd.protocol.ReplyDecoder`); what is left here is
+    moving bytes and matching replies to futures. Anything the server sends
+    that breaks the protocol fails the client with the codec's reason.
+    """
 
     def __init__(self, transport: LoopbackTransport, name: str) -> None:
         self.transport = transport
@@ -149,76 +152,51 @@ class SimClient:
         self.structured = False
         self.block_status = False
         self.size = 0
-        self._buf = bytearray()
+        self._replies = p.ReplyDecoder()
         self._handles = 0
         self._pending: dict[int, _Pending] = {}
         self._reader: asyncio.Task[None] | None = None
         self.failure: str | None = None
 
-    async def _need(self, n: int) -> None:
+    async def _receive(self) -> bytes:
+        """The server's next bytes, once there are some."""
         transport = self.transport
-        while len(self._buf) < n:
-            if transport.outbox:
-                self._buf += transport.outbox
-                transport.outbox.clear()
-                continue
+        while not transport.outbox:
             if transport.lost:
                 raise ConnectionClosed(f"{self.name}: closed by the server")
             transport.readable.clear()
             await transport.readable.wait()
-
-    def _take(self, n: int) -> bytes:
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
-        return chunk
+        data = bytes(transport.outbox)
+        transport.outbox.clear()
+        return data
 
     async def handshake(self, *, structured: bool, meta: bool, go: bool, export: str) -> None:
-        await self._need(p.SERVER_GREETING.size)
-        magic, opt_magic, _flags = p.SERVER_GREETING.unpack(self._take(p.SERVER_GREETING.size))
-        if magic != p.NBDMAGIC or opt_magic != p.IHAVEOPT:
-            raise AssertionError(f"{self.name}: bad greeting")
-        out = [p.CLIENT_FLAGS.pack(p.CLIENT_FIXED_NEWSTYLE | p.CLIENT_NO_ZEROES)]
-        options = 0
-        if structured:
-            out.append(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.STRUCTURED_REPLY, 0))
-            options += 1
-            if meta:
-                name = export.encode()
-                query = p.BASE_ALLOCATION.encode()
-                body = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query))
-                body += query
-                out.append(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.SET_META_CONTEXT, len(body)))
-                out.append(body)
-                options += 1
-        name = export.encode()
-        if go:
-            body = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-            out.append(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.GO, len(body)) + body)
-            options += 1
-        else:
-            out.append(p.OPTION_HEADER.pack(p.IHAVEOPT, p.Opt.EXPORT_NAME, len(name)) + name)
-        self.transport.send(b"".join(out))
-        finals = 0
-        while finals < options:
-            await self._need(p.OPTION_REPLY_HEADER.size)
-            _m, option, reply, length = p.OPTION_REPLY_HEADER.unpack(
-                self._take(p.OPTION_REPLY_HEADER.size)
+        handshake = p.ClientHandshake(
+            export_name=export,
+            structured=structured,
+            meta_contexts=(p.BASE_ALLOCATION,) if meta else (),
+            go=go,
+        )
+        event: p.ClientReady | p.ClientRefused | None = None
+        while event is None:
+            data = await self._receive()
+            try:
+                out, event = handshake.receive_data(data)
+            except p.ProtocolError as exc:
+                raise AssertionError(f"{self.name}: {exc}") from exc
+            if out:
+                self.transport.send(out)
+        refusals = (event.refusal,) if isinstance(event, p.ClientRefused) else event.refusals
+        if refusals:
+            refused = refusals[0]
+            raise AssertionError(
+                f"{self.name}: option {refused.option} refused: {refused.message!r}"
             )
-            await self._need(length)
-            payload = self._take(length)
-            if reply == p.Rep.ACK or reply & (1 << 31):
-                finals += 1
-                if reply != p.Rep.ACK:
-                    raise AssertionError(f"{self.name}: option {option} refused: {payload!r}")
-                if option == p.Opt.STRUCTURED_REPLY:
-                    self.structured = True
-            elif reply == p.Rep.META_CONTEXT:
-                self.block_status = True
-            elif reply == p.Rep.INFO and payload[:2] == p.U16.pack(p.Info.EXPORT):
-                self.size = p.U64.unpack(payload[2:10])[0]
-        if not go:
-            await self._need(p.EXPORT_NAME_REPLY.size)
-            self.size = p.EXPORT_NAME_REPLY.unpack(self._take(p.EXPORT_NAME_REPLY.size))[0]
+        assert isinstance(event, p.ClientReady)
+        self.structured = event.structured_replies
+        self.block_status = bool(event.meta_contexts)
+        self.size = event.size
+        self._replies.receive_data(handshake.leftover)
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     def request(
@@ -227,61 +205,47 @@ class SimClient:
         self._handles += 1
         handle = self._handles
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[handle] = _Pending(command, length, future)
-        header = p.encode_request(command, handle, offset, length, flags)
-        self.transport.send(header + data if data is not None else header)
+        self._pending[handle] = _Pending(future)
+        self.transport.send(
+            self._replies.request(command, handle, offset, length, flags, data or b"")
+        )
         return future
 
     async def _read_replies(self) -> None:
+        replies = self._replies
         try:
             while True:
-                await self._need(4)
-                magic = p.U32.unpack(self._buf[:4])[0]
-                if magic == p.SIMPLE_REPLY_MAGIC:
-                    await self._need(p.SIMPLE_REPLY.size)
-                    _m, error, handle = p.SIMPLE_REPLY.unpack(self._take(p.SIMPLE_REPLY.size))
-                    pending = self._pop(handle)
-                    data = b""
-                    if pending.command == p.Cmd.READ and error == 0:
-                        await self._need(pending.length)
-                        data = self._take(pending.length)
-                    pending.future.set_result(Reply(error, data))
-                elif magic == p.STRUCTURED_REPLY_MAGIC:
-                    await self._need(p.STRUCTURED_HEADER.size)
-                    _m, flags, kind, handle, length = p.STRUCTURED_HEADER.unpack(
-                        self._take(p.STRUCTURED_HEADER.size)
-                    )
-                    await self._need(length)
-                    self._chunk(handle, flags, kind, self._take(length))
+                event = replies.next_event()
+                if event is p.NEED_DATA:
+                    replies.receive_data(await self._receive())
                 else:
-                    raise AssertionError(f"{self.name}: bad reply magic {magic:#x}")
+                    self._reply(event)
         except ConnectionClosed as exc:
+            self._fail_all(exc)
+        except p.ProtocolError as exc:
+            self.failure = f"{self.name}: {exc}"
             self._fail_all(exc)
         except AssertionError as exc:
             self.failure = str(exc)
             self._fail_all(exc)
 
-    def _pop(self, handle: int) -> _Pending:
-        pending = self._pending.pop(handle, None)
-        if pending is None:
-            raise AssertionError(f"{self.name}: reply for unknown handle {handle}")
-        return pending
-
-    def _chunk(self, handle: int, flags: int, kind: int, body: bytes) -> None:
-        pending = self._pending.get(handle)
-        if pending is None:
-            raise AssertionError(f"{self.name}: chunk for unknown handle {handle}")
+    def _reply(self, event: p.SimpleReply | p.ReplyChunk) -> None:
+        pending = self._pending[event.handle]  # the codec knows every handle sent
+        if isinstance(event, p.SimpleReply):
+            del self._pending[event.handle]
+            pending.future.set_result(Reply(event.error, event.data))
+            return
+        kind = event.kind
         if kind == p.REPLY_TYPE_OFFSET_DATA:
-            pending.data += body[8:]
+            pending.data += event.data
         elif kind == p.REPLY_TYPE_BLOCK_STATUS:
-            for i in range(4, len(body), 8):
-                pending.extents.append(p.EXTENT.unpack(body[i : i + 8]))
+            pending.extents.extend(event.extents)
         elif kind in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
-            pending.error = p.U32.unpack(body[:4])[0]
+            pending.error = event.error
         elif kind != p.REPLY_TYPE_NONE:
             raise AssertionError(f"{self.name}: unexpected chunk type {kind}")
-        if flags & p.REPLY_FLAG_DONE:
-            del self._pending[handle]
+        if event.done:
+            del self._pending[event.handle]
             pending.future.set_result(Reply(pending.error, bytes(pending.data), pending.extents))
 
     def _fail_all(self, exc: Exception) -> None:

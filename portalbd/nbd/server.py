@@ -1,11 +1,12 @@
 """The asyncio NBD server: it moves bytes between sockets and the device.
 
 Each connection is an ``asyncio.Protocol``, not a stream: bytes arrive in
-``data_received``, are cut into requests without intermediate copies (write
-payloads land directly in their own preallocated buffer), and each request
-is either answered on the spot from memory (the common case for cached reads
-and buffered writes) or handed to a task. Replies go out as soon as each
-request completes, in any order; handles let the client match them.
+``data_received`` and go to the codec's :class:`~portalbd.nbd.protocol.RequestDecoder`,
+which cuts them into checked requests (a write payload that arrived whole is
+a view into the bytes received, not a copy), and each request is either
+answered on the spot from memory (the common case for cached reads and
+buffered writes) or handed to a task. Replies go out as soon as each request
+completes, in any order; handles let the client match them.
 
 Nothing a client sends or fails to read may cost unbounded memory, and no
 client may lock others out (issue 20):
@@ -16,7 +17,7 @@ client may lock others out (issue 20):
   with its connection's reading paused; it never allocates first.
 - A connection whose replies are unsent (the transport's buffer is above its
   high-water mark) stops having its requests parsed: the bytes already
-  received wait in a stash of at most one read's worth.
+  received wait in the decoder, at most one read's worth.
 - A WRITE payload that stops arriving is dropped after ``payload_timeout``;
   while requests wait for budget, a connection that holds budget and makes
   no progress (no payload bytes in, no reply bytes out) for
@@ -51,6 +52,7 @@ RESUME_INFLIGHT = 128
 MIB = 1 << 20
 SWEEP_INTERVAL = 0.5  # how often deadlines are checked and sent replies settled
 CLOSE_LINGER = 2.0  # after our FIN, how long a closing client may keep talking
+_PAYLOADS = frozenset((p.Cmd.READ, p.Cmd.WRITE))  # commands whose payload is charged
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,22 +368,15 @@ class NbdConnection(asyncio.Protocol):
         self.handshake: p.ServerHandshake | None = None
         self.structured = False
         self.block_status_ok = False
-        self.export_size = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._header = bytearray(p.REQUEST_HEADER_SIZE)
-        self._header_fill = 0
-        self._payload: bytearray | None = None
-        self._payload_view: memoryview | None = None
-        self._payload_fill = 0
-        self._payload_len = 0
-        self._payload_request: p.Request | None = None
-        self._payload_arrival = 0
-        self._payload_error = 0
+        self._decoder: p.RequestDecoder | None = None  # once the handshake is done
+        self._ahead = False  # a WRITE's payload is under way (PayloadAhead seen)
+        self._payload_arrival = 0  # when that WRITE's header came
         self._payload_charge = 0  # budget held by the payload being received
-        # Received bytes not parsed yet, while replies are unsent or a
-        # request waits for budget (at most one read's worth).
-        self._stash: memoryview | None = None
+        # Received bytes wait in the decoder, unparsed, while replies are
+        # unsent or a request waits for budget (at most one read's worth).
+        self._parked = False
         self._budget_wait: tuple[int, Callable[[], None]] | None = None
         self._unsent = 0  # budget held by replies not wholly sent yet
         # (end position in the output stream, charge) of those replies: a
@@ -469,9 +464,9 @@ class NbdConnection(asyncio.Protocol):
             server.budget.release(self._unsent)
             self._unsent = 0
             self._unsent_replies.clear()
-        self._payload = None
-        self._payload_view = None
-        self._stash = None
+        if self._decoder is not None:
+            self._decoder.clear()
+        self._parked = False
         if not self._tasks and not self.closed.done():
             self.closed.set_result(None)
 
@@ -506,7 +501,7 @@ class NbdConnection(asyncio.Protocol):
                 or len(self._tasks) >= MAX_INFLIGHT
                 or self._stopping
                 or self._budget_wait is not None
-                or self._stash is not None
+                or self._parked
             )
         if want_pause and not self._reading_paused:
             transport.pause_reading()
@@ -563,7 +558,9 @@ class NbdConnection(asyncio.Protocol):
             transport.close()
             return
         self._closing_gracefully = True
-        self._stash = None
+        if self._decoder is not None:
+            self._decoder.clear()
+        self._parked = False
         transport.write_eof()
         self._update_reading()
         asyncio.get_running_loop().call_later(CLOSE_LINGER, self._linger_over)
@@ -590,12 +587,14 @@ class NbdConnection(asyncio.Protocol):
         self._settle_unsent()
         if self._lost or self._closing_gracefully:
             return
-        if self._payload_len and not self._reading_paused:
+        progress = self._decoder.payload_progress if self._decoder is not None else None
+        if progress is not None and not self._reading_paused:
             idle = now - self._last_rx
             if idle >= limits.payload_timeout:
+                received, length = progress
                 self._abort(
-                    f"write payload stalled: received {self._payload_fill} of "
-                    f"{self._payload_len} bytes, none for {idle:.1f}s"
+                    f"write payload stalled: received {received} of "
+                    f"{length} bytes, none for {idle:.1f}s"
                 )
                 return
         held = self._payload_charge + self._unsent
@@ -615,7 +614,10 @@ class NbdConnection(asyncio.Protocol):
             return  # pipelined requests after a shutdown: read and dropped
         handshake = self.handshake
         if handshake is None:
-            self._feed(memoryview(data))
+            assert self._decoder is not None
+            self._decoder.receive_data(data)
+            if not self._parked:
+                self._pump()
             return
         handshake.refusal = self.server.admission_refusal()
         refused = handshake.refused
@@ -645,7 +647,9 @@ class NbdConnection(asyncio.Protocol):
             self._leave_handshake()
             self.structured = event.structured_replies
             self.block_status_ok = p.BASE_ALLOCATION in event.meta_contexts
-            self.export_size = event.export.size
+            self._decoder = p.RequestDecoder(
+                export_size=event.export.size, read_only=self.server.read_only
+            )
             log.info(
                 "client connected peer=%s conn=%d export=%s structured=%s",
                 self.peer,
@@ -654,119 +658,101 @@ class NbdConnection(asyncio.Protocol):
                 self.structured,
             )
             if handshake.leftover:
-                self._feed(memoryview(handshake.leftover))
+                self._decoder.receive_data(handshake.leftover)
+                self._pump()
 
     def _resume_stash(self) -> None:
-        """Parse what was stashed, once nothing holds parsing back."""
-        stash = self._stash
-        if stash is None or self._held() or self._lost:
+        """Parse what waits in the decoder, once nothing holds parsing back."""
+        if not self._parked or self._held() or self._lost:
             return
-        self._stash = None
-        self._feed(stash)
+        self._parked = False
+        self._pump()
         self._update_reading()
 
-    def _feed(self, view: memoryview) -> None:
-        if self._stash is not None:
-            # Bytes behind a stash wait behind it (reading pauses as soon as
-            # a stash exists, so this is at most what was already in flight).
-            self._stash = memoryview(bytes(self._stash) + bytes(view))
-            return
-        pos = 0
-        size = len(view)
-        header = self._header
-        while pos < size:
-            if self._payload_len:
-                take = min(self._payload_len - self._payload_fill, size - pos)
-                if self._payload_view is not None:
-                    fill = self._payload_fill
-                    self._payload_view[fill : fill + take] = view[pos : pos + take]
-                self._payload_fill += take
-                pos += take
-                if self._payload_fill == self._payload_len:
-                    self._payload_complete()
-                continue
-            if self._held():
-                # Replies are piling up or the budget is spent: parse no more
-                # requests until that changes.
-                self._stash = view[pos:]
-                self._update_reading()
+    def _pump(self) -> None:
+        """Serve the requests the decoder has, until it needs more bytes.
+
+        Between requests, parsing stops while held (replies unsent, budget
+        spent); the rest stays in the decoder and reading pauses. A payload
+        under way is still taken in, as its budget is held already.
+        """
+        decoder = self._decoder
+        assert decoder is not None
+        transport = self.transport
+        payload_ahead = p.PayloadAhead
+        while True:
+            if self._budget_wait is not None or (self._writing_paused and decoder.between_requests):
+                if decoder.buffered:
+                    self._parked = True
+                    self._update_reading()
                 return
-            if self._header_fill == 0 and size - pos >= p.REQUEST_HEADER_SIZE:
-                fields = p.REQUEST_HEADER.unpack_from(view, pos)
-                pos += p.REQUEST_HEADER_SIZE
+            try:
+                event = decoder.next_event()
+            except p.ProtocolError as exc:
+                self._abort(str(exc))
+                return
+            if event is p.NEED_DATA:
+                return
+            if isinstance(event, payload_ahead):
+                self._payload_ahead(event.request)
             else:
-                take = min(p.REQUEST_HEADER_SIZE - self._header_fill, size - pos)
-                header[self._header_fill : self._header_fill + take] = view[pos : pos + take]
-                self._header_fill += take
-                pos += take
-                if self._header_fill < p.REQUEST_HEADER_SIZE:
-                    return
-                self._header_fill = 0
-                fields = p.REQUEST_HEADER.unpack(header)
-            magic, flags, command, handle, offset, length = fields
-            if magic != p.REQUEST_MAGIC:
-                self._abort(f"bad request magic {magic:#x}")
-                return
-            self._on_request(p.Request(flags, command, handle, offset, length))
-            if self.transport is None or self.transport.is_closing():
+                self._on_request(event)
+            if transport is None or transport.is_closing():
                 return
 
+    def _payload_ahead(self, request: p.Request) -> None:
+        """A WRITE's header, its payload still to come: hold budget for the
+        payload before the decoder takes it in."""
+        self._ahead = True
+        self._payload_arrival = time.monotonic_ns()
+        if request.error:
+            return  # the decoder skips the payload unread
+        charge = request.length
+        if self.server.budget.try_acquire(charge):
+            self._payload_charge = charge
+            return
+        # Wait for budget with reading paused; the payload waits in the decoder.
+        self._budget_wait = self.server.budget.wait(charge, lambda: self._payload_granted(charge))
+        self._update_reading()
+
+    def _payload_granted(self, charge: int) -> None:
+        self._budget_wait = None
+        if self._lost or self._stopping:
+            self.server.budget.release(charge)
+            return
+        self._payload_charge = charge
+        self._update_reading()
+        self._resume_stash()
+
     def _on_request(self, request: p.Request) -> None:
+        if self._ahead:
+            # A WRITE whose payload came after it: its budget was held ahead.
+            self._ahead = False
+            charge = self._payload_charge
+            self._payload_charge = 0
+            self._dispatch(request, self._payload_arrival, charge)
+            return
         arrival = time.monotonic_ns()
-        error = p.check_request(request, self.export_size)
-        if request.command == p.Cmd.WRITE and self.server.read_only and not error:
-            error = p.Err.EPERM
-        charge = 0
-        if not error and request.command in (p.Cmd.READ, p.Cmd.WRITE):
-            charge = request.length
+        # READ replies and WRITE payloads (here already, in the received
+        # bytes) are charged before they are served.
+        charge = request.length if request.command in _PAYLOADS and not request.error else 0
         if charge and not self.server.budget.try_acquire(charge):
-            # Wait for budget with reading paused; _feed stashes the rest.
+            # Wait for budget with reading paused; the rest waits in the decoder.
             self._budget_wait = self.server.budget.wait(
                 charge, lambda: self._budget_granted(request, arrival, charge)
             )
             self._update_reading()
             return
-        self._start(request, arrival, error, charge)
+        self._dispatch(request, arrival, charge)
 
     def _budget_granted(self, request: p.Request, arrival: int, charge: int) -> None:
         self._budget_wait = None
         if self._lost or self._stopping:
             self.server.budget.release(charge)
             return
-        self._start(request, arrival, 0, charge)
+        self._dispatch(request, arrival, charge)
         self._update_reading()
         self._resume_stash()
-
-    def _start(self, request: p.Request, arrival: int, error: int, charge: int) -> None:
-        """A request with its budget (``charge`` bytes) held."""
-        if request.command == p.Cmd.WRITE and request.length:
-            # The payload follows; read it (or skip it, on error) first.
-            self._payload_len = request.length
-            self._payload_fill = 0
-            self._payload_request = request
-            self._payload_arrival = arrival
-            self._payload_error = error
-            self._payload_charge = charge
-            if error:
-                self._payload = None
-                self._payload_view = None
-            else:
-                self._payload = bytearray(request.length)
-                self._payload_view = memoryview(self._payload)
-            return
-        self._dispatch(request, arrival, error, None, charge)
-
-    def _payload_complete(self) -> None:
-        request = self._payload_request
-        assert request is not None
-        payload = self._payload_view
-        charge = self._payload_charge
-        self._payload = None
-        self._payload_view = None
-        self._payload_len = 0
-        self._payload_charge = 0
-        self._payload_request = None
-        self._dispatch(request, self._payload_arrival, self._payload_error, payload, charge)
 
     # --- requests -------------------------------------------------------------
 
@@ -774,14 +760,8 @@ class NbdConnection(asyncio.Protocol):
         if charge:
             self.server.budget.release(charge)
 
-    def _dispatch(
-        self,
-        request: p.Request,
-        arrival: int,
-        error: int,
-        payload: memoryview | None,
-        charge: int = 0,
-    ) -> None:
+    def _dispatch(self, request: p.Request, arrival: int, charge: int = 0) -> None:
+        error = request.error
         if error:
             self._release(charge)
             self.server.limited_log.log(
@@ -808,6 +788,8 @@ class NbdConnection(asyncio.Protocol):
                 request, arrival, self._read(request, arrival, charge), reply=False, notify=False
             )
         elif command == p.Cmd.WRITE:
+            payload = request.payload
+            request.payload = None  # the request lives on in replies and traces
             data_view = payload if payload is not None else memoryview(b"")
             if request.flags & p.CMD_FLAG_FUA:
                 self.server.stats.fua_writes += 1
@@ -815,6 +797,8 @@ class NbdConnection(asyncio.Protocol):
                 self._release(charge)
                 self._reply_ok(request, arrival)
                 return
+            # The write outlives this call: it must not pin the received chunk.
+            data_view = p.payload_owned(data_view)
             fua = bool(request.flags & p.CMD_FLAG_FUA)
             self._spawn(
                 request, arrival, device.write(request.offset, data_view, fua=fua), charge=charge
@@ -822,15 +806,9 @@ class NbdConnection(asyncio.Protocol):
         elif command == p.Cmd.FLUSH:
             self._spawn(request, arrival, device.flush())
         elif command == p.Cmd.TRIM:
-            if self.server.read_only:
-                self._reply_error(request, arrival, p.Err.EPERM, "read-only export")
-                return
             fua = bool(request.flags & p.CMD_FLAG_FUA)
             self._spawn(request, arrival, device.trim(request.offset, request.length, fua=fua))
         elif command == p.Cmd.WRITE_ZEROES:
-            if self.server.read_only:
-                self._reply_error(request, arrival, p.Err.EPERM, "read-only export")
-                return
             self._spawn(
                 request,
                 arrival,

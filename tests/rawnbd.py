@@ -1,0 +1,81 @@
+"""A raw-socket NBD client for tests, speaking through the daemon's codec.
+
+Tests that need to send what libnbd never would (stalls, garbage, huge
+requests) still handshake and read replies through the same codec the
+daemon serves with, instead of a hand-written parser per test file.
+(tests/test_bad_input.py keeps its own independent client on purpose: it
+checks the codec against a second reading of the spec.)
+"""
+
+from __future__ import annotations
+
+import socket
+
+from portalbd.nbd import protocol as p
+
+
+class RawClient:
+    """Handshake, requests and replies over one blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.replies = p.ReplyDecoder()
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("closed by the server")
+        return data
+
+    def attach(
+        self,
+        *,
+        export: str = "",
+        structured: bool = False,
+        meta: bool = False,
+        go: bool = False,
+    ) -> p.ClientReady:
+        """Handshake; by default EXPORT_NAME without zeroes (simple replies)."""
+        handshake = p.ClientHandshake(
+            export_name=export,
+            structured=structured,
+            meta_contexts=(p.BASE_ALLOCATION,) if meta else (),
+            go=go,
+        )
+        event: p.ClientReady | p.ClientRefused | None = None
+        while event is None:
+            out, event = handshake.receive_data(self._recv())
+            if out:
+                self.sock.sendall(out)
+        if isinstance(event, p.ClientRefused):
+            raise ConnectionRefusedError(event.refusal.message)
+        self.replies.receive_data(handshake.leftover)
+        return event
+
+    def send(
+        self,
+        command: int,
+        handle: int,
+        offset: int,
+        length: int,
+        *,
+        flags: int = 0,
+        payload: bytes = b"",
+    ) -> None:
+        """One request (a WRITE's payload after its header); its reply is expected."""
+        self.sock.sendall(self.replies.request(command, handle, offset, length, flags))
+        if payload:
+            self.sock.sendall(payload)
+
+    def reply(self) -> p.SimpleReply | p.ReplyChunk:
+        """The next reply (or structured chunk), waiting for its bytes."""
+        while True:
+            event = self.replies.next_event()
+            if event is not p.NEED_DATA:
+                return event
+            self.replies.receive_data(self._recv())
+
+    def simple_reply(self) -> p.SimpleReply:
+        reply = self.reply()
+        assert isinstance(reply, p.SimpleReply), reply
+        return reply
