@@ -44,7 +44,7 @@ SIZE = 12 * BS
 # --- the envelope -------------------------------------------------------------
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=3 * PS), st.integers(0, 2**64 - 1), st.booleans())
 def test_envelope_round_trips(payload: bytes, seq: int, compress: bool) -> None:
     stored = envelope.encode(payload, seq, compress=compress)
@@ -107,7 +107,7 @@ def test_envelope_refuses_what_it_cannot_read(value: bytes, message: str) -> Non
 # --- merging stored entries -----------------------------------------------------
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.one_of(st.none(), st.binary(min_size=BS, max_size=BS), st.just(b"\x00" * BS)),
     st.integers(0, 100),
