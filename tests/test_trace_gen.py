@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from portalbd.trace import format, gen_common, gen_minecraft
+from portalbd.trace import format, gen
 from portalbd.trace.cli import main
+from portalbd.trace.gen import common as gen_common
+from portalbd.trace.gen import minecraft as gen_minecraft
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +73,7 @@ def test_failing_workload_still_cleans_up(
             seen.append(ctx.device)
             gen_common.run(["false"])
 
-    monkeypatch.setattr(gen_common, "workloads", lambda: {"mkfs": (broken, 256 << 20)})
+    monkeypatch.setattr(gen, "workloads", lambda: {"mkfs": (broken, 256 << 20)})
     work = tmp_path / "work"
     out = tmp_path / "x.jsonl"
     assert main(["gen", "mkfs", "--out", str(out), "--workdir", str(work)]) == 1

@@ -229,9 +229,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    from portalbd.trace import gen_common
+    from portalbd.trace import gen
 
-    return gen_common.run_generator(args)
+    return gen.run_generator(args)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from portalbd.trace.gen_common import GenError, log
+from portalbd.trace.gen.common import GenError, log
 
 SCRIPT = r"""
 set -e

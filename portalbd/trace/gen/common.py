@@ -10,13 +10,11 @@ servers, in reverse order.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -190,82 +188,9 @@ class GenContext:
 Workload = Callable[[GenContext], None]
 
 
-def workloads() -> dict[str, tuple[Workload, int]]:
-    """name -> (body, default device size)."""
-    from portalbd.trace import gen_minecraft, gen_mkfs, gen_pgbench
-
-    return {
-        "mkfs": (gen_mkfs.workload, gen_mkfs.DEFAULT_SIZE),
-        "pgbench": (gen_pgbench.workload, gen_pgbench.DEFAULT_SIZE),
-        "minecraft": (gen_minecraft.workload, gen_minecraft.DEFAULT_SIZE),
-    }
-
-
 def check_tools(names: Sequence[str]) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         raise GenError(f"missing tools: {', '.join(missing)} (see docs/traces.md)")
     if os.geteuid() != 0:
         raise GenError("gen needs root (losetup, mount)")
-
-
-def generate(
-    name: str,
-    out: Path,
-    *,
-    quick: bool = False,
-    size: int | None = None,
-    block_size: int | None = None,
-    workdir: Path | None = None,
-    server: str = "portalbd",
-    client: str = "fuse",
-) -> None:
-    body, default_size = workloads()[name]
-    if client == "kernel":
-        if name != "mkfs":
-            raise GenError("--client kernel runs only the mkfs workload (the guest has no "
-                           "PostgreSQL or Node)")  # fmt: skip
-        check_tools(["qemu-system-x86_64"])
-    else:
-        check_tools(["nbdfuse", "losetup", "fusermount3", "mount", "umount"])
-    size = size or default_size
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"gen-{name}-")))
-        workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(workdir, 0o755)  # services running as other users reach their data below
-        target = recording_server(stack, server, workdir, out, name, size, block_size)
-        if client == "kernel":
-            from portalbd.trace.gen_kernel import mkfs_in_guest
-
-            mkfs_in_guest(target.uri, quick)
-            target.finish()
-            log(f"trace written to {out}")
-            return
-        with contextlib.ExitStack() as dev_stack:
-            device = attach(dev_stack, target.uri, workdir)
-            t0 = time.monotonic()
-            body(GenContext(workdir=workdir, device=device, quick=quick, size=size))
-            log(f"{name} workload ran for {time.monotonic() - t0:.1f}s")
-        target.finish()
-    log(f"trace written to {out}")
-
-
-def run_generator(args: argparse.Namespace) -> int:
-    try:
-        generate(
-            args.workload,
-            args.out,
-            quick=args.quick,
-            size=args.size,
-            block_size=args.block_size,
-            workdir=args.workdir,
-            server=args.server,
-            client=args.client,
-        )
-    except GenError as e:
-        print(f"portalbd-trace gen {args.workload}: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from portalbd.trace.gen_common import GIB, GenContext, log, mounted, run
+from portalbd.trace.gen.common import GIB, GenContext, log, mounted, run
 
 DEFAULT_SIZE = 1 * GIB
 QUICK_DIRS = ("email", "json", "http", "logging", "xml")

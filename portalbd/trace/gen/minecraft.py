@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from portalbd.launch import free_port
-from portalbd.trace.gen_common import GIB, GenContext, GenError, log, mounted, run
+from portalbd.trace.gen.common import GIB, GenContext, GenError, log, mounted, run
 
 DEFAULT_SIZE = 1 * GIB
 PACKAGES = ("flying-squid@1.12.0", "mineflayer@4.25.0")

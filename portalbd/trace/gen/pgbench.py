@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from portalbd.launch import free_port
-from portalbd.trace.gen_common import GIB, GenContext, GenError, log, mounted, run
+from portalbd.trace.gen.common import GIB, GenContext, GenError, log, mounted, run
 
 DEFAULT_SIZE = 1 * GIB
 
