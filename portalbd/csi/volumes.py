@@ -34,12 +34,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import slatedb.uniffi as sdb
-
 from portalbd.config import LsmConfig
 from portalbd.store.instance import InstanceStore, generation_path
 from portalbd.store.location import StorageLocation, parse_storage_url
-from portalbd.store.slate import SlateAdmin, StoreError, resolve_object_store, translate_error
+from portalbd.store.slate import SlateAdmin, StoreError, resolve_object_store
 
 
 class RecordStore(Protocol):
@@ -354,17 +352,5 @@ class Registry:
 
 
 async def find_checkpoint(object_store: Any, db_path: str, name: str) -> str | None:
-    """The id of the named checkpoint of a database, read from its manifest only.
-
-    Listing through the admin API does not open the database, so it is safe
-    while a daemon serves it (opening would fence that daemon).
-    """
-    admin = sdb.AdminBuilder(db_path, object_store).build()
-    try:
-        checkpoints = await admin.list_checkpoints(name)
-    except sdb.Error as exc:
-        raise translate_error(exc, f"listing checkpoints of {db_path!r} failed") from exc
-    for checkpoint in checkpoints:
-        if checkpoint.name == name:
-            return str(checkpoint.id)
-    return None
+    """The id of the named checkpoint of a database (safe while a daemon serves it)."""
+    return await SlateAdmin(object_store, db_path).find_checkpoint(name)

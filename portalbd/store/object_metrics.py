@@ -90,9 +90,7 @@ class ObjectStoreCounters:
         self._retired = empty()
 
     def new_recorder(self) -> Any:
-        import slatedb.uniffi as sdb
-
-        import portalbd.store.slate  # noqa: F401  (patches the binding first)
+        from portalbd.store.binding import sdb
 
         recorder = sdb.DefaultMetricsRecorder()
         self._live.append(recorder)

@@ -221,9 +221,7 @@ def build_object_store(settings: S3Settings) -> Any:
     container credentials work when no keys are given), then every explicit
     setting is applied on top.
     """
-    import slatedb.uniffi as sdb
-
-    from portalbd.store.slate import translate_error
+    from portalbd.store.binding import sdb, translate_error
 
     try:
         builder = sdb.ObjectStoreBuilder.from_env(sdb.ObjectStoreType.S3)

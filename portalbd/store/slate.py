@@ -1,9 +1,10 @@
-"""The one module that talks to SlateDB.
+"""The one module that talks to SlateDB databases.
 
 Everything the rest of portalbd needs from the LSM tree goes through
 :class:`SlateHandle`: gets, batched writes, flushes, range scans, and the
-admin calls for checkpoints and clones. When the binding changes, this is
-the file to change. Every call is counted so ``status`` can show what the
+admin calls for checkpoints and clones (:class:`SlateAdmin`). The binding
+itself, its patch and its errors live in ``binding.py``; when the binding
+changes, those two are the files to change. Every call is counted so ``status`` can show what the
 store is being asked to do.
 """
 
@@ -21,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from portalbd.store import uniffi_patch
-
-uniffi_patch.apply()
-
-import slatedb.uniffi as sdb  # noqa: E402  (the patch must come first)
-
-from portalbd.config import LsmConfig, default_io_threads, default_read_threads  # noqa: E402
-from portalbd.store.offloop import ReadBatcher, ReadCall  # noqa: E402
+from portalbd.config import LsmConfig, default_io_threads, default_read_threads
+from portalbd.store.binding import StoreClosed as StoreClosed
+from portalbd.store.binding import StoreError as StoreError
+from portalbd.store.binding import StoreFenced as StoreFenced
+from portalbd.store.binding import sdb, translate_error
+from portalbd.store.offloop import ReadBatcher, ReadCall
 
 if TYPE_CHECKING:
     from portalbd.store.object_metrics import ObjectStoreCounters
@@ -145,18 +144,6 @@ def _build_batch(
     return batch, puts, deletes, size
 
 
-class StoreError(Exception):
-    """A storage operation failed; the message is meant for the operator."""
-
-
-class StoreFenced(StoreError):
-    """Another writer opened the same database and fenced this one out."""
-
-
-class StoreClosed(StoreError):
-    """The database was closed (shutdown or restore swapped it)."""
-
-
 @dataclass(slots=True)
 class StoreCounters:
     gets: int = 0
@@ -179,19 +166,6 @@ class StoreCounters:
             "bytes_put": self.bytes_put,
             "bytes_got": self.bytes_got,
         }
-
-
-def translate_error(exc: BaseException, what: str) -> StoreError:
-    """Turn a binding error into one of ours with a readable message."""
-    if isinstance(exc, sdb.Error.Closed):
-        reason = getattr(exc, "reason", None)
-        if reason == sdb.CloseReason.FENCED:
-            return StoreFenced(
-                f"{what}: another portalbd opened this storage and fenced this daemon out"
-            )
-        return StoreClosed(f"{what}: database closed ({reason})")
-    message = getattr(exc, "message", None) or str(exc)
-    return StoreError(f"{what}: {message}")
 
 
 def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
@@ -597,6 +571,21 @@ class SlateAdmin:
             await self._admin.delete_checkpoint(checkpoint_id)
         except sdb.Error as exc:
             raise translate_error(exc, f"deleting checkpoint {checkpoint_id} failed") from exc
+
+    async def find_checkpoint(self, name: str) -> str | None:
+        """The id of the named checkpoint, read from the manifest only.
+
+        Listing through the admin API does not open the database, so it is
+        safe while a daemon serves it (opening would fence that daemon).
+        """
+        try:
+            checkpoints = await self._admin.list_checkpoints(name)
+        except sdb.Error as exc:
+            raise translate_error(exc, f"listing checkpoints of {self.path!r} failed") from exc
+        for checkpoint in checkpoints:
+            if checkpoint.name == name:
+                return str(checkpoint.id)
+        return None
 
     async def list_checkpoints(self) -> list[str]:
         try:
