@@ -1,26 +1,27 @@
 """A running instance: storage, device, NBD server, and what operators ask of it.
 
 This is where the pieces meet: opening the storage and checking the device
-metadata, answering control requests (status, snapshots, restore, traces),
-and shutting down in the right order.
+metadata, the actions operators ask for (snapshots, restore, traces), and
+shutting down in the right order. Which request runs which action is in
+``control/dispatch.py``; what ``status`` reports is in ``status.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from portalbd import __version__
 from portalbd.config import Config
 from portalbd.control import protocol as cp
+from portalbd.control.dispatch import dispatch
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
 from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
 from portalbd.stats import ServerStats
+from portalbd.status import status_document
 from portalbd.store.instance import InstanceStore
 from portalbd.store.location import StorageLocation, parse_storage_url
 from portalbd.store.metadata import (
@@ -289,77 +290,11 @@ class Instance:
     # --- control requests -------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        assert self.device is not None and self.store is not None
-        device = self.device
-        stats = self.stats.as_dict()
-        stats["dirty_bytes"] = device.dirty_bytes + device.draining_bytes
-        stats["cached_bytes"] = device.cached_bytes
-        if self.usage is not None and self.usage.used_bytes is not None:
-            stats["used_bytes"] = self.usage.used_bytes  # object storage taken
-        stats["store"] = self.store.counters.as_dict()
-        # "ok", or why storage last failed (full, read-only, gone, unreachable)
-        stats["storage_state"] = self.store.data.health
-        stats["object_store"] = self.store.object_metrics.as_dict()
-        stats["device"] = {
-            "loads": device.counters.loads,
-            "drains": device.counters.drains,
-            "drained_blocks": device.counters.drained_blocks,
-            "cache_hits": device.counters.cache_hits,
-            "cache_misses": device.counters.cache_misses,
-        }
-        return {
-            "size_bytes": device.size,
-            "block_count": -(-device.size // device.block_size),
-            "snapshot_count": len(self.store.catalog.snapshots),
-            "nbd_address": self.nbd_address,
-            "nbd_socket": self.config.nbd.socket,
-            "instance": self.name,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "storage_url": self.location.display,
-            "block_size": device.block_size,
-            "control_socket": str(self.control_socket),
-            "generation": self.store.catalog.live_generation,
-            "recording": self.recorder is not None,
-            "s3": self.s3.describe() if self.s3 is not None else None,
-            "clients": self.server.client_list() if self.server is not None else [],
-            "stats": stats,
-        }
+        return status_document(self)
 
     async def handle(self, request: cp.Request) -> Any:
-        kind = request.kind
-        args = request.args
-        if kind == "Status":
-            return {"Status": self.status()}
-        if kind == "Metrics":
-            return {"Metrics": self.status()["stats"]}
-        if kind == "SnapshotList":
-            assert self.store is not None
-            return {"SnapshotList": [s.public() for s in self.store.catalog.snapshots]}
-        if kind == "SnapshotGet":
-            assert self.store is not None
-            record = self.store.catalog.find(args["name"])
-            if record is None:
-                return cp.error(f"snapshot {args['name']!r} not found")
-            return {"Snapshot": record.public()}
-        if kind == "SnapshotCreate":
-            cp.check_snapshot_name(args["name"])
-            return {"Snapshot": await self.create_snapshot(args["name"])}
-        if kind == "SnapshotDelete":
-            await self.delete_snapshot(args["name"])
-            return "Ok"
-        if kind == "SnapshotRestore":
-            await self.restore(args["name"], force=bool(args.get("force", False)))
-            return "Ok"
-        if kind == "TraceStart":
-            self.start_control_trace(args["path"], args.get("workload", "unnamed"))
-            return "Ok"
-        if kind == "TraceStop":
-            if not self.stop_trace():
-                return cp.error("no trace is being recorded")
-            return "Ok"
-        return cp.error(f"unhandled request {kind}")
+        """The control server's handler (control/dispatch.py answers)."""
+        return await dispatch(self, request)
 
     async def create_snapshot(self, name: str) -> dict[str, Any]:
         assert self.store is not None and self.device is not None

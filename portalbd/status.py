@@ -1,0 +1,57 @@
+"""The status document: one instance's state as the control protocol reports it.
+
+Kept apart from the instance so the shape of what operators see (fields,
+units, the names docs/control-protocol.md lists) is in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from portalbd import __version__
+
+if TYPE_CHECKING:
+    from portalbd.instance import Instance
+
+
+def status_document(instance: Instance) -> dict[str, Any]:
+    """What ``portalctl status``, the TUI and the metrics exporter show."""
+    assert instance.device is not None and instance.store is not None
+    device = instance.device
+    stats = instance.stats.as_dict()
+    stats["dirty_bytes"] = device.dirty_bytes + device.draining_bytes
+    stats["cached_bytes"] = device.cached_bytes
+    if instance.usage is not None and instance.usage.used_bytes is not None:
+        stats["used_bytes"] = instance.usage.used_bytes  # object storage taken
+    stats["store"] = instance.store.counters.as_dict()
+    # "ok", or why storage last failed (full, read-only, gone, unreachable)
+    stats["storage_state"] = instance.store.data.health
+    stats["object_store"] = instance.store.object_metrics.as_dict()
+    stats["device"] = {
+        "loads": device.counters.loads,
+        "drains": device.counters.drains,
+        "drained_blocks": device.counters.drained_blocks,
+        "cache_hits": device.counters.cache_hits,
+        "cache_misses": device.counters.cache_misses,
+    }
+    return {
+        "size_bytes": device.size,
+        "block_count": -(-device.size // device.block_size),
+        "snapshot_count": len(instance.store.catalog.snapshots),
+        "nbd_address": instance.nbd_address,
+        "nbd_socket": instance.config.nbd.socket,
+        "instance": instance.name,
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_s": round(time.monotonic() - instance.started_at, 3),
+        "storage_url": instance.location.display,
+        "block_size": device.block_size,
+        "control_socket": str(instance.control_socket),
+        "generation": instance.store.catalog.live_generation,
+        "recording": instance.recorder is not None,
+        "s3": instance.s3.describe() if instance.s3 is not None else None,
+        "clients": instance.server.client_list() if instance.server is not None else [],
+        "stats": stats,
+    }
