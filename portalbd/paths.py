@@ -7,7 +7,8 @@ that ``--instance NAME`` finds the same socket everywhere.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 SOCKET_NAME = "control.sock"
@@ -40,19 +41,50 @@ def control_socket_path(
     return runtime_base(env, uid) / instance / SOCKET_NAME
 
 
-def discover_sockets(env: Mapping[str, str] | None = None) -> list[Path]:
-    """Control sockets of instances on this host, for the TUI and portalctl."""
+def discovery_roots(env: Mapping[str, str] | None = None, uid: int | None = None) -> list[Path]:
+    """Directories whose ``*/control.sock`` children are portalbd instances.
+
+    Every base :func:`runtime_base` can choose, not only this user's: root's
+    daemons live in /run/portalbd, and a daemon started where
+    XDG_RUNTIME_DIR was unset (cron, sudo, a container) uses /tmp/portalbd-UID
+    even when this shell has one.
+    """
     env = os.environ if env is None else env
-    bases = [Path("/run/portalbd")]
-    xdg = env.get("XDG_RUNTIME_DIR")
-    if xdg:
-        bases.append(Path(xdg) / "portalbd")
-    bases.append(Path(f"/tmp/portalbd-{os.getuid()}"))
-    found: list[Path] = []
-    for base in bases:
+    uid = os.getuid() if uid is None else uid
+    roots = [Path("/run/portalbd")]
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        roots.append(Path(runtime) / "portalbd")
+    roots.append(Path(f"/tmp/portalbd-{uid}"))
+    return roots
+
+
+def is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def scan_roots(roots: Iterable[Path]) -> list[Path]:
+    """Sockets present now under the roots, sorted; unreadable roots are skipped.
+
+    A few ``stat`` calls: cheap enough for the TUI to repeat every refresh,
+    so that new instances appear on their own.
+    """
+    found: set[Path] = set()
+    for root in roots:
         try:
-            candidates = sorted(base.glob(f"*/{SOCKET_NAME}"))
+            children = list(root.iterdir())
         except OSError:
             continue
-        found.extend(c for c in candidates if c.is_socket())
-    return found
+        for child in children:
+            candidate = child / SOCKET_NAME
+            if is_socket(candidate):
+                found.add(candidate)
+    return sorted(found)
+
+
+def discover_sockets(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Control sockets of instances on this host, for the TUI and portalctl."""
+    return scan_roots(discovery_roots(env))

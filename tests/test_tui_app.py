@@ -85,7 +85,7 @@ def test_snapshot_name_prompt_validates_while_typing() -> None:
         assert name.value.startswith("snap-")
         for typed, message in (
             ("", "a name is required"),
-            ("-x", "must start with a letter or digit"),
+            ("-x", "must start with a letter or digit (or '_')"),
             ("a b", "only letters, digits, '.', '_' and '-'"),
             ("before-upgrade", "a snapshot named 'before-upgrade' already exists"),
         ):

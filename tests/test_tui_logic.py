@@ -256,11 +256,14 @@ def test_columns_fit_the_terminal_and_keep_the_required_fields() -> None:
     [
         ("nightly-1", None),
         ("v1.2_rc", None),
+        # the daemon's rule (control/protocol.py), not a stricter copy
+        ("_nightly", None),
+        ("x" * 128, None),
         ("", "a name is required"),
-        ("-x", "must start with a letter or digit"),
+        ("-x", "must start with a letter or digit (or '_')"),
         ("a b", "only letters, digits, '.', '_' and '-'"),
         ("a/b", "only letters, digits, '.', '_' and '-'"),
-        ("x" * 65, "at most 64 characters"),
+        ("x" * 129, "at most 128 characters"),
         ("taken", "a snapshot named 'taken' already exists"),
     ],
 )

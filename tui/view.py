@@ -6,12 +6,12 @@ running an app, and so both screens describe an instance the same way.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.text import Text
 
+from portalbd.control.protocol import MAX_SNAPSHOT_NAME, SNAPSHOT_NAME
 from tui.format import (
     DASH,
     fmt_bytes,
@@ -251,9 +251,6 @@ def snapshot_row(snap: Snapshot) -> list[Text]:
     ]
 
 
-SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
 def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None:
     """Why `name` cannot be used for a new snapshot, or None if it can.
 
@@ -262,11 +259,11 @@ def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None
     """
     if not name:
         return "a name is required"
-    if len(name) > 64:
-        return "at most 64 characters"
+    if len(name) > MAX_SNAPSHOT_NAME:
+        return f"at most {MAX_SNAPSHOT_NAME} characters"
     if not SNAPSHOT_NAME.fullmatch(name):
-        if not name[0].isalnum():
-            return "must start with a letter or digit"
+        if not (name[0].isalnum() or name[0] == "_"):
+            return "must start with a letter or digit (or '_')"
         return "only letters, digits, '.', '_' and '-'"
     if name in existing:
         return f"a snapshot named {name!r} already exists"

@@ -14,7 +14,8 @@ from typing import Any
 
 MAX_LINE = 64 * 1024
 # Checked with fullmatch: with match() and "$", a trailing newline slips through.
-SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_SNAPSHOT_NAME = 128
+SNAPSHOT_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{MAX_SNAPSHOT_NAME - 1}}}")
 
 
 class BadRequest(ValueError):
