@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import sh
+
 from portalbd.launch import free_port, wait_for_port
 from portalbd.trace import daemon_proc, nbdkit_log
 from portalbd.trace.daemon_proc import DaemonConfig
@@ -37,19 +39,26 @@ def log(msg: str) -> None:
 
 def run(cmd: Sequence[str], *, timeout: float = 600, check: bool = True,
         env: dict[str, str] | None = None, cwd: Path | None = None) -> str:  # fmt: skip
-    """Run a command; on failure raise GenError with its output."""
+    """Run a command (through ``sh``); on failure raise GenError with its output."""
     try:
-        p = subprocess.run(
-            list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
-        )
-    except FileNotFoundError:
+        program = sh.Command(cmd[0])
+    except sh.CommandNotFound:
         raise GenError(f"{cmd[0]}: command not found (see docs/traces.md for packages)") from None
-    except subprocess.TimeoutExpired:
+    try:
+        result = program(
+            *cmd[1:],
+            _timeout=timeout,
+            _env=env,
+            _cwd=str(cwd) if cwd is not None else None,
+            _ok_code=[0] if check else list(range(256)),
+            _return_cmd=True,
+        )
+    except sh.TimeoutException:
         raise GenError(f"{' '.join(cmd)}: timed out after {timeout:.0f}s") from None
-    if check and p.returncode != 0:
-        out = (p.stdout + p.stderr).strip()[-2000:]
-        raise GenError(f"{' '.join(cmd)} failed with status {p.returncode}:\n{out}")
-    return p.stdout
+    except sh.ErrorReturnCode as e:
+        out = (e.stdout + e.stderr).decode(errors="replace").strip()[-2000:]
+        raise GenError(f"{' '.join(cmd)} failed with status {e.exit_code}:\n{out}") from None
+    return str(result)
 
 
 def _quiet(fn: Callable[[], object], what: str) -> Callable[[], None]:
