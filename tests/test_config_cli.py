@@ -179,6 +179,10 @@ def test_invalid_storage_url(url: str, expected: str) -> None:
         ("[lsm]\nobject_cache_bytes = 0\n", "lsm.object_cache_bytes: must be positive"),
         ("[device]\nio_threads = 65\n", "device.io_threads: must be from 0 to 64, got 65"),
         (
+            "[lsm]\nmax_unflushed_bytes = 67108864\n",
+            "lsm.max_unflushed_bytes (67108864) must be greater than lsm.l0_sst_size_bytes",
+        ),
+        (
             "[storage]\nread_timeout_ms = -1\n",
             "storage.read_timeout_ms: must not be negative (0 means no bound)",
         ),
