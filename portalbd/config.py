@@ -312,13 +312,13 @@ def validate(config: Config) -> None:
         value = getattr(lsm, name)
         if value is not None and value < 0:
             raise ConfigError(f"lsm.{name}: must not be negative")
-    if lsm.max_unflushed_bytes and lsm.l0_sst_size_bytes is not None:
-        if lsm.max_unflushed_bytes <= lsm.l0_sst_size_bytes:
-            # SlateDB refuses it at open with a less direct message
-            raise ConfigError(
-                f"lsm.max_unflushed_bytes ({lsm.max_unflushed_bytes}) must be greater than "
-                f"lsm.l0_sst_size_bytes ({lsm.l0_sst_size_bytes}): a memtable fills one L0 table"
-            )
+    unflushed, l0_size = lsm.max_unflushed_bytes, lsm.l0_sst_size_bytes
+    if unflushed and l0_size is not None and unflushed <= l0_size:
+        # SlateDB refuses it at open with a less direct message
+        raise ConfigError(
+            f"lsm.max_unflushed_bytes ({unflushed}) must be greater than "
+            f"lsm.l0_sst_size_bytes ({l0_size}): a memtable fills one L0 table"
+        )
     if config.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
     name = config.instance.name
