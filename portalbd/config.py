@@ -36,17 +36,6 @@ def default_io_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def default_read_threads() -> int:
-    """Threads reads complete on: the I/O threads, on hosts with 4 cores or more.
-
-    Completing a read off the loop cuts the loop's CPU per 4 KiB random
-    read by two thirds but adds a third to the total (thread handoffs):
-    worth it only where cores are spare. On 2 cores it was slower.
-    """
-    cores = os.cpu_count() or 1
-    return default_io_threads() if cores >= 4 else 0
-
-
 @dataclass(slots=True)
 class InstanceConfig:
     name: str = "default"
@@ -62,8 +51,6 @@ class DeviceConfig:
     read_only: bool = False
     # threads that copy bytes into SlateDB (store/slate.py); 0 = on the loop
     io_threads: int = field(default_factory=default_io_threads)
-    # of those, how many reads complete on (store/offloop.py); 0 = on the loop
-    read_threads: int = field(default_factory=default_read_threads)
 
     def effective_size(self) -> int:
         return self.size_bytes if self.size_bytes is not None else self.disk_size_gb * GIB
@@ -278,8 +265,6 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.read_timeout_ms: must not be negative (0 means no bound)")
     if not 0 <= device.io_threads <= 64:
         raise ConfigError(f"device.io_threads: must be from 0 to 64, got {device.io_threads}")
-    if not 0 <= device.read_threads <= 64:
-        raise ConfigError(f"device.read_threads: must be from 0 to 64, got {device.read_threads}")
     if config.nbd.max_connections < 1:
         raise ConfigError("nbd.max_connections: must be at least 1")
     if not config.nbd.address and not config.nbd.socket:

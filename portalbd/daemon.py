@@ -75,13 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads that copy bytes into SlateDB off the event loop "
         "(default: one per core, at most 8; 0 = none)",
     )
-    add(
-        "--read-threads",
-        type=int,
-        metavar="N",
-        help="of the I/O threads, how many reads complete on, leaving the event loop free "
-        "(default: all of them on hosts with 4 or more cores, else 0 = on the loop)",
-    )
     add("--flush-interval-ms", type=int, metavar="N", help="SlateDB WAL flush interval (0=manual)")
     add("--read-only", action="store_true", default=None, help="serve the disk read-only")
     add("--log-level", choices=cfgmod.LOG_LEVELS, help="log verbosity (default info)")
@@ -116,7 +109,6 @@ OVERRIDES = {
     "cache_bytes": "device.cache_bytes",
     "dirty_bytes": "device.dirty_bytes",
     "io_threads": "device.io_threads",
-    "read_threads": "device.read_threads",
     "flush_interval_ms": "lsm.flush_interval_ms",
     "read_only": "device.read_only",
     "log_level": "log_level",

@@ -82,7 +82,7 @@ class Instance:
 
     async def open(self) -> None:
         cfg = self.config
-        configure_io_threads(cfg.device.io_threads, cfg.device.read_threads)
+        configure_io_threads(cfg.device.io_threads)
         configure_timeout(cfg.storage.timeout_ms / 1000, cfg.storage.read_timeout_ms / 1000)
         if self.location.kind == "s3":
             await self.check_s3()
@@ -112,13 +112,12 @@ class Instance:
             raise StartupError(str(exc)) from exc
         size = meta.size_bytes
         log.info(
-            "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d read_threads=%d",
+            "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d",
             meta.layout.version,
             meta.block_size,
             meta.layout.page_size,
             meta.layout.epoch,
             cfg.device.io_threads,
-            min(cfg.device.io_threads, cfg.device.read_threads),
         )
         lsm = cfg.lsm
         budgets = {

@@ -197,11 +197,6 @@ def test_io_threads_flag_is_checked() -> None:
     assert "device.io_threads: must be from 0 to 64, got -1" in config_error("--io-threads", "-1")
 
 
-def test_read_threads_flag_is_checked() -> None:
-    expected = "device.read_threads: must be from 0 to 64, got 65"
-    assert expected in config_error("--read-threads", "65")
-
-
 @pytest.mark.parametrize("size", ["5000", "1024", "2097152", "0"])
 def test_block_size_must_be_a_power_of_two_in_range(size: str) -> None:
     message = config_error("--block-size", size)

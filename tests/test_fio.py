@@ -104,16 +104,3 @@ def test_fio_verify_notices_wrong_data(daemon: RunningDaemon, tmp_path: Path) ->
     """The check above is real: verifying a disk fio never wrote fails."""
     with pytest.raises(AssertionError, match="verify"):
         fio(daemon.uri, tmp_path, "--rw=write", "--bs=64k", "--size=1m", "--verify_only")
-
-
-def test_fio_verify_with_reads_off_the_loop(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
-    """Reads completed on worker threads (--read-threads, the default on
-    hosts with 4 or more cores) return what was written: a small cache makes
-    most verify reads go to the store while writes drain beside them."""
-    daemon = daemon_factory(
-        "--read-threads", "2", "--io-threads", "2", "--cache-bytes", str(1 << 20)
-    )
-    job = ["--rw=randwrite", "--bs=4k", "--numjobs=4", "--size=8m", "--offset_increment=8m"]
-    report = fio(daemon.uri, tmp_path, *job, "--iodepth=16", "--do_verify=1")
-    assert total_bytes(report, "read") >= 4 * 8 * 2**20
-    assert "read_threads=2" in daemon.log()

@@ -403,9 +403,8 @@ def test_newer_daemon_fences_older(
         nbd.flush()
 
 
-@pytest.mark.parametrize("read_threads", [0, 2], ids=["on-loop", "off-loop"])
 def test_read_during_outage_fails_within_five_seconds(
-    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path, read_threads: int
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     """A READ that needs the object store while it hangs (moto frozen with
     SIGSTOP, as behind a partition) answers EIO within [storage]
@@ -415,9 +414,7 @@ def test_read_during_outage_fails_within_five_seconds(
     # Small L0 tables, so the blocks live in SSTs in the bucket rather than
     # in a WAL that the next open replays into memory.
     config = tmp_path / "c.toml"
-    config.write_text(
-        f"[device]\nread_threads = {read_threads}\n[lsm]\nl0_sst_size_bytes = 262144\n"
-    )
+    config.write_text("[lsm]\nl0_sst_size_bytes = 262144\n")
     first = daemon_factory("-c", str(config), storage_url=url, env=moto.env(), instance="writer")
     with connected(first.uri) as nbd:
         for index in range(64):

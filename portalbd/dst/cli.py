@@ -34,12 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="clean-cache size in blocks (default: chosen by the seed; 0 disables it)",
     )
     parser.add_argument(
-        "--read-threads",
-        type=int,
-        default=None,
-        help="threads reads complete on (default: 2 for odd seeds, 0 for even ones)",
-    )
-    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -62,8 +56,6 @@ def replay_command(cfg: SimConfig, steps: int) -> str:
         parts.append(f"--flush-interval-ms {cfg.flush_interval_ms}")
     if cfg.cache_blocks is not None:
         parts.append(f"--cache-blocks {cfg.cache_blocks}")
-    if cfg.read_threads is not None:
-        parts.append(f"--read-threads {cfg.read_threads}")
     return " ".join(parts)
 
 
@@ -120,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
             blocks=args.blocks,
             flush_interval_ms=args.flush_interval_ms,
             cache_blocks=args.cache_blocks,
-            read_threads=args.read_threads,
         )
         for seed in range(args.seed, args.seed + args.seeds)
     ]

@@ -98,8 +98,6 @@ class SimConfig:
     flush_interval_ms: int = 0
     dirty_blocks: int | None = None  # None: chosen by the seed
     cache_blocks: int | None = None  # None: chosen by the seed (0 disables the cache)
-    # threads reads complete on (store/offloop.py); None: every other seed uses 2
-    read_threads: int | None = None
 
 
 @contextlib.contextmanager
@@ -147,8 +145,6 @@ class Simulation:
         self.cache_blocks = (
             cfg.cache_blocks if cfg.cache_blocks is not None else self.rng.choice([0, 2, 8, 64])
         )
-        # Not drawn from the RNG, so every seed's workload stays as it was.
-        self.read_threads = cfg.read_threads if cfg.read_threads is not None else 2 * (cfg.seed % 2)
         self.size = cfg.blocks * cfg.block_size + cfg.tail
         self.oracle = DiskOracle(self.size, cfg.block_size)
         self.snapshots: dict[str, bytes] = {}  # what exists, with its content
@@ -178,7 +174,6 @@ class Simulation:
         cfg.device.block_size = self.cfg.block_size
         cfg.device.dirty_bytes = self.dirty_blocks * self.cfg.block_size
         cfg.device.cache_bytes = self.cache_blocks * self.cfg.block_size
-        cfg.device.read_threads = self.read_threads
         cfg.nbd.export_name = EXPORT
         cfg.nbd.address = ""
         cfg.lsm.flush_interval_ms = self.cfg.flush_interval_ms
@@ -632,10 +627,7 @@ class Simulation:
     # --- the main loop ------------------------------------------------------------------
 
     async def run(self) -> Stats:
-        self.note(
-            f"device dirty_blocks={self.dirty_blocks} cache_blocks={self.cache_blocks} "
-            f"read_threads={self.read_threads}"
-        )
+        self.note(f"device dirty_blocks={self.dirty_blocks} cache_blocks={self.cache_blocks}")
         await self.open_instance()
         await self.connect_all()
         try:

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from portalbd.config import LsmConfig, default_io_threads, default_read_threads
+from portalbd.config import LsmConfig, default_io_threads
 from portalbd.store.binding import StoreClosed as StoreClosed
 from portalbd.store.binding import StoreError as StoreError
 from portalbd.store.binding import StoreFenced as StoreFenced
 from portalbd.store.binding import sdb, translate_error
-from portalbd.store.offloop import ReadBatcher, ReadCall
 
 if TYPE_CHECKING:
     from portalbd.store.object_metrics import ObjectStoreCounters
@@ -55,19 +54,13 @@ class _Workers:
 
     def __init__(self) -> None:
         self.threads = default_io_threads()
-        self.read_threads = default_read_threads()
         self._pool: ThreadPoolExecutor | None = None
 
-    def configure(self, threads: int, read_threads: int) -> None:
+    def configure(self, threads: int) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
         self.threads = max(0, threads)
-        self.read_threads = max(0, read_threads)
-
-    def read_jobs(self) -> int:
-        """Read batches in flight on the pool (they share its threads)."""
-        return min(self.threads, self.read_threads)
 
     @property
     def pool(self) -> ThreadPoolExecutor | None:
@@ -112,10 +105,9 @@ def diagnose_directory(directory: Path) -> str | None:
     return None
 
 
-def configure_io_threads(threads: int, read_threads: int = 0) -> None:
-    """Set how many threads build write batches (0: all on the event loop),
-    and on how many of them reads complete (0: on the event loop)."""
-    WORKERS.configure(threads, read_threads)
+def configure_io_threads(threads: int) -> None:
+    """Set how many threads build write batches (0: all on the event loop)."""
+    WORKERS.configure(threads)
 
 
 def _build_batch(
@@ -251,7 +243,6 @@ class SlateHandle:
         self._last_reopen = 0.0
         self._reopen_lock = asyncio.Lock()
         self.reopens = 0
-        self._reads = ReadBatcher(lambda: WORKERS.pool, WORKERS.read_jobs)
         # Called after a reopen: what the old database acknowledged but never
         # made durable is gone, so caches above must forget it.
         self.on_reopen: Callable[[], None] | None = None
@@ -409,21 +400,12 @@ class SlateHandle:
             if self.on_reopen is not None:
                 self.on_reopen()
 
-    async def _read(self, call: ReadCall) -> Any:
-        """Run a read on the worker threads when there are any (store/offloop.py)."""
-        if self._reads.available():
-            return await self._reads.run(call, READ_TIMEOUT[0])
-        return await call()
-
     async def get(self, key: bytes) -> bytes | None:
         self.counters.gets += 1
         if self._broken is not None:
             await self._recover()
-        db = self._db
         try:
-            value: bytes | None = await self._bounded(
-                self._read(lambda: db.get(key)), "read failed", read=True
-            )
+            value: bytes | None = await self._bounded(self._db.get(key), "read failed", read=True)
         except sdb.Error as exc:
             raise self._failed(exc, "read failed") from exc
         if value is not None:
@@ -520,7 +502,7 @@ class SlateHandle:
 
         try:
             out: list[tuple[bytes, bytes]] = await self._bounded(
-                self._read(entries), "scan failed", read=True
+                entries(), "scan failed", read=True
             )
         except sdb.Error as exc:
             raise self._failed(exc, "scan failed") from exc
