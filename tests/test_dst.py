@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 
 import pytest
 
@@ -17,6 +18,7 @@ from portalbd.config import LsmConfig
 from portalbd.device import Device
 from portalbd.dst.cli import main as dst_main
 from portalbd.dst.cli import replay_command
+from portalbd.dst.faults import KINDS, FaultPlan, kind_for
 from portalbd.dst.oracle import DiskOracle
 from portalbd.dst.sim import SimConfig, Simulation, SimulationFailure, Stats, run_simulation
 from portalbd.store.slate import SlateHandle, resolve_object_store
@@ -115,6 +117,106 @@ def test_oracle_fua_write_must_survive() -> None:
     oracle.end_round(flushed=False)
     assert not _copy(oracle).check_after_crash(b"B" * 100 + bytes(3996))
     assert oracle.check_after_crash(bytes(100) + b"C" * 100 + bytes(3896))
+
+
+# --- object-store faults ------------------------------------------------------------
+
+FAULT_SEEDS = int(os.environ.get("PORTALBD_DST_FAULT_SEEDS", "3"))
+FAULT_STEPS = int(os.environ.get("PORTALBD_DST_FAULT_STEPS", "120"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", range(FAULT_SEEDS))
+@pytest.mark.parametrize("kind", KINDS[1:])
+def test_simulation_under_faults(kind: str, seed: int) -> None:
+    """Every kind of fault, injected where the device meets SlateDB: what
+    failed may or may not have happened, nothing acknowledged is lost, and
+    FLUSH works again once the faults end (checked again after a crash)."""
+    stats = simulate(SimConfig(seed=seed, steps=FAULT_STEPS, faults=kind))
+    assert stats.faults == kind
+    assert stats.injected > 0, stats.summary()
+    assert stats.recoveries >= 1
+    if kind == "latency":
+        assert stats.failed_requests == 0  # slow is not broken
+    else:
+        assert stats.failed_requests > 0, stats.summary()
+
+
+def test_fault_seed_mode_spreads_the_kinds_over_seeds() -> None:
+    kinds = {kind_for("seed", seed) for seed in range(40)}
+    assert kinds == set(KINDS)
+    assert kind_for("outage", 7) == "outage"
+
+
+def test_a_fault_plan_is_the_same_for_the_same_seed() -> None:
+    first, again = FaultPlan("outage", 11, 300), FaultPlan("outage", 11, 300)
+    assert first.schedule() == again.schedule()
+    assert first.schedule() != FaultPlan("outage", 12, 300).schedule()
+    assert FaultPlan("errors", 3, 300).error_rate > 0
+
+
+def test_faults_leave_the_generated_workload_alone() -> None:
+    """Under faults the operations still depend only on the seed, although
+    which requests fail (and so what is read back and retried) varies."""
+    runs = []
+    for _ in range(2):
+        sim = Simulation(SimConfig(seed=5, steps=80, faults="outage"))
+        asyncio.run(sim.run())
+        runs.append([line for line in sim.history if "] round " in line])
+    assert runs[0] == runs[1]
+
+
+def test_unknown_fault_kind_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown fault kind 'flood'; choose from none, seed"):
+        Simulation(SimConfig(seed=1, steps=1, faults="flood"))
+
+
+def test_cli_refuses_an_unknown_fault_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        dst_main(["--faults", "flood"])
+    assert exited.value.code == 2
+    assert "argument --faults: invalid choice: 'flood'" in capsys.readouterr().err
+
+
+def test_cli_counts_injected_faults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert dst_main(["--seed", "1", "--steps", "60", "--faults", "errors"]) == 0
+    out = capsys.readouterr().out
+    assert "faults=errors injected=" in out
+    assert "injected_by=errors:" in out
+
+
+def test_replay_command_spells_out_the_fault_kind_a_seed_picked() -> None:
+    cfg = SimConfig(seed=4, steps=90, faults="seed")
+    kind = kind_for("seed", 4)
+    expected = "portalbd-dst --seed 4 --steps 9" + ("" if kind == "none" else f" --faults {kind}")
+    assert replay_command(cfg, 9) == expected
+    assert replay_command(SimConfig(seed=4, steps=9, faults="enospc"), 9).endswith(
+        "--faults enospc"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_the_simulation_catches_a_drain_that_drops_its_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sabotage the system under test: a drain that fails forgets its blocks
+    instead of putting them back (the fsyncgate mistake). Under an outage
+    the simulation must report it, naming the acknowledged write it lost."""
+    monkeypatch.setattr(Device, "_put_back", lambda self, draining: None)
+    messages = []
+    for seed in range(3, 9):
+        try:
+            run_simulation(SimConfig(seed=seed, steps=200, faults="outage"))
+        except SimulationFailure as exc:
+            messages.append(exc.message)
+            if "from the acknowledged " in exc.message:
+                break
+    assert messages, "six outage seeds missed a drain that drops its blocks"
+    assert re.search(
+        r"expected 0x[0-9a-f]{2} from the acknowledged (write|trim|zero)@\d+\+\d+ "
+        r"\(step \d+, conn\d\)",
+        messages[-1],
+    ), messages
 
 
 def _copy(oracle: DiskOracle) -> DiskOracle:
