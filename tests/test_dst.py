@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from typing import Any
 
 import pytest
 
@@ -18,9 +19,10 @@ from portalbd.config import LsmConfig
 from portalbd.device import Device
 from portalbd.dst.cli import main as dst_main
 from portalbd.dst.cli import replay_command
-from portalbd.dst.faults import KINDS, FaultPlan, kind_for
+from portalbd.dst.faults import KINDS, FaultPlan, FaultyDb, kind_for
 from portalbd.dst.oracle import DiskOracle
 from portalbd.dst.sim import SimConfig, Simulation, SimulationFailure, Stats, run_simulation
+from portalbd.store import slate
 from portalbd.store.slate import SlateHandle, resolve_object_store
 
 SEEDS = int(os.environ.get("PORTALBD_DST_SEEDS", "12"))
@@ -298,3 +300,46 @@ def test_concurrent_reads_of_the_same_missing_run() -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_restore_closes_the_database_it_opened() -> None:
+    """Bug (found while adding faults to the simulation): a restore that
+    opened the cloned generation and then failed to write its metadata
+    answered "disk unchanged" but left that database open for good, its
+    background tasks still running against a generation garbage collection
+    deletes next."""
+    plan = FaultPlan("errors", 1, 1)
+    plan.error_rate = 1.0  # the store fails every call of the new database
+    opened: list[_ClosingWatched] = []
+
+    async def hook(builder: Any, path: str) -> Any:
+        db = _ClosingWatched(await builder.build(), plan)
+        opened.append(db)
+        return db
+
+    async def scenario() -> None:
+        sim = Simulation(SimConfig(seed=1, steps=1))
+        await sim.open_instance()
+        await sim.connect_all()
+        assert "Snapshot" in await sim.control("SnapshotCreate", name="s1")
+        slate.OPEN_HOOK[0] = hook
+        try:
+            response = await sim.control("SnapshotRestore", name="s1", force=True)
+        finally:
+            slate.OPEN_HOOK[0] = None
+        assert "restore failed, disk unchanged" in str(response)
+        assert opened, "the restore never opened the clone"
+        assert all(db.shut_down for db in opened), "the clone's database was left open"
+        await sim._shutdown()
+
+    asyncio.run(scenario())
+
+
+class _ClosingWatched(FaultyDb):
+    """A faulty database that remembers whether it was shut down."""
+
+    shut_down = False
+
+    async def shutdown(self) -> Any:
+        self.shut_down = True
+        return await super().shutdown()
