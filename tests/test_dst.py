@@ -151,10 +151,10 @@ def test_fault_seed_mode_spreads_the_kinds_over_seeds() -> None:
 
 
 def test_a_fault_plan_is_the_same_for_the_same_seed() -> None:
-    first, again = FaultPlan("outage", 11, 300), FaultPlan("outage", 11, 300)
+    first, again = FaultPlan("outage", 11), FaultPlan("outage", 11)
     assert first.schedule() == again.schedule()
-    assert first.schedule() != FaultPlan("outage", 12, 300).schedule()
-    assert FaultPlan("errors", 3, 300).error_rate > 0
+    assert first.schedule() != FaultPlan("outage", 12).schedule()
+    assert FaultPlan("errors", 3).error_rate > 0
 
 
 def test_faults_leave_the_generated_workload_alone() -> None:
@@ -308,7 +308,7 @@ def test_a_failed_restore_closes_the_database_it_opened() -> None:
     answered "disk unchanged" but left that database open for good, its
     background tasks still running against a generation garbage collection
     deletes next."""
-    plan = FaultPlan("errors", 1, 1)
+    plan = FaultPlan("errors", 1)
     plan.error_rate = 1.0  # the store fails every call of the new database
     opened: list[_ClosingWatched] = []
 

@@ -74,7 +74,7 @@ class Window:
 class FaultPlan:
     """What goes wrong in one run, drawn from the seed; counts what it did."""
 
-    def __init__(self, kind: str, seed: int, steps: int) -> None:
+    def __init__(self, kind: str, seed: int) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; choose from {', '.join(CHOICES)}")
         self.kind = kind
@@ -88,10 +88,12 @@ class FaultPlan:
         self.error_rate = self.rng.uniform(0.01, 0.06) if kind == "errors" else 0.0
         self.windows: list[Window] = []
         if kind in ("outage", "enospc"):
+            # Fixed by the seed alone, not by the run's length: a replay that
+            # stops right after a failing step must see the same windows.
+            start = self.rng.randrange(5, 100)
             for _ in range(self.rng.randint(1, 2)):
-                start = self.rng.randrange(max(1, steps * 8 // 10))
                 self.windows.append(Window(start, self.rng.uniform(0.3, 1.5)))
-            self.windows.sort(key=lambda w: w.start_step)
+                start += self.rng.randrange(20, 150)
 
     # --- what the simulation asks -------------------------------------------------
 

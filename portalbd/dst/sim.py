@@ -176,7 +176,7 @@ class Simulation:
         self.conns: list[_Conn | None] = []
         self.conn_counter = 0
         self.step = 0
-        self.faults = FaultPlan(kind_for(cfg.faults, cfg.seed), cfg.seed, cfg.steps)
+        self.faults = FaultPlan(kind_for(cfg.faults, cfg.seed), cfg.seed)
         # The transports draw their chunk sizes per request sent. Faults add
         # requests (read-backs, retries) that depend on outcomes, so then the
         # transports get their own generator and the workload stays the
@@ -816,7 +816,6 @@ class Simulation:
         """The faults stop for good: FLUSH works again, and what it made
         durable is exactly the disk, also after a crash."""
         self.faults.stop()
-        self.step += 1
         await self.recover("once the faults stopped")
         await self.verify_all("after the faults stopped")
         await self.crash_and_check("crash after the faults stopped")
