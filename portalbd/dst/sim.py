@@ -750,6 +750,13 @@ class Simulation:
         with self.faults.installed():
             try:
                 return await self._run()
+            except SimulationFailure:
+                raise
+            except Exception as exc:
+                # Reported like any failure (seed, history, replay): a hunt
+                # goes on with the next seed instead of dying with a traceback.
+                log.debug("unexpected exception", exc_info=True)
+                raise self.fail(f"unexpected {type(exc).__name__}: {exc}") from exc
             finally:
                 self.stats.injected = self.faults.injected
                 self.stats.injected_by = self.faults.describe()
