@@ -22,6 +22,7 @@ from portalbd.dst.cli import replay_command
 from portalbd.dst.faults import KINDS, FaultPlan, FaultyDb, kind_for
 from portalbd.dst.oracle import DiskOracle
 from portalbd.dst.sim import SimConfig, Simulation, SimulationFailure, Stats, run_simulation
+from portalbd.instance import Instance
 from portalbd.store import slate
 from portalbd.store.slate import SlateHandle, resolve_object_store
 
@@ -219,6 +220,24 @@ def test_the_simulation_catches_a_drain_that_drops_its_blocks(
         r"\(step \d+, conn\d\)",
         messages[-1],
     ), messages
+
+
+def test_an_unexpected_exception_is_a_failing_seed_not_a_dead_hunt(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exception the simulation does not expect (here a sabotaged control
+    handler) is reported like any failure, with the seed and a replay, and
+    the hunt goes on with the next seed."""
+
+    async def broken(self: Instance, request: object) -> object:
+        raise RuntimeError("control handler sabotaged")
+
+    monkeypatch.setattr(Instance, "handle", broken)
+    assert dst_main(["--seed", "3", "--seeds", "2", "--steps", "100"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED seed=3: unexpected RuntimeError: control handler sabotaged" in err
+    assert "FAILED seed=4: unexpected RuntimeError" in err
+    assert "replay: portalbd-dst --seed 3 --steps " in err
 
 
 def _copy(oracle: DiskOracle) -> DiskOracle:
