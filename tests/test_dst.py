@@ -141,6 +141,8 @@ def test_simulation_under_faults(kind: str, seed: int) -> None:
     assert stats.recoveries >= 1
     if kind == "latency":
         assert stats.failed_requests == 0  # slow is not broken
+    elif kind == "enospc":
+        assert "stalls:" in stats.injected_by, stats.summary()
     else:
         assert stats.failed_requests > 0, stats.summary()
 

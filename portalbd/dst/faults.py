@@ -92,8 +92,11 @@ class FaultPlan:
             # Fixed by the seed alone, not by the run's length: a replay that
             # stops right after a failing step must see the same windows.
             start = self.rng.randrange(5, 100)
+            # A full disk lasts longer than the storage bound, or no stalled
+            # flush would ever time out.
+            shortest = 0.3 if kind == "outage" else 2 * ENOSPC_TIMEOUT_MS / 1000
             for _ in range(self.rng.randint(1, 2)):
-                self.windows.append(Window(start, self.rng.uniform(0.3, 1.5)))
+                self.windows.append(Window(start, self.rng.uniform(shortest, 1.5)))
                 start += self.rng.randrange(20, 150)
 
     # --- what the simulation asks -------------------------------------------------
