@@ -242,6 +242,34 @@ def test_an_unexpected_exception_is_a_failing_seed_not_a_dead_hunt(
     assert "replay: portalbd-dst --seed 3 --steps " in err
 
 
+def test_a_request_failing_without_faults_says_why_storage_failed() -> None:
+    """A failure the faults do not explain names the store's last error, so a
+    bug reads differently from a machine too slow for the storage bound."""
+    plan = FaultPlan("errors", 1)
+    plan.error_rate = 0.0
+
+    async def scenario() -> str:
+        sim = Simulation(SimConfig(seed=2, steps=1000))  # the simulation expects no faults
+        with plan.installed():
+            try:
+                await sim.open_instance()
+                await sim.connect_all()
+                plan.error_rate = 1.0  # ...but the data database now fails every call
+                for _ in range(100):
+                    await sim.io_round(None)
+            except SimulationFailure as exc:
+                return exc.message
+            finally:
+                plan.stop()
+                await sim._shutdown()
+        return "no failure"
+
+    message = asyncio.run(scenario())
+    assert re.search(r"failed with error 5 \(storage: \w+ failed: Unavailable error: ", message), (
+        message
+    )
+
+
 def _copy(oracle: DiskOracle) -> DiskOracle:
     import copy
 

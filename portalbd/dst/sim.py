@@ -290,7 +290,9 @@ class Simulation:
             if not reply.error:
                 return reply.data
             if not self.faults.read_errors_allowed():
-                raise self.fail(f"{what} at {offset} failed with error {reply.error}")
+                raise self.fail(
+                    f"{what} at {offset} failed with error {reply.error}{self._storage_state()}"
+                )
             self.stats.failed_requests += 1
             if asyncio.get_running_loop().time() > deadline:
                 raise self.fail(f"{what} at {offset} still fails after {RECOVERY_S:g}s")
@@ -303,6 +305,14 @@ class Simulation:
             out += await self.read_range(offset, min(chunk, self.size - offset), "full read")
         self.stats.bytes_verified += len(out)
         return bytes(out)
+
+    def _storage_state(self) -> str:
+        """Why the data database last failed, to tell a bug from a slow machine
+        (a call that merely took longer than the storage bound)."""
+        store = self.instance.store if self.instance is not None else None
+        if store is None or store.data.health == "ok":
+            return ""
+        return f" (storage: {store.data.health})"
 
     def blame(self, offset: int) -> str:
         """The acknowledged write whose byte at ``offset`` a read should show."""
@@ -525,6 +535,7 @@ class Simulation:
             if not allowed:
                 raise self.fail(
                     f"{op.kind}@{op.offset}+{op.length} failed with error {reply.error}"
+                    + self._storage_state()
                 )
             stats.failed_requests += 1
             return
