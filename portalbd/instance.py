@@ -9,6 +9,7 @@ shutting down in the right order. Which request runs which action is in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -354,12 +355,18 @@ class Instance:
                 await self.device.flush()
                 try:
                     generation, handle = await self.store.prepare_restore(name)
-                    # The clone carries the snapshot's epoch; writes after the
-                    # restore use the device's, which is newer. Record it
-                    # before the clone goes live, so sequences keep growing.
-                    await self._carry_metadata(handle)
-                    crash_point("restore:before-commit")
-                    old = await self.store.commit_restore(generation, handle)
+                    try:
+                        # The clone carries the snapshot's epoch; writes after
+                        # the restore use the device's, which is newer. Record
+                        # it before the clone goes live, so sequences keep growing.
+                        await self._carry_metadata(handle)
+                        crash_point("restore:before-commit")
+                        old = await self.store.commit_restore(generation, handle)
+                    except StoreError:
+                        # Never live: left open, its tasks would outlive it.
+                        with contextlib.suppress(StoreError):
+                            await handle.close()
+                        raise
                 except StoreError as exc:
                     raise cp.BadRequest(f"restore failed, disk unchanged: {exc}") from exc
                 self.device.swap_store(handle)

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from portalbd.dst.faults import CHOICES, kind_for
 from portalbd.dst.sim import SimConfig, SimulationFailure, run_simulation
 
 
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portalbd-dst",
         description="Deterministic simulation of portalbd: seeded I/O, snapshots, "
-        "restores and crashes against an oracle of the disk.",
+        "restores, crashes and object-store faults against an oracle of the disk.",
     )
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--seeds", type=int, default=1, help="how many seeds from --seed")
@@ -39,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="seeds run in parallel processes (a hunt: --seeds 10000 --jobs $(nproc))",
     )
+    parser.add_argument(
+        "--faults",
+        choices=CHOICES,
+        default="none",
+        help="object-store faults on the data databases: errors (S3 calls fail, some "
+        "close the database), latency (delays; nothing may fail), outage (every call "
+        "fails for a while), enospc (a full disk: flushes stall until the storage "
+        "timeout), or seed (each seed picks one kind, none included). Default none: "
+        "a seed's run, its replay command and the CI timings stay what they were "
+        "without faults; a hunt asks for them (--faults seed)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log the daemon's warnings")
     return parser
 
@@ -56,6 +68,9 @@ def replay_command(cfg: SimConfig, steps: int) -> str:
         parts.append(f"--flush-interval-ms {cfg.flush_interval_ms}")
     if cfg.cache_blocks is not None:
         parts.append(f"--cache-blocks {cfg.cache_blocks}")
+    faults = kind_for(cfg.faults, cfg.seed)  # the kind "seed" picked, spelled out
+    if faults != "none":
+        parts.append(f"--faults {faults}")
     return " ".join(parts)
 
 
@@ -112,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             blocks=args.blocks,
             flush_interval_ms=args.flush_interval_ms,
             cache_blocks=args.cache_blocks,
+            faults=args.faults,
         )
         for seed in range(args.seed, args.seed + args.seeds)
     ]

@@ -1,4 +1,4 @@
-"""The simulation: a seeded workload against a real Instance, with crashes.
+"""The simulation: a seeded workload against a real Instance, with crashes and faults.
 
 Everything real runs: the NBD handshake and transmission code, the
 write-back device, SlateDB on an in-memory object store, snapshots and
@@ -7,6 +7,14 @@ restores through the control handler. Only the sockets are replaced, by
 instance (its tasks are cancelled, its SlateDB handles are never shut down,
 its buffers are dropped) and opens a new one on the same object store: only
 what SlateDB really made durable is there to be found.
+
+With a fault kind (:mod:`portalbd.dst.faults`) the data databases also see
+object-store errors, latency, an outage or a full disk. A request that
+fails may or may not have taken effect: the simulation reads its range back
+to learn which, and the disk must hold one or the other. Reads may fail
+while the store does, but never return older data than was acknowledged;
+once the faults end, FLUSH must succeed within :data:`RECOVERY_S` and the
+disk must verify, before and after a crash.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any
 
 from portalbd.config import Config
 from portalbd.control import protocol as cp
+from portalbd.dst.faults import ENOSPC_TIMEOUT_MS, FAULT_TIMEOUT_MS, FaultPlan, kind_for
 from portalbd.dst.oracle import DiskOracle
 from portalbd.dst.transport import LoopbackTransport, Reply, SimClient
 from portalbd.instance import Instance
@@ -34,6 +43,8 @@ log = logging.getLogger("portalbd.dst")
 
 EXPORT = "dst"
 STEP_TIMEOUT = 30.0  # seconds; a step that takes longer is reported as a hang
+RECOVERY_S = 10.0  # after the faults end, FLUSH must succeed within this
+RETRY_PAUSE_S = 0.02  # between attempts of a read or FLUSH that may fail
 
 
 class SimulationFailure(AssertionError):
@@ -66,6 +77,12 @@ class Stats:
     reconnects: int = 0
     bytes_written: int = 0
     bytes_verified: int = 0
+    faults: str = "none"
+    injected: int = 0  # faults the plan injected (delays and stalls included)
+    injected_by: str = "-"
+    failed_requests: int = 0  # requests answered with an error the faults allow
+    took_effect: int = 0  # failed writes that turned out applied
+    recoveries: int = 0  # FLUSH succeeding again after the faults ended
 
     def summary(self) -> str:
         return " ".join(f"{name}={getattr(self, name)}" for name in self.__slots__)
@@ -98,6 +115,7 @@ class SimConfig:
     flush_interval_ms: int = 0
     dirty_blocks: int | None = None  # None: chosen by the seed
     cache_blocks: int | None = None  # None: chosen by the seed (0 disables the cache)
+    faults: str = "none"  # a kind of portalbd.dst.faults.KINDS, or "seed"
 
 
 @contextlib.contextmanager
@@ -158,6 +176,17 @@ class Simulation:
         self.conns: list[_Conn | None] = []
         self.conn_counter = 0
         self.step = 0
+        self.faults = FaultPlan(kind_for(cfg.faults, cfg.seed), cfg.seed)
+        # The transports draw their chunk sizes per request sent. Faults add
+        # requests (read-backs, retries) that depend on outcomes, so then the
+        # transports get their own generator and the workload stays the
+        # seed's; without faults they share it, as every old seed did.
+        self.transport_rng = (
+            random.Random(f"{cfg.seed}:transport") if self.faults.enabled else self.rng
+        )
+        self.stats.faults = self.faults.kind
+        # Who last wrote each byte, so a failure can name the write it lost.
+        self.writers: list[str | None] = [None] * self.size
 
     # --- plumbing -------------------------------------------------------------
 
@@ -178,11 +207,14 @@ class Simulation:
         cfg.nbd.address = ""
         cfg.lsm.flush_interval_ms = self.cfg.flush_interval_ms
         cfg.lsm.block_cache_size_bytes = 0
+        if self.faults.enabled:
+            kind = self.faults.kind
+            cfg.storage.timeout_ms = ENOSPC_TIMEOUT_MS if kind == "enospc" else FAULT_TIMEOUT_MS
         return cfg
 
     async def open_instance(self) -> None:
         instance = Instance(self.config(), Path(f"/nonexistent/dst-{self.cfg.seed}.sock"))
-        with _shared_store(self.object_store):
+        with _shared_store(self.object_store), self.faults.paused():
             await instance.open()
         self.instance = instance
         assert instance.device is not None
@@ -195,7 +227,7 @@ class Simulation:
         self.conn_counter += 1
         protocol = NbdConnection(self.instance.server, self.conn_counter)
         transport = LoopbackTransport(
-            loop, protocol, self.rng, ("sim", self.conn_counter), self.cfg.max_chunk
+            loop, protocol, self.transport_rng, ("sim", self.conn_counter), self.cfg.max_chunk
         )
         protocol.connection_made(transport)
         client = SimClient(transport, f"conn{slot}")
@@ -249,28 +281,64 @@ class Simulation:
         await self.open_instance()
         await self.connect_all()
 
-    async def read_disk(self) -> bytes:
+    async def read_range(self, offset: int, length: int, what: str) -> bytes:
+        """Read, retrying while the faults allow reads to fail."""
         client = self.conn(0)
+        deadline = asyncio.get_running_loop().time() + RECOVERY_S
+        while True:
+            reply = await client.request(p.Cmd.READ, offset, length)
+            if not reply.error:
+                return reply.data
+            if not self.faults.read_errors_allowed():
+                raise self.fail(
+                    f"{what} at {offset} failed with error {reply.error}{self._storage_state()}"
+                )
+            self.stats.failed_requests += 1
+            if asyncio.get_running_loop().time() > deadline:
+                raise self.fail(f"{what} at {offset} still fails after {RECOVERY_S:g}s")
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def read_disk(self) -> bytes:
         out = bytearray()
         chunk = 64 * 1024
         for offset in range(0, self.size, chunk):
-            length = min(chunk, self.size - offset)
-            reply = await client.request(p.Cmd.READ, offset, length)
-            if reply.error:
-                raise self.fail(f"full read at {offset} failed with error {reply.error}")
-            out += reply.data
+            out += await self.read_range(offset, min(chunk, self.size - offset), "full read")
         self.stats.bytes_verified += len(out)
         return bytes(out)
+
+    def _storage_state(self) -> str:
+        """Why the data database last failed, to tell a bug from a slow machine
+        (a call that merely took longer than the storage bound)."""
+        store = self.instance.store if self.instance is not None else None
+        if store is None or store.data.health == "ok":
+            return ""
+        return f" (storage: {store.data.health})"
+
+    def blame(self, offset: int) -> str:
+        """The acknowledged write whose byte at ``offset`` a read should show."""
+        writer = self.writers[offset]
+        return f"the acknowledged {writer}" if writer else "no acknowledged write (zeros)"
+
+    def _mismatch(self, got: bytes, offset: int, want: bytes | None = None) -> str:
+        """Where ``got`` (read at ``offset``) first differs, and whose write it lost."""
+        if want is None:
+            want = bytes(self.oracle.current[offset : offset + len(got)])
+        differ = [i for i in range(min(len(got), len(want))) if got[i] != want[i]][:1]
+        if not differ:
+            return f"of length {len(got)}, expected {len(want)}"
+        i = differ[0]
+        pos = offset + i
+        return (
+            f"in block {pos // self.cfg.block_size}: byte {pos} is {got[i]:#04x}, "
+            f"expected {want[i]:#04x} from {self.blame(pos)}"
+        )
 
     async def verify_all(self, what: str) -> None:
         disk = await self.read_disk()
         if disk != bytes(self.oracle.current):
-            block = next(
-                i // self.cfg.block_size
-                for i in range(self.size)
-                if disk[i] != self.oracle.current[i]
+            raise self.fail(
+                f"{what}: disk differs from acknowledged writes {self._mismatch(disk, 0)}"
             )
-            raise self.fail(f"{what}: disk differs from acknowledged writes in block {block}")
 
     # --- generating operations ------------------------------------------------------
 
@@ -413,10 +481,17 @@ class Simulation:
             acked = reply is not None and reply.error == 0
             if reply is not None:
                 self._check_reply(op, reply, before)
-            if op.kind == "write":
-                self.oracle.write(op.offset, op.data, acked=acked, forced=op.fua)
-            elif op.kind in ("trim", "zero"):
-                self.oracle.write(op.offset, bytes(op.length), acked=acked, forced=op.fua)
+            if reply is not None and reply.error and op.kind in ("write", "trim", "zero"):
+                # Failed: applied or not, the range shows which (all or nothing).
+                acked = await self._took_effect(op, before)
+            data = op.data if op.kind == "write" else bytes(op.length)
+            if op.kind in ("write", "trim", "zero"):
+                # An applied write that failed is in memory, never promised durable.
+                forced = op.fua and reply is not None and reply.error == 0
+                self.oracle.write(op.offset, data, acked=acked, forced=forced)
+                if acked:
+                    label = f"{op.kind}@{op.offset}+{op.length} (step {self.step}, conn{op.conn})"
+                    self.writers[op.offset : op.offset + op.length] = [label] * op.length
             elif op.kind == "flush" and acked:
                 flushed = True
         self.oracle.end_round(flushed=flushed)
@@ -424,6 +499,28 @@ class Simulation:
         if crash_after is not None:
             await self.crash_and_check("crash during I/O")
             self.stats.crashes_mid_io += 1
+
+    async def _took_effect(self, op: _Op, before: bytes) -> bool:
+        """Whether a failed write, trim or zero was applied: read its range.
+
+        The device applies a request's pieces together or not at all (a FUA
+        write is applied, then its flush fails), so the range must hold all
+        the old bytes or all the new ones.
+        """
+        old = before[op.offset : op.offset + op.length]
+        new = op.data if op.kind == "write" else bytes(op.length)
+        if old == new:
+            return False
+        got = await self.read_range(op.offset, op.length, f"reading back the failed {op.kind}")
+        if got == new:
+            self.stats.took_effect += 1
+            return True
+        if got == old:
+            return False
+        raise self.fail(
+            f"{op.kind}@{op.offset}+{op.length} on conn{op.conn} failed and left its range "
+            "holding neither the old data nor the new"
+        )
 
     def _check_reply(self, op: _Op, reply: Reply, before: bytes) -> None:
         stats = self.stats
@@ -433,13 +530,22 @@ class Simulation:
                 raise self.fail(f"invalid request {op} was accepted")
             return
         if reply.error:
-            raise self.fail(f"{op.kind}@{op.offset}+{op.length} failed with error {reply.error}")
+            reads = op.kind in ("read", "status")
+            allowed = self.faults.read_errors_allowed() if reads else self.faults.errors_allowed()
+            if not allowed:
+                raise self.fail(
+                    f"{op.kind}@{op.offset}+{op.length} failed with error {reply.error}"
+                    + self._storage_state()
+                )
+            stats.failed_requests += 1
+            return
         if op.kind == "read":
             stats.reads += 1
             want = before[op.offset : op.offset + op.length]
             if reply.data != want:
                 raise self.fail(
-                    f"read@{op.offset}+{op.length} on conn{op.conn} returned stale or wrong data"
+                    f"read@{op.offset}+{op.length} on conn{op.conn} returned stale or wrong "
+                    f"data {self._mismatch(reply.data, op.offset)}"
                 )
             stats.bytes_verified += op.length
         elif op.kind == "write":
@@ -475,9 +581,13 @@ class Simulation:
         self.note(f"crash: {why}")
         await self.crash_instance()
         disk = await self.read_disk()
+        acknowledged = bytes(self.oracle.current)
         problems = self.oracle.check_after_crash(disk)
         if problems:
-            raise self.fail(f"after {why}: " + "; ".join(problems[:5]))
+            first = self._mismatch(disk, 0, acknowledged)
+            raise self.fail(
+                f"after {why}: " + "; ".join(problems[:5]) + f" (first difference {first})"
+            )
         await self.sync_snapshots(uncertain)
 
     async def sync_snapshots(self, uncertain: str | None = None) -> None:
@@ -499,6 +609,10 @@ class Simulation:
             return await self.instance.handle(cp.Request(kind, args))
         except cp.BadRequest as exc:  # what the control server would answer
             return cp.error(str(exc))
+        except Exception as exc:
+            if not self.faults.errors_allowed():
+                raise
+            return cp.error(f"{kind} failed: {exc}")  # ControlServer._answer does this
 
     async def snapshot_create(self, crash_after: int | None) -> None:
         self.snapshot_counter += 1
@@ -508,6 +622,13 @@ class Simulation:
         self.names.add(name)
         if crash_after is None:
             response = await self.control("SnapshotCreate", name=name)
+            if "Snapshot" not in response and self.faults.errors_allowed():
+                # The data could not be made durable: no snapshot may exist.
+                self.stats.failed_requests += 1
+                assert self.instance is not None and self.instance.store is not None
+                if self.instance.store.catalog.find(name) is not None:
+                    raise self.fail(f"snapshot create failed ({response}) but {name} is listed")
+                return
             if "Snapshot" not in response:
                 raise self.fail(f"snapshot create failed: {response}")
             self.snapshots[name] = content
@@ -581,13 +702,20 @@ class Simulation:
             if response == "Ok":
                 raise self.fail("restore with connected clients and no force succeeded")
             response = await self.control("SnapshotRestore", name=name, force=True)
-            if response != "Ok":
+            if response != "Ok" and not self.faults.errors_allowed():
                 raise self.fail(f"restore failed: {response}")
             for conn in self.conns:
                 if conn is not None:
                     await conn.client.stop()
+            if response != "Ok":
+                # "disk unchanged": the clients were sent away, nothing else.
+                self.stats.failed_requests += 1
+                self.note(f"restore {name} failed: {response}")
+                await self.connect_all()
+                return
             self.stats.restores += 1
             self.oracle.reset(content)
+            self.writers = [f"restore of {name} (step {self.step})"] * self.size
             await self.connect_all()
             await self.verify_all(f"after restoring {name}")
             return
@@ -628,24 +756,87 @@ class Simulation:
 
     async def run(self) -> Stats:
         self.note(f"device dirty_blocks={self.dirty_blocks} cache_blocks={self.cache_blocks}")
+        if self.faults.enabled:
+            self.note(f"faults: {self.faults.schedule()}")
+        with self.faults.installed():
+            try:
+                return await self._run()
+            except SimulationFailure:
+                raise
+            except Exception as exc:
+                # Reported like any failure (seed, history, replay): a hunt
+                # goes on with the next seed instead of dying with a traceback.
+                log.debug("unexpected exception", exc_info=True)
+                raise self.fail(f"unexpected {type(exc).__name__}: {exc}") from exc
+            finally:
+                self.stats.injected = self.faults.injected
+                self.stats.injected_by = self.faults.describe()
+                self.faults.stop()
+                await self._shutdown()
+
+    async def _run(self) -> Stats:
         await self.open_instance()
         await self.connect_all()
+        while self.step < self.cfg.steps:
+            await self._bounded_step(self._fault_tick())
+            await self._bounded_step(self._one_step())
+            for conn in self.conns:
+                if conn is not None and conn.client.failure:
+                    raise self.fail(conn.client.failure)
+        if self.faults.enabled:
+            await self._bounded_step(self._end_of_faults())
+        await self.verify_all("at the end")
+        self.stats.steps = self.step
+        return self.stats
+
+    async def _bounded_step(self, step: Any) -> None:
         try:
-            while self.step < self.cfg.steps:
-                try:
-                    await asyncio.wait_for(self._one_step(), STEP_TIMEOUT)
-                except TimeoutError:
-                    raise self.fail(
-                        f"hang: a step did not finish within {STEP_TIMEOUT:g}s"
-                    ) from None
-                for conn in self.conns:
-                    if conn is not None and conn.client.failure:
-                        raise self.fail(conn.client.failure)
-            await self.verify_all("at the end")
-            self.stats.steps = self.step
-            return self.stats
-        finally:
-            await self._shutdown()
+            await asyncio.wait_for(step, STEP_TIMEOUT)
+        except TimeoutError:
+            raise self.fail(f"hang: a step did not finish within {STEP_TIMEOUT:g}s") from None
+
+    # --- faults -------------------------------------------------------------------------
+
+    async def _fault_tick(self) -> None:
+        """Open and close the fault windows; after one closes, recovery is due."""
+        for window in self.faults.at_step(self.step):
+            self.note(f"fault window from step {window.start_step} ({window.seconds:.2f}s) ends")
+            await self.recover(
+                f"after the {self.faults.kind} that began at step {window.start_step}"
+            )
+            await self.verify_all(f"after the {self.faults.kind}")
+
+    async def recover(self, when: str) -> None:
+        """FLUSH until it succeeds; a store that stays broken is a failure."""
+        client = self.conn(0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempts = 0
+        while True:
+            attempts += 1
+            reply = await client.request(p.Cmd.FLUSH, 0, 0)
+            if not reply.error:
+                break
+            if loop.time() - started > RECOVERY_S:
+                raise self.fail(
+                    f"no recovery {when}: FLUSH still fails (error {reply.error}) "
+                    f"after {attempts} attempts in {RECOVERY_S:g}s"
+                )
+            await asyncio.sleep(RETRY_PAUSE_S)
+        # Every write acknowledged so far is durable now.
+        self.oracle.begin_round()
+        self.oracle.end_round(flushed=True)
+        self.faults.recovered()
+        self.stats.recoveries += 1
+        self.note(f"recovered {when}: FLUSH ok after {attempts} attempt(s)")
+
+    async def _end_of_faults(self) -> None:
+        """The faults stop for good: FLUSH works again, and what it made
+        durable is exactly the disk, also after a crash."""
+        self.faults.stop()
+        await self.recover("once the faults stopped")
+        await self.verify_all("after the faults stopped")
+        await self.crash_and_check("crash after the faults stopped")
 
     async def _one_step(self) -> None:
         rng = self.rng

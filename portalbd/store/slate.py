@@ -79,6 +79,13 @@ OPERATION_TIMEOUT: list[float | None] = [None]
 READ_TIMEOUT: list[float | None] = [None]  # gets and scans: a shorter bound
 LOW_SPACE_BYTES = 8 * 1024 * 1024  # less free space than this is "full"
 
+# A seam for the simulation (portalbd/dst/faults.py): when set, every
+# database is built through it, so it can refuse the open or wrap the handle
+# and inject object-store faults. The binding accepts no object store written
+# in Python, so this is the lowest place faults can enter. None in the
+# daemon: one lookup per open, nothing per call.
+OPEN_HOOK: list[Callable[[Any, str], Awaitable[Any]] | None] = [None]
+
 
 def configure_timeout(seconds: float | None, read_seconds: float | None = None) -> None:
     """Bound every store operation to ``seconds``, reads to ``read_seconds``.
@@ -342,8 +349,9 @@ class SlateHandle:
         if metrics is not None:
             recorder = metrics.new_recorder()
             builder.with_metrics_recorder(recorder)
+        hook = OPEN_HOOK[0]
         try:
-            db = await builder.build()
+            db = await (builder.build() if hook is None else hook(builder, path))
         except sdb.Error as exc:
             if metrics is not None:
                 metrics.retire(recorder)
