@@ -70,7 +70,7 @@ let
   evaluated = lib.evalModules {
     modules = [
       nixosStubs
-      ../../nixos/modules/portalbd.nix
+      ../../../nixos/modules/portalbd.nix
       configuration
       {
         _module.args = {
