@@ -1,6 +1,6 @@
 # portalbd's run-time requirements, in one place: the package is the full
 # install, so this is `[project].dependencies` plus the `trace` and `csi`
-# extras of pyproject.toml. tests/test_nix.py fails when they drift apart.
+# extras of pyproject.toml. tests/system/test_nix.py fails when they drift apart.
 {
   # PyPI name = attribute in the nixpkgs Python package set.
   python = {

@@ -1,5 +1,5 @@
 # Helpers for the VM tests. Builtins only (no nixpkgs), so CI can evaluate
-# the same code with a bare `nix-instantiate` (tests/test_nix.py).
+# the same code with a bare `nix-instantiate` (tests/system/test_nix.py).
 rec {
   # A Nix value as a Python literal: null, bools, ints, floats, strings (a
   # JSON string is a valid Python string literal), lists and attribute sets.
@@ -27,7 +27,7 @@ rec {
   # The test script the driver runs: the constants the Nix side shares with
   # the script (one `NAME = literal` line each), the helpers in common.py,
   # then the test's own .py file. The .py files use these names as globals,
-  # like the driver's own symbols (machine, subtest, ...); tests/test_nix.py
+  # like the driver's own symbols (machine, subtest, ...); tests/system/test_nix.py
   # type-checks the assembled script against driver_stub/.
   testScript =
     params: file:

@@ -4,7 +4,7 @@ The driver (nixpkgs: nixos/lib/test-driver/src/test_driver/) exec()s the
 test script with these names as globals: one `Machine` per node (and
 `machine` when there is a single node), plus the functions below. Our VM
 test scripts (nixos/tests/*.py) are checked against this file by
-tests/test_nix.py, the same way nixpkgs prepends its own type hints before
+tests/system/test_nix.py, the same way nixpkgs prepends its own type hints before
 it runs mypy on a test script.
 
 Written from the driver's source at nixpkgs commit 019697db (machine/

@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import nbd
 import pytest
 
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
-from tests.rawnbd import RawClient
-from tests.support import RunningDaemon, connected, nbd_handle
+from tests.support import RunningDaemon, connected, nbd_handle, proc_kib
+from tests.support.rawnbd import attach, raw
 
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-
-
-def proc_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field}")
 
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:
@@ -43,20 +34,6 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
             raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
-
-
-def raw(daemon: RunningDaemon, *, reset: bool = True) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-    if reset:  # the test's own close must not linger either
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    return s
-
-
-def attach(s: socket.socket) -> RawClient:
-    """Fixed newstyle, EXPORT_NAME, no zeroes: simple replies."""
-    client = RawClient(s)
-    client.attach()
-    return client
 
 
 def send_some(s: socket.socket, data: bytes, seconds: float) -> int:

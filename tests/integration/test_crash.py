@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.reliability import REGION, Budget, RegionModel, digest, pattern
 from tests.support import RunningDaemon, nbd_handle
+from tests.support.reliability import REGION, Budget, RegionModel, digest, pattern
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -19,8 +19,8 @@ import pytest
 from portalbd.csi.controller import choose_capacity, round_up
 from portalbd.csi.errors import CsiError
 from portalbd.csi.proto import csi_pb2 as pb
-from tests.csi_support import MODE, Driver, block_cap, mount_cap, rpc_error, running_driver
 from tests.support import BIN
+from tests.support.csi import MODE, Driver, block_cap, mount_cap, rpc_error, running_driver
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -11,7 +11,7 @@ import yaml
 from portalbd.csi.common import DRIVER_NAME
 from portalbd.csi.main import build_parser
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SIDECARS = {
     "csi-provisioner",
     "csi-snapshotter",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from portalbd.csi.proto import csi_pb2 as pb
-from tests.csi_support import Driver, mount_cap, running_driver
-from tests.s3support import MotoServer, moto_server
+from tests.support.csi import Driver, mount_cap, running_driver
+from tests.support.s3 import MotoServer, moto_server
 
 MIB = 1 << 20
 

@@ -144,7 +144,7 @@ def test_trace_start_and_stop_over_the_control_socket(
     d = portalbd("control")
     assert d.control("TraceStop") == {"Error": "no trace is being recorded"}
     # Control clients record only into the instance's trace directory
-    # (tests/test_control_hardening.py has the refusals in detail).
+    # (tests/integration/test_control_hardening.py has the refusals in detail).
     bad = d.control({"TraceStart": {"path": str(tmp_path / "missing-dir" / "t.jsonl")}})
     assert "Error" in bad and "outside this instance's trace directory" in bad["Error"]
 

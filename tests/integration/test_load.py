@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.reliability import Budget
 from tests.support import RunningDaemon
+from tests.support.reliability import Budget
 
 pytestmark = pytest.mark.timeout(600)
 

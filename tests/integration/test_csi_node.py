@@ -23,7 +23,7 @@ import pytest
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi.proto import csi_pb2 as pb
-from tests.csi_support import Driver, block_cap, mount_cap, rpc_error, running_driver
+from tests.support.csi import Driver, block_cap, mount_cap, rpc_error, running_driver
 
 MIB = 1 << 20
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from portalbd.guest import GuestError, GuestResult, GuestRunner, build_image
-from tests.kernel_support import KernelDaemon, counter
+from tests.support.kernel import KernelDaemon, counter
 
 pytestmark = [
     pytest.mark.slow,

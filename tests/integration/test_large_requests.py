@@ -17,9 +17,8 @@ import pytest
 
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
-from tests.rawnbd import RawClient
-from tests.support import RunningDaemon, connected
-from tests.test_hostile_clients import attach, proc_kib, raw
+from tests.support import RunningDaemon, connected, proc_kib
+from tests.support.rawnbd import RawClient, attach, raw
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -3,15 +3,17 @@
 Tests that need to send what libnbd never would (stalls, garbage, huge
 requests) still handshake and read replies through the same codec the
 daemon serves with, instead of a hand-written parser per test file.
-(tests/test_bad_input.py keeps its own independent client on purpose: it
+(tests/integration/test_bad_input.py keeps its own independent client on purpose: it
 checks the codec against a second reading of the spec.)
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 
 from portalbd.nbd import protocol as p
+from tests.support import RunningDaemon
 
 
 class RawClient:
@@ -79,3 +81,18 @@ class RawClient:
         reply = self.reply()
         assert isinstance(reply, p.SimpleReply), reply
         return reply
+
+
+def raw(daemon: RunningDaemon, *, reset: bool = True) -> socket.socket:
+    """A TCP connection to the daemon, reset on close by default so none lingers."""
+    s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    if reset:  # the test's own close must not linger either
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return s
+
+
+def attach(s: socket.socket) -> RawClient:
+    """Fixed newstyle, EXPORT_NAME, no zeroes: simple replies."""
+    client = RawClient(s)
+    client.attach()
+    return client

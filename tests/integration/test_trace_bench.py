@@ -12,7 +12,7 @@ from portalbd.trace import format, results
 from portalbd.trace.bench import Sweep
 from portalbd.trace.cli import main, parse_size
 
-TRACES = Path(__file__).resolve().parent.parent / "traces"
+TRACES = Path(__file__).resolve().parents[2] / "traces"
 
 
 def sample(name: str) -> Path:

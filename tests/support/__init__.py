@@ -14,7 +14,7 @@ from portalbd.launch import free_port as free_port
 from portalbd.launch import wait_for_port as wait_for_port
 
 RunningDaemon = Daemon  # the name the tests know it by
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -105,3 +105,11 @@ def connected(uri: str) -> Any:
             handle.shutdown()
         # libnbd's Python handle has no close(): it is freed with the object.
         del handle
+
+
+def proc_kib(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM): what the real process costs."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field}")

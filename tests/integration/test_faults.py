@@ -1,6 +1,6 @@
 """A verified workload on S3 behind a fault proxy: right data or an error, never wrong.
 
-moto_server holds the bucket; tests/faultproxy.py sits in front of it and,
+moto_server holds the bucket; tests/support/faultproxy.py sits in front of it and,
 per seeded schedule, answers 500/503, delays, resets, stalls past the
 client's timeout, truncates answers, or lets a request through and loses
 the answer. A libnbd client writes unique 64 KiB regions, flushes and reads
@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.faultproxy import FaultProxy
-from tests.reliability import REGION, ZERO_HASH, Budget, digest, pattern
-from tests.s3support import MotoServer, moto_server
 from tests.support import RunningDaemon, nbd_handle
+from tests.support.faultproxy import FaultProxy
+from tests.support.reliability import REGION, ZERO_HASH, Budget, digest, pattern
+from tests.support.s3 import MotoServer, moto_server
 
 pytestmark = pytest.mark.timeout(600)
 

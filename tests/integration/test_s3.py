@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.s3support import ACCESS_KEY, SECRET_KEY, MotoServer, OutageProxy, moto_server
-from tests.s3support import nbd_connection as connected
 from tests.support import RunningDaemon, daemon_command, free_port
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, OutageProxy, moto_server
+from tests.support.s3 import nbd_connection as connected
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,6 +1,6 @@
 # Evaluates nixos/modules/portalbd.nix with nixpkgs' module system but
 # without a nixpkgs checkout: `pkgs`, `utils` and the handful of NixOS
-# options the module sets are stubs. Used by tests/test_nix.py when a copy
+# options the module sets are stubs. Used by tests/system/test_nix.py when a copy
 # of nixpkgs' lib/ is at hand (PORTALBD_NIXPKGS_LIB).
 #
 # Returns the failed assertion messages, warnings, and every generated unit
@@ -70,7 +70,7 @@ let
   evaluated = lib.evalModules {
     modules = [
       nixosStubs
-      ../../nixos/modules/portalbd.nix
+      ../../../nixos/modules/portalbd.nix
       configuration
       {
         _module.args = {

@@ -34,7 +34,7 @@ import tomlkit
 from portalbd import config as portalbd_config
 from portalbd.launch import free_port, portalbd_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VM_TESTS = ROOT / "nixos" / "tests"
 STUB_DIR = VM_TESTS / "driver_stub"
 TEMPLATE_UNIT = ROOT / "contrib" / "systemd" / "portalbd@.service"
@@ -431,7 +431,7 @@ def evaluate_module(tmp_path: Path, configuration: str) -> dict[str, Any]:
     cfg = tmp_path / "configuration.nix"
     cfg.write_text(configuration)
     args = f"{{ nixpkgsLib = {nixpkgs_lib()}; configuration = {cfg}; }}"
-    result: dict[str, Any] = nix_eval(f"import ./tests/nix/eval-module.nix {args}")
+    result: dict[str, Any] = nix_eval(f"import ./tests/system/nix/eval-module.nix {args}")
     return result
 
 

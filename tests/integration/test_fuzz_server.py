@@ -23,8 +23,8 @@ import pytest
 
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
-from tests.rawnbd import RawClient
 from tests.support import RunningDaemon, connected
+from tests.support.rawnbd import RawClient
 
 pytestmark = pytest.mark.timeout(240)
 
