@@ -174,3 +174,13 @@ def test_event_log_appends_only_what_is_new_even_past_its_capacity() -> None:
         assert sum(t.endswith("event 60") for t in texts) == 1  # nothing written twice
 
     run(scenario)
+
+
+def test_screenshot_writer_exports_both_screens(tmp_path: Path) -> None:
+    from tui.screenshots import main as write_screenshots
+
+    write_screenshots([str(tmp_path), "--size", "100x30"])
+    for name in ("overview", "instance"):
+        svg = (tmp_path / f"tui-{name}.svg").read_text()
+        assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+        assert "portalbd-tui:" in svg.replace("&#160;", " ")
