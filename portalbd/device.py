@@ -891,7 +891,11 @@ class Device:
                 # memtable, so until this flush succeeds the only safe copy
                 # of an acknowledged write is ours.
                 await self.store.flush()
-            except StoreError:
+            except BaseException:
+                # A failed drain, and a cancelled one too (shutdown, a stuck
+                # store): its blocks are acknowledged writes, and outside
+                # dirty and draining a later write would be applied over a
+                # stale cached copy.
                 self._draining = {}
                 self.draining_bytes = 0
                 self._put_back(draining)

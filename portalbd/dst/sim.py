@@ -263,17 +263,26 @@ class Simulation:
         """Abandon the instance as a SIGKILL would: nothing more reaches storage."""
         instance = self.instance
         assert instance is not None and instance.device is not None
-        await self.drop_clients()
         device = instance.device
-        tasks: list[asyncio.Task[Any]] = []
-        if instance.server is not None:
-            for conn in list(instance.server.connections):
-                tasks.extend(conn._tasks)
-        watchdog = getattr(instance, "_watchdog", None)
-        for task in (device._writeback_task, device._flush_runner, watchdog):
-            if task is not None:
-                tasks.append(task)
-        await _cancel_all(tasks)
+
+        def instance_tasks() -> set[asyncio.Task[Any]]:
+            tasks: set[asyncio.Task[Any]] = set()
+            if instance.server is not None:
+                for conn in list(instance.server.connections):
+                    tasks.update(conn._tasks)
+            watchdog = getattr(instance, "_watchdog", None)
+            tasks.update(t for t in (device._writeback_task, device._flush_runner, watchdog) if t)
+            return {task for task in tasks if not task.done()}
+
+        # Collected before the clients go: a connection that closes leaves
+        # the server's list, and its request tasks (a FUA write on its way
+        # to a flush) would live on as a zombie writer, which no SIGKILLed
+        # process is.
+        doomed = instance_tasks()
+        await self.drop_clients()
+        while doomed:
+            await _cancel_all(list(doomed))
+            doomed = instance_tasks()  # a flush runner started on the way out
         # Keep the handles referenced and never shut them down: a dead
         # process does not say goodbye. Opening again fences them.
         self.abandoned.append(instance)
