@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, nbd_handle, run_portalbd
+from tests.support.rawnbd import recv_exactly
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -32,16 +33,6 @@ CMD_READ, CMD_WRITE, CMD_FLUSH = 0, 1, 3
 EINVAL, ENOSPC = 22, 28
 SIZE = 1 << 30
 MAX_PAYLOAD = 64 << 20
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def is_closed(sock: socket.socket, timeout: float = 10) -> bool:

@@ -24,7 +24,7 @@ import pytest
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, connected
-from tests.support.rawnbd import RawClient
+from tests.support.rawnbd import RawClient, recv_exactly
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,16 +53,6 @@ def sock(daemon: RunningDaemon) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return s
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def handshake(s: socket.socket) -> None:

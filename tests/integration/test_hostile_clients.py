@@ -19,21 +19,11 @@ import pytest
 from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, connected, nbd_handle, proc_kib
-from tests.support.rawnbd import attach, raw
+from tests.support.rawnbd import attach, raw, recv_exactly
 
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-
-
-def recv_exactly(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def send_some(s: socket.socket, data: bytes, seconds: float) -> int:

@@ -16,6 +16,17 @@ from portalbd.nbd import protocol as p
 from tests.support import RunningDaemon
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock``; ConnectionError if it closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
 class RawClient:
     """Handshake, requests and replies over one blocking socket."""
 
