@@ -217,14 +217,7 @@ def control_lines(path: Path, payload: bytes, timeout: float = 5) -> bytes:
         with contextlib.suppress(OSError):
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
-        out = b""
-        with contextlib.suppress(OSError):
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-        return out
+        return drain(s, timeout)
 
 
 def test_control_socket_garbage(fuzz_daemon: RunningDaemon) -> None:
