@@ -27,6 +27,7 @@ from portalbd.store.binding import StoreClosed as StoreClosed
 from portalbd.store.binding import StoreError as StoreError
 from portalbd.store.binding import StoreFenced as StoreFenced
 from portalbd.store.binding import sdb, translate_error
+from portalbd.store.read_bound import ReadBound
 
 if TYPE_CHECKING:
     from portalbd.store.object_metrics import ObjectStoreCounters
@@ -258,6 +259,7 @@ class SlateHandle:
         self.local_dir: Path | None = None
         self._dir_identity: tuple[int, int] | None = None
         self.health = "ok"  # or why the last operation failed
+        self._read_bound: ReadBound | None = None
 
     def watch_directory(self, directory: Path) -> None:
         """Remember the database directory, so its removal is noticed."""
@@ -299,17 +301,33 @@ class SlateHandle:
         return error
 
     async def _bounded(self, awaitable: Awaitable[T], what: str, *, read: bool = False) -> T:
-        """Await a binding call within the operation (or read) timeout."""
+        """Await a binding call within the operation (or read) timeout.
+
+        A read's timeout counts from the last answer the store gave any
+        read (read_bound.py), so a long queue on a slow store is waited
+        out and only a silent store fails reads.
+        """
         timeout = READ_TIMEOUT[0] if read else OPERATION_TIMEOUT[0]
         if timeout is None:
             return await awaitable
         try:
+            if read:
+                if self._read_bound is None or self._read_bound.timeout != timeout:
+                    cap = max(timeout, OPERATION_TIMEOUT[0] or 0)
+                    self._read_bound = ReadBound(timeout, cap)
+                return await self._read_bound.run(awaitable)
             async with asyncio.timeout(timeout):
                 return await awaitable
         except TimeoutError:
-            raise self._error(
-                StoreError(f"{what}: storage did not answer within {timeout:g} s")
-            ) from None
+            bound = self._read_bound
+            if read and bound is not None and not bound.silent():
+                message = (
+                    f"{what}: storage kept answering other reads, but not this one "
+                    f"within {bound.cap:g} s"
+                )
+            else:
+                message = f"{what}: storage did not answer within {timeout:g} s"
+            raise self._error(StoreError(message)) from None
 
     @classmethod
     async def open(
