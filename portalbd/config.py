@@ -103,8 +103,9 @@ class LsmConfig:
     compression_codec: str | None = "none"
     sst_block_size: int | None = None
     # SlateDB's cache of object-store parts on local disk: survives restarts,
-    # so reads from S3 that were served once come from the disk after. Off
-    # unless a directory is given.
+    # so reads from S3 that were served once come from the disk after. On
+    # for S3 disks, under paths.object_cache_root() unless a directory is
+    # given; object_cache_bytes = 0 turns it off.
     object_cache_dir: str | None = None
     object_cache_bytes: int = 16 * GIB
 
@@ -291,8 +292,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"lsm.object_cache_dir: must be an absolute path, got {lsm.object_cache_dir!r}"
         )
-    if lsm.object_cache_bytes <= 0:
-        raise ConfigError("lsm.object_cache_bytes: must be positive")
+    if lsm.object_cache_bytes < 0:
+        raise ConfigError("lsm.object_cache_bytes: must not be negative (0 turns the cache off)")
     for name in ("flush_interval_ms", "l0_sst_size_bytes", "max_unflushed_bytes"):
         value = getattr(lsm, name)
         if value is not None and value < 0:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from portalbd.config import Config
+from portalbd.config import Config, LsmConfig
 from portalbd.control import protocol as cp
 from portalbd.control.dispatch import dispatch
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
 from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
+from portalbd.paths import object_cache_root
 from portalbd.stats import ServerStats
 from portalbd.status import status_document
 from portalbd.store.instance import InstanceStore
@@ -81,6 +83,16 @@ class Instance:
         except S3SetupError as exc:
             raise StartupError(f"cannot use storage {self.location.display}: {exc}") from exc
 
+    def _lsm_with_object_cache(self) -> LsmConfig:
+        """S3 disks cache the objects they read on local disk unless told not to."""
+        lsm = self.config.lsm
+        if self.location.kind != "s3" or lsm.object_cache_dir is not None:
+            return lsm
+        if lsm.object_cache_bytes == 0:
+            return lsm
+        root = object_cache_root(self.name)
+        return dataclasses.replace(lsm, object_cache_dir=str(root))
+
     async def open(self) -> None:
         cfg = self.config
         configure_io_threads(cfg.device.io_threads)
@@ -90,12 +102,18 @@ class Instance:
         try:
             self.store = await InstanceStore.open(
                 self.location,
-                cfg.lsm,
+                self._lsm_with_object_cache(),
                 max_retries=cfg.storage.s3.max_retries if self.location.kind == "s3" else None,
                 s3=self.s3,
             )
         except StoreError as exc:
             raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
+        if self.store.object_cache_dir is not None:
+            log.info(
+                "object cache dir=%s max_bytes=%d",
+                self.store.object_cache_dir,
+                cfg.lsm.object_cache_bytes,
+            )
         # A restore cut short by a crash leaves a cloned generation nothing
         # refers to; collect it now rather than at the next restore or delete.
         try:

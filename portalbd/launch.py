@@ -260,6 +260,9 @@ def start(
         args += ["--storage-url", storage_url]
     args += extra_args
     log_path = workdir / f"{instance}-{port}.log"
+    # an S3 disk's local object cache stays in the work directory, never in
+    # the host's /var/cache or ~/.cache
+    env = {"CACHE_DIRECTORY": str(workdir / "object-cache" / instance), **(env or {})}
     return launch(
         args,
         port=port,

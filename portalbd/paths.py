@@ -1,4 +1,4 @@
-"""Where an instance's control socket lives by default.
+"""Where an instance's control socket and object cache live by default.
 
 One rule shared by the daemon, portalctl, the TUI and the NixOS module, so
 that ``--instance NAME`` finds the same socket everywhere.
@@ -39,6 +39,29 @@ def control_socket_path(
     if runtime_directory:
         return Path(runtime_directory.split(":")[0]) / SOCKET_NAME
     return runtime_base(env, uid) / instance / SOCKET_NAME
+
+
+def object_cache_root(
+    instance: str, env: Mapping[str, str] | None = None, uid: int | None = None
+) -> Path:
+    """Default directory of the local object cache of an S3 disk.
+
+    systemd's ``CACHE_DIRECTORY`` (the unit's ``CacheDirectory=``) wins;
+    else /var/cache/portalbd/INSTANCE for root, else the user's XDG cache.
+    Each disk caches under its own id below this (store/instance.py), so a
+    disk deleted and made again at the same URL never reads the old one's
+    objects.
+    """
+    env = os.environ if env is None else env
+    uid = os.getuid() if uid is None else uid
+    cache_directory = env.get("CACHE_DIRECTORY")
+    if cache_directory:
+        return Path(cache_directory.split(":")[0])
+    if uid == 0:
+        return Path("/var/cache/portalbd") / instance
+    xdg = env.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path(env.get("HOME", f"/tmp/portalbd-{uid}")) / ".cache"
+    return base / "portalbd" / instance
 
 
 def discovery_roots(env: Mapping[str, str] | None = None, uid: int | None = None) -> list[Path]:

@@ -52,6 +52,8 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "generation": instance.store.catalog.live_generation,
         "recording": instance.recorder is not None,
         "s3": instance.s3.describe() if instance.s3 is not None else None,
+        # the local cache of object-store parts (S3 disks), or None
+        "object_cache_dir": instance.store.object_cache_dir,
         "clients": instance.server.client_list() if instance.server is not None else [],
         "stats": stats,
     }

@@ -422,6 +422,9 @@ let
         RuntimeDirectoryMode = "0750";
         StateDirectory = lib.unique ([ "portalbd/${name}" ] ++ stateDirs inst);
         StateDirectoryMode = "0750";
+        # the local cache of an S3 disk's objects (CACHE_DIRECTORY for the daemon)
+        CacheDirectory = "portalbd/${name}";
+        CacheDirectoryMode = "0700";
         ReadWritePaths = map (d: "-${d}") (otherDirs inst);
       }
       // (

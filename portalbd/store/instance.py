@@ -17,6 +17,7 @@ live, never neither, and no snapshot is lost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -41,6 +42,13 @@ if TYPE_CHECKING:
     from portalbd.store.s3 import S3Settings
 
 log = logging.getLogger("portalbd.store")
+
+
+def _private_directory(path: Path) -> None:
+    """Make ``path`` (and missing parents) readable by this user only: it holds disk data."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
 
 CATALOG_KEY = b"catalog"
 CATALOG_FORMAT = 1
@@ -73,6 +81,10 @@ class Catalog:
     # generation -> the generation it was cloned from (None for the first)
     parents: dict[int, int | None] = field(default_factory=lambda: {1: None})
     snapshots: list[SnapshotRecord] = field(default_factory=list)
+    # Names this disk in caches outside the store (the local object cache):
+    # a disk deleted and made again at the same URL gets a new one. Empty in
+    # catalogs written before it existed, until the next open writes one.
+    disk_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -82,6 +94,7 @@ class Catalog:
                 "next_generation": self.next_generation,
                 "parents": {str(k): v for k, v in self.parents.items()},
                 "snapshots": [asdict(s) for s in self.snapshots],
+                "disk_id": self.disk_id,
             },
             sort_keys=True,
         ).encode()
@@ -96,6 +109,7 @@ class Catalog:
             next_generation=int(doc["next_generation"]),
             parents={int(k): v for k, v in doc["parents"].items()},
             snapshots=[SnapshotRecord(**s) for s in doc["snapshots"]],
+            disk_id=str(doc.get("disk_id", "")),
         )
 
     def find(self, name: str) -> SnapshotRecord | None:
@@ -179,6 +193,17 @@ class InstanceStore:
             await catalog_db.flush()
         else:
             catalog = Catalog.decode(raw)
+            if not catalog.disk_id:
+                catalog.disk_id = uuid.uuid4().hex
+                await catalog_db.write([(CATALOG_KEY, catalog.encode())])
+                await catalog_db.flush()
+        if lsm.object_cache_dir is not None:
+            if lsm.object_cache_bytes > 0:
+                cache = Path(lsm.object_cache_dir) / catalog.disk_id
+                await asyncio.to_thread(_private_directory, cache)
+                lsm = dataclasses.replace(lsm, object_cache_dir=str(cache))
+            else:
+                lsm = dataclasses.replace(lsm, object_cache_dir=None)
         data = await SlateHandle.open(
             object_store,
             generation_path(location, catalog.live_generation),
@@ -190,6 +215,11 @@ class InstanceStore:
         store._watch(catalog_db)
         store._watch(data)
         return store
+
+    @property
+    def object_cache_dir(self) -> str | None:
+        """This disk's directory of the local object cache, if it has one."""
+        return self.lsm.object_cache_dir
 
     def _watch(self, handle: SlateHandle) -> None:
         """On a local directory, let the handle tell full, read-only and gone."""

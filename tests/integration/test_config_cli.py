@@ -176,7 +176,10 @@ def test_invalid_storage_url(url: str, expected: str) -> None:
     ("toml", "expected"),
     [
         ('[lsm]\nobject_cache_dir = "cache"\n', "lsm.object_cache_dir: must be an absolute path"),
-        ("[lsm]\nobject_cache_bytes = 0\n", "lsm.object_cache_bytes: must be positive"),
+        (
+            "[lsm]\nobject_cache_bytes = -1\n",
+            "lsm.object_cache_bytes: must not be negative (0 turns the cache off)",
+        ),
         ("[device]\nio_threads = 65\n", "device.io_threads: must be from 0 to 64, got 65"),
         (
             "[lsm]\nmax_unflushed_bytes = 67108864\n",

@@ -386,6 +386,48 @@ def test_object_cache_on_local_disk_serves_s3_reads_after_restart(
     assert sum(p.stat().st_size for p in parts) >= 32 * BS // 2
 
 
+def test_s3_disk_caches_objects_on_local_disk_by_default(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """No cache settings: the daemon caches under CACHE_DIRECTORY (as systemd sets it)."""
+    url = f"s3://{bucket}/default-cache"
+    cache_root = tmp_path / "unit-cache"
+    env = {**moto.env(), "CACHE_DIRECTORY": str(cache_root)}
+    daemon = daemon_factory(storage_url=url, env=env, instance="dc")
+    with connected(daemon.uri) as nbd:
+        nbd.pwrite(random.Random(7).randbytes(BS), 0)
+        nbd.flush()
+    cache_dir = daemon.status()["object_cache_dir"]
+    assert cache_dir is not None and Path(cache_dir).parent == cache_root
+    assert f"object cache dir={cache_dir}" in daemon.log()
+    assert Path(cache_dir).stat().st_mode & 0o077 == 0, "the cache holds disk data: private"
+    off = tmp_path / "off.toml"
+    off.write_text("[lsm]\nobject_cache_bytes = 0\n")
+    assert daemon.stop() == 0
+    uncached = daemon_factory("-c", str(off), storage_url=url, env=env, instance="dc2")
+    assert uncached.status()["object_cache_dir"] is None
+
+
+def test_a_disk_made_again_at_the_same_url_does_not_read_the_old_cache(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """The cache is keyed by the disk's id, not by its URL: object names repeat."""
+    url = f"s3://{bucket}/again"
+    old = daemon_factory(storage_url=url, env=moto.env(), instance="same")
+    with connected(old.uri) as nbd:
+        nbd.pwrite(pattern(1), 0)
+        nbd.flush()
+    old_cache = old.status()["object_cache_dir"]
+    assert old.stop() == 0
+    client = moto.client()
+    for key in moto.keys(bucket, "again/"):
+        client.delete_object(Bucket=bucket, Key=key)
+    new = daemon_factory(storage_url=url, env=moto.env(), instance="same")
+    assert new.status()["object_cache_dir"] not in (None, old_cache)
+    with connected(new.uri) as nbd:
+        assert nbd.pread(BS, 0) == bytes(BS), "a new disk reads as zeros"
+
+
 def test_newer_daemon_fences_older(
     daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:

@@ -463,6 +463,7 @@ def test_original_configuration_evaluates(tmp_path: Path) -> None:
     # Its socket and trace directories become systemd-managed directories.
     assert "portalbd-test" in service["RuntimeDirectory"]
     assert "portalbd-test" in service["StateDirectory"]
+    assert service["CacheDirectory"] == "portalbd/test"  # an S3 disk's object cache
     assert service["RestrictAddressFamilies"] == ["AF_UNIX", "AF_INET", "AF_INET6"]
     rendered = service["ExecStart"][2]["config"]
     assert rendered["lsm"] == {"flush_interval_ms": 100, "l0_max_ssts": 64}
