@@ -277,6 +277,8 @@ def fio_load(uri: str, seconds: int) -> subprocess.Popen[bytes]:
             "--time_based",
             f"--runtime={seconds}",
             "--output-format=json",
+            # fio saves a verify state file in its cwd when stopped by a signal
+            "--verify_state_save=0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
