@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from portalbd.launch import LaunchError, spawn, wait_until
 from tests.conftest import DaemonFactory
 
 pytestmark = pytest.mark.skipif(
@@ -45,17 +46,13 @@ def attached(uri: str, workdir: Path) -> Iterator[str]:
     fuse_dir = workdir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
     disk = fuse_dir / "disk"
-    log = open(workdir / "nbdfuse.log", "ab")  # noqa: SIM115 (the child writes to it)
-    fuse = subprocess.Popen(
-        ["nbdfuse", str(disk), uri], stdin=subprocess.DEVNULL, stdout=log, stderr=log
-    )
+    fuse = spawn(["nbdfuse", str(disk), uri], workdir / "nbdfuse.log")
     loop = ""
     try:
-        deadline = time.monotonic() + 30
-        while not disk.exists():
-            assert fuse.poll() is None, (workdir / "nbdfuse.log").read_text()
-            assert time.monotonic() < deadline, "nbdfuse did not expose the disk"
-            time.sleep(0.05)
+        try:
+            wait_until(disk.exists, fuse, 30, "nbdfuse")
+        except LaunchError as exc:
+            raise AssertionError(f"{exc}: {(workdir / 'nbdfuse.log').read_text()}") from None
         loop = run("losetup", "--find", "--show", str(disk)).strip()
         yield loop
     finally:
@@ -68,7 +65,6 @@ def attached(uri: str, workdir: Path) -> Iterator[str]:
             fuse.kill()
             fuse.wait()
             quiet("fusermount3", "-uz", str(fuse_dir))
-        log.close()
 
 
 @contextlib.contextmanager

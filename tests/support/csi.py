@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +141,8 @@ def cleanup_tree(base: Path) -> None:
     for pid in _processes_mentioning(prefix):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while _processes_mentioning(prefix) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with contextlib.suppress(LaunchError):  # killed next
+        wait_until(lambda: not _processes_mentioning(prefix), None, 20, "the processes", 0.1)
     for pid in _processes_mentioning(prefix):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
