@@ -21,6 +21,7 @@ import pytest
 
 from portalbd.launch import LaunchError, spawn, wait_until
 from tests.conftest import DaemonFactory
+from tests.support.tools import quiet, run
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0
@@ -28,16 +29,6 @@ pytestmark = pytest.mark.skipif(
     or not all(shutil.which(t) for t in ("nbdfuse", "losetup", "mkfs.ext4", "fusermount3")),
     reason="needs root, /dev/fuse, nbdfuse, losetup and mkfs.ext4",
 )
-
-
-def run(*argv: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
-    return result.stdout
-
-
-def quiet(*argv: str) -> None:
-    subprocess.run(argv, capture_output=True, timeout=60, check=False)
 
 
 @contextlib.contextmanager
@@ -75,7 +66,7 @@ def mounted(device: str, where: Path) -> Iterator[Path]:
         yield where
     finally:
         for _ in range(20):
-            if subprocess.run(["umount", str(where)], capture_output=True).returncode == 0:
+            if quiet("umount", str(where)):
                 break
             time.sleep(0.25)
         else:
