@@ -9,6 +9,7 @@
     jsonschema = "jsonschema";
     lz4 = "lz4";
     matplotlib = "matplotlib";
+    msgspec = "msgspec";
     numpy = "numpy";
     prometheus-client = "prometheus-client";
     protobuf = "protobuf";

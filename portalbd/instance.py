@@ -19,6 +19,7 @@ from typing import Any
 from portalbd.config import Config, LsmConfig
 from portalbd.control import protocol as cp
 from portalbd.control.dispatch import dispatch
+from portalbd.control.requests import AnyRequest
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
 from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
@@ -310,7 +311,7 @@ class Instance:
     def status(self) -> dict[str, Any]:
         return status_document(self)
 
-    async def handle(self, request: cp.Request) -> Any:
+    async def handle(self, request: AnyRequest) -> Any:
         """The control server's handler (control/dispatch.py answers)."""
         return await dispatch(self, request)
 

@@ -9,20 +9,25 @@ know when it is ready and stop it, with its log in every error:
   its control socket exists. `start` builds the usual arguments first.
 - `MotoServer`: ``moto_server`` on a free port, ready once it answers S3.
 
-Blocking by design; asyncio code (the CSI supervisor) shares the command
-and keeps its own non-blocking wait.
+Waiting until ready and stopping with a grace period each have one
+implementation here, with a blocking face (tests, benchmarks, traces) and
+an asyncio face (the CSI supervisor and attacher, which must not block their
+loop): the same deadlines, the same checks for a child that died, the same
+error messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -64,17 +69,66 @@ def tool(name: str) -> str:
     return str(local) if local.exists() else name
 
 
+class _Patience:
+    """When to give up waiting for a child: it exited, or ``timeout`` passed.
+
+    The one rule behind both faces of waiting; ``exited`` gives the child's
+    exit status once it has one (None: still running, or nothing to watch).
+    """
+
+    def __init__(self, exited: Callable[[], int | None], timeout: float, what: str) -> None:
+        self.exited = exited
+        self.timeout = timeout
+        self.what = what
+        self.deadline = time.monotonic() + timeout
+
+    def check(self) -> None:
+        status = self.exited()
+        if status is not None:
+            raise LaunchError(f"{self.what} exited with status {status} while starting")
+        if time.monotonic() > self.deadline:
+            raise LaunchError(f"{self.what} was not ready within {self.timeout:g}s")
+
+
+def _never_exits() -> int | None:
+    return None
+
+
 def wait_until(
-    ready: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float, what: str
+    ready: Callable[[], bool],
+    process: subprocess.Popen[bytes] | None,
+    timeout: float,
+    what: str,
+    poll_s: float = POLL_S,
 ) -> None:
     """Poll ``ready`` until it holds; fail early if ``process`` exits meanwhile."""
-    deadline = time.monotonic() + timeout
+    patience = _Patience(process.poll if process is not None else _never_exits, timeout, what)
     while not ready():
-        if process.poll() is not None:
-            raise LaunchError(f"{what} exited with status {process.returncode} while starting")
-        if time.monotonic() > deadline:
-            raise LaunchError(f"{what} was not ready within {timeout:g}s")
-        time.sleep(POLL_S)
+        patience.check()
+        time.sleep(poll_s)
+
+
+async def wait_until_async(
+    ready: Callable[[], bool | Awaitable[bool]],
+    exited: Callable[[], int | None] | None,
+    timeout: float,  # noqa: ASYNC109 (the sync face's deadline, named in its errors)
+    what: str,
+    poll_s: float = POLL_S,
+) -> None:
+    """`wait_until` for asyncio code: ``ready`` may be a coroutine function.
+
+    ``exited`` is the child's status (``lambda: process.returncode`` for an
+    asyncio child; None to watch no child).
+    """
+    patience = _Patience(exited or _never_exits, timeout, what)
+    while True:
+        answer = ready()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer:
+            return
+        patience.check()
+        await asyncio.sleep(poll_s)
 
 
 def listening(port: int) -> Callable[[], bool]:
@@ -116,6 +170,24 @@ def spawn(
         )
 
 
+async def spawn_async(
+    argv: Sequence[str], log_path: Path, *, new_session: bool = False
+) -> asyncio.subprocess.Process:
+    """`spawn` for asyncio code: output appended to ``log_path``, no stdin."""
+    with open(log_path, "ab") as out:  # noqa: ASYNC230 (opening a local file is instant)
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=new_session,
+        )
+
+
+def _ignored_sigterm(what: str, timeout: float) -> LaunchError:
+    return LaunchError(f"{what} did not exit within {timeout:g}s of SIGTERM; killed")
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float, what: str) -> int:
     """SIGTERM and wait (a daemon flushes before it exits); SIGKILL and fail after ``timeout``."""
     if process.poll() is None:
@@ -125,10 +197,39 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float, what: str) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            raise LaunchError(
-                f"{what} did not exit within {timeout:g}s of SIGTERM; killed"
-            ) from None
+            raise _ignored_sigterm(what, timeout) from None
     return int(process.returncode)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: for a process we did not start (so cannot wait for)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+async def stop_async(
+    pid: int,
+    gone: Callable[[], bool],
+    timeout: float,  # noqa: ASYNC109 (the grace period, named in the error)
+    what: str,
+    poll_s: float = POLL_S,
+) -> None:
+    """`stop_process` for asyncio code, also for a pid that is not our child.
+
+    ``gone`` says whether it has exited (``process.returncode is not None``
+    for our child, ``not pid_alive(pid)`` for an adopted one). Reap our own
+    child afterwards with ``await process.wait()`` for its status.
+    """
+    if gone():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while not gone():
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise _ignored_sigterm(what, timeout)
+        await asyncio.sleep(poll_s)
 
 
 @contextlib.contextmanager
@@ -307,17 +408,15 @@ class MotoServer:
             raise
 
     def _wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.client().list_buckets()
-                return
-            except Exception as exc:
-                if "403" in str(exc) or "InvalidAccessKeyId" in str(exc):
-                    return  # auth mode: answering is enough
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_until(self._answers, self.process, timeout, "moto_server", poll_s=0.1)
+
+    def _answers(self) -> bool:
+        try:
+            self.client().list_buckets()
+        except Exception as exc:
+            # auth mode: answering (with a refusal) is enough
+            return "403" in str(exc) or "InvalidAccessKeyId" in str(exc)
+        return True
 
     def client(self, endpoint: str | None = None) -> Any:
         import boto3

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,46 +18,11 @@ from typing import Any, TextIO
 from portalbd.control.client import ControlClient
 from portalbd.control.errors import ControlError, NotRunning
 from portalbd.paths import control_socket_path, discover_sockets
+from portalbd.units import human_duration, human_latency, human_size, human_time
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 DEFAULT_INSTANCE = "default"
-
-
-def human_size(n: float) -> str:
-    """Binary units with one decimal, as operators read disk sizes."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if n < 1024 or unit == "PiB":
-            break
-    return f"{n:.1f} {unit}"
-
-
-def human_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    days, whole = divmod(whole, 86400)
-    hours, whole = divmod(whole, 3600)
-    minutes, secs = divmod(whole, 60)
-    if days:
-        return f"{days}d {hours:02d}h {minutes:02d}m"
-    if hours:
-        return f"{hours}h {minutes:02d}m {secs:02d}s"
-    return f"{minutes}m {secs:02d}s"
-
-
-def human_time(unix: float) -> str:
-    """UTC, so the same snapshot reads the same on every machine."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
-
-
-def human_latency(us: float) -> str:
-    if us >= 1000:
-        return f"{us / 1000:.1f}ms"
-    return f"{us:.0f}us"
 
 
 def build_parser() -> argparse.ArgumentParser:

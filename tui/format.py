@@ -1,6 +1,8 @@
 """Turning numbers into short, fixed-width-friendly strings for table cells.
 
-Every formatter returns a dash for unknown values so that a daemon that has not
+Sizes and durations follow the daemon's rules (`portalbd.units`, what
+portalctl prints), so a number reads the same in both tools. Every formatter
+returns a dash for unknown values so that a daemon that has not
 answered yet, or an older daemon without a field, renders as "no data" rather
 than as a misleading zero.
 """
@@ -10,27 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from portalbd.units import human_duration, human_size
+
 DASH = "—"
 _BARS = "▁▂▃▄▅▆▇█"
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def fmt_bytes(n: float | None) -> str:
-    """Binary units, three significant digits at most ("1.5 GiB", "640 KiB")."""
-    if n is None:
-        return DASH
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            if unit == "B":
-                return f"{int(value)} B"
-            if abs(value) >= 100:
-                return f"{value:.0f} {unit}"
-            if abs(value) >= 10:
-                return f"{value:.1f} {unit}".replace(".0 ", " ")
-            return f"{value:.2f} {unit}".replace(".00 ", " ")
-        value /= 1024
-    raise AssertionError("unreachable")
+    """A size as portalctl writes it ("1.5 GiB", "640.0 MiB")."""
+    return DASH if n is None else human_size(n)
 
 
 def fmt_mib_s(bytes_per_s: float | None) -> str:
@@ -73,20 +63,8 @@ def fmt_latency_us(us: float | None) -> str:
 
 
 def fmt_duration(seconds: float | None) -> str:
-    """Two most significant units of an uptime ("3d 4h", "5m 12s")."""
-    if seconds is None:
-        return DASH
-    s = int(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {s}s"
-    return f"{s}s"
+    """A duration (an uptime, a chart's span) as portalctl writes it ("5m 12s")."""
+    return DASH if seconds is None else human_duration(seconds)
 
 
 def fmt_time(unix: float | None) -> str:

@@ -222,10 +222,15 @@ def summary_lines(inst: Instance) -> list[Text]:
             ("in flight", str(st.inflight)),
             ("up", fmt_duration(st.uptime_s)),
             ("pid", DASH if st.pid is None else str(st.pid)),
+        )
+    )
+    lines.append(
+        _facts(
+            ("storage", st.storage_url or DASH),
+            ("nbd", st.nbd_address or DASH),
             ("version", st.version or DASH),
         )
     )
-    lines.append(_facts(("storage", st.storage_url or DASH), ("nbd", st.nbd_address or DASH)))
     return lines
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from portalbd.control import replies
-from portalbd.control.protocol import request_document
+from portalbd.control import requests as rq
 
 T = TypeVar("T")
 
@@ -37,24 +37,24 @@ def _list(reply: Any) -> list[dict[str, Any]]:
 
 
 def status() -> Call[dict[str, Any]]:
-    return Call(request_document("Status"), _body("Status"))
+    return Call(rq.Status().document(), _body("Status"))
 
 
 def snapshot_list() -> Call[list[dict[str, Any]]]:
-    return Call(request_document("SnapshotList"), _list)
+    return Call(rq.SnapshotList().document(), _list)
 
 
 def snapshot_create(name: str) -> Call[dict[str, Any]]:
-    return Call(request_document("SnapshotCreate", name=name), _body("Snapshot"))
+    return Call(rq.SnapshotCreate(name=name).document(), _body("Snapshot"))
 
 
 def snapshot_get(name: str) -> Call[dict[str, Any]]:
-    return Call(request_document("SnapshotGet", name=name), _body("Snapshot"))
+    return Call(rq.SnapshotGet(name=name).document(), _body("Snapshot"))
 
 
 def snapshot_delete(name: str) -> Call[None]:
-    return Call(request_document("SnapshotDelete", name=name), replies.ok)
+    return Call(rq.SnapshotDelete(name=name).document(), replies.ok)
 
 
 def snapshot_restore(name: str, force: bool = False) -> Call[None]:
-    return Call(request_document("SnapshotRestore", name=name, force=force), replies.ok)
+    return Call(rq.SnapshotRestore(name=name, force=force).document(), replies.ok)

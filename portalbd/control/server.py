@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from portalbd.control import protocol
+from portalbd.control.requests import AnyRequest
 
 log = logging.getLogger("portalbd.control")
 
-Handler = Callable[[protocol.Request], Awaitable[Any]]
+Handler = Callable[[AnyRequest], Awaitable[Any]]
 
 
 class SocketInUse(RuntimeError):

@@ -9,11 +9,10 @@ detaching a detached one does nothing.
 
 # Local file, /proc and socket-path checks take microseconds; the node's I/O
 # that can block (tools, daemons) runs as subprocesses.
-# ruff: noqa: ASYNC230, ASYNC240
+# ruff: noqa: ASYNC240
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import glob
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from portalbd.csi.errors import internal
 from portalbd.csi.mounts import is_mounted, run
+from portalbd.launch import LaunchError, pid_alive, spawn_async, wait_until_async
 
 EXPORT = "portalbd"
 
@@ -92,25 +92,15 @@ async def _attach_fuse(state_dir: Path, nbd_socket: Path) -> Attachment:
         pidfile = state_dir / "nbdfuse.pid"
         with contextlib.suppress(FileNotFoundError):
             pidfile.unlink()
-        log_file = open(state_dir / "nbdfuse.log", "ab")  # noqa: SIM115 (child keeps it)
-        with log_file:
-            proc = await asyncio.create_subprocess_exec(
-                "nbdfuse",
-                "-P",
-                str(pidfile),
-                str(disk),
-                f"nbd+unix:///{EXPORT}?socket={nbd_socket}",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
+        proc = await spawn_async(
+            ["nbdfuse", "-P", str(pidfile), str(disk), f"nbd+unix:///{EXPORT}?socket={nbd_socket}"],
+            state_dir / "nbdfuse.log",
+            new_session=True,
+        )
+        with contextlib.suppress(LaunchError):  # said below, with nbdfuse's log
+            await wait_until_async(
+                lambda: pidfile.exists() and disk.exists(), lambda: proc.returncode, 15, "nbdfuse"
             )
-        for _ in range(300):
-            if pidfile.exists() and disk.exists():
-                break
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
         if not disk.exists():
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -155,19 +145,19 @@ async def detach(state_dir: Path) -> None:
     while (loop := await _loop_for(disk)) is not None:
         await run("blockdev", "--flushbufs", loop, check=False)
         await run("losetup", "-d", loop)
-        for _ in range(100):  # detach is asynchronous in the kernel
-            if await _loop_for(disk) != loop:
-                break
-            await asyncio.sleep(0.05)
+
+        async def detached(loop: str = loop) -> bool:
+            return await _loop_for(disk) != loop
+
+        with contextlib.suppress(LaunchError):  # detach is asynchronous in the kernel
+            await wait_until_async(detached, None, 5, f"{loop} to detach")
     await run("fusermount3", "-u", str(mount_dir))
     pidfile = state_dir / "nbdfuse.pid"
     with contextlib.suppress(FileNotFoundError, ValueError):
         pid = int(pidfile.read_text().strip())
-        for _ in range(200):  # nbdfuse exits once unmounted
-            if not Path(f"/proc/{pid}").exists():
-                break
-            await asyncio.sleep(0.05)
-        else:
+        try:  # nbdfuse exits once unmounted
+            await wait_until_async(lambda: not pid_alive(pid), None, 10, "nbdfuse to exit")
+        except LaunchError:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         pidfile.unlink()

@@ -9,22 +9,27 @@ daemon it finds answering on the volume's control socket.
 
 # Local file, /proc and socket-path checks take microseconds; the node's I/O
 # that can block (tools, daemons) runs as subprocesses.
-# ruff: noqa: ASYNC109, ASYNC110, ASYNC230, ASYNC240
+# ruff: noqa: ASYNC109, ASYNC240
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi.errors import internal
-from portalbd.launch import portalbd_command
+from portalbd.launch import (
+    LaunchError,
+    pid_alive,
+    portalbd_command,
+    spawn_async,
+    stop_async,
+    wait_until_async,
+)
 
 log = logging.getLogger("portalbd.csi")
 
@@ -112,34 +117,30 @@ class SupervisedDaemon:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         log_path = spec.state_dir / "portalbd.log"
-        with open(log_path, "ab") as log_file:
-            self._process = await asyncio.create_subprocess_exec(
-                *spec.argv(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-            )
-        self.pid = self._process.pid
-        for _ in range(1200):
-            if self._process.returncode is not None:
-                break
-            if spec.nbd_socket.exists() and await daemon_pid(spec.control_socket):
-                log.info("daemon started volume=%s pid=%d", spec.volume_id, self.pid)
-                return
-            await asyncio.sleep(0.05)
-        if self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
-        tail = log_path.read_text(errors="replace")[-1500:].strip()
-        raise internal(f"portalbd for volume {spec.volume_id} did not start: {tail}")
+        process = self._process = await spawn_async(spec.argv(), log_path, new_session=True)
+        self.pid = process.pid
+
+        async def answering() -> bool:
+            return spec.nbd_socket.exists() and bool(await daemon_pid(spec.control_socket))
+
+        try:
+            await wait_until_async(answering, lambda: process.returncode, 60, "portalbd")
+        except LaunchError:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            tail = log_path.read_text(errors="replace")[-1500:].strip()
+            raise internal(f"portalbd for volume {spec.volume_id} did not start: {tail}") from None
+        log.info("daemon started volume=%s pid=%d", spec.volume_id, self.pid)
 
     async def _wait_exit(self) -> None:
         if self._process is not None:
             await self._process.wait()
             return
-        while self.pid is not None and Path(f"/proc/{self.pid}").exists():
-            await asyncio.sleep(1)
+        pid = self.pid
+        if pid is not None:
+            # An adopted daemon is not our child: all we can do is watch for it to go.
+            await wait_until_async(lambda: not pid_alive(pid), None, float("inf"), "", 1.0)
 
     async def _watch(self) -> None:
         while not self._stopping:
@@ -170,23 +171,17 @@ class SupervisedDaemon:
         pid = self.pid
         if pid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if self._process is not None:
-                if self._process.returncode is not None:
-                    break
-            elif not Path(f"/proc/{pid}").exists():
-                break
-            await asyncio.sleep(0.05)
-        else:
+        process = self._process
+
+        def gone() -> bool:
+            return process.returncode is not None if process else not pid_alive(pid)
+
+        try:
+            await stop_async(pid, gone, timeout, f"daemon for volume {self.spec.volume_id}")
+        except LaunchError:
             log.error("daemon for volume %s ignored SIGTERM; killing it", self.spec.volume_id)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self._process is not None:
-            code = await self._process.wait()
+        if process is not None:
+            code = await process.wait()
             if code != 0:
                 log.error("daemon for volume %s exited %d on stop", self.spec.volume_id, code)
         self.pid = None

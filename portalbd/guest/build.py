@@ -26,11 +26,12 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import sh
 
 from portalbd.guest import scripts
 
@@ -92,17 +93,18 @@ def cache_root() -> Path:
 
 
 def _run(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """Run a build tool (through ``sh``): its stdout, or GuestBuildError with its stderr."""
     try:
-        done = subprocess.run(
-            argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600
-        )
-    except FileNotFoundError as exc:
-        raise GuestBuildError(f"{argv[0]} is not installed (needed to build the guest)") from exc
-    if done.returncode != 0:
-        raise GuestBuildError(
-            f"{' '.join(argv[:4])}... failed ({done.returncode}): {done.stderr.strip()[-2000:]}"
-        )
-    return done.stdout
+        tool = sh.Command(argv[0])
+    except sh.CommandNotFound:
+        raise GuestBuildError(f"{argv[0]} is not installed (needed to build the guest)") from None
+    try:
+        where = None if cwd is None else str(cwd)
+        out = tool(*argv[1:], _cwd=where, _env=env, _timeout=600, _tty_out=False)
+    except sh.ErrorReturnCode as exc:
+        err = exc.stderr.decode(errors="replace").strip()[-2000:]
+        raise GuestBuildError(f"{' '.join(argv[:4])}... failed ({exc.exit_code}): {err}") from None
+    return str(out)
 
 
 # --- package resolution -------------------------------------------------------
@@ -412,16 +414,12 @@ def _assemble(pkgroot: Path, tree: Path) -> str:
 def _cpio(tree: Path, out: Path) -> None:
     names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
     with out.open("wb") as fh:
-        done = subprocess.run(
-            ["cpio", "--quiet", "-o", "-H", "newc", "--owner=0:0"],
-            input="\n".join(names).encode(),
-            stdout=fh,
-            stderr=subprocess.PIPE,
-            cwd=tree,
-            check=False,
-        )
-    if done.returncode != 0:
-        raise GuestBuildError(f"cpio failed: {done.stderr.decode(errors='replace')}")
+        try:
+            sh.Command("cpio")("--quiet", "-o", "-H", "newc", "--owner=0:0",
+                               _in="\n".join(names).encode(), _out=fh, _cwd=str(tree),
+                               _tty_out=False)  # fmt: skip
+        except sh.ErrorReturnCode as exc:
+            raise GuestBuildError(f"cpio failed: {exc.stderr.decode(errors='replace')}") from None
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from portalbd.guest import relay, scripts
 from portalbd.guest.build import GuestImage, build_image
+from portalbd.launch import spawn
 
 # A host call handler gets the call's words (name first) and returns the reply
 # line; raising makes the guest's `hostcall` fail with the exception's message.
@@ -195,13 +196,8 @@ class GuestRunner:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(workdir / "ctl.sock"))
         listener.listen(1)
-        qemu_err = (workdir / "qemu.err").open("wb")
-        proc = subprocess.Popen(
-            self.command(workdir, nbd_port, nbd_host),
-            stdin=subprocess.DEVNULL,
-            stdout=qemu_err,
-            stderr=qemu_err,
-            start_new_session=True,
+        proc = spawn(
+            self.command(workdir, nbd_port, nbd_host), workdir / "qemu.err", new_session=True
         )
         try:
             conn = self._accept(listener, proc, deadline)
@@ -215,7 +211,6 @@ class GuestRunner:
                 result.timed_out = True
         finally:
             self._kill(proc)
-            qemu_err.close()
             listener.close()
         result.elapsed = time.monotonic() - start
         result.output = _read_text(workdir / "output.log")

@@ -11,13 +11,13 @@ import re
 import socket
 import stat
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from portalbd.control import protocol
 from portalbd.control.client import request_once
+from portalbd.launch import wait_until
 from tests.conftest import DaemonFactory
 from tests.support import (
     RunningDaemon,
@@ -201,9 +201,7 @@ def test_socket_directory_created(daemon_factory: DaemonFactory, tmp_path: Path)
     path = tmp_path / "deep" / "er" / "control.sock"
     daemon = daemon_factory("--socket", str(path), wait=False)
     wait_for_port(daemon.port, daemon.process)
-    deadline = time.monotonic() + 10
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(path.exists, daemon.process, 10, "the control socket")
     assert request_once(path, "SnapshotList") == {"SnapshotList": []}
     assert stat.S_IMODE(path.lstat().st_mode) == 0o660
     daemon.stop()

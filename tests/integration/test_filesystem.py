@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from portalbd.launch import LaunchError, spawn, wait_until
 from tests.conftest import DaemonFactory
+from tests.support.tools import quiet, run
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0
@@ -29,33 +31,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run(*argv: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
-    return result.stdout
-
-
-def quiet(*argv: str) -> None:
-    subprocess.run(argv, capture_output=True, timeout=60, check=False)
-
-
 @contextlib.contextmanager
 def attached(uri: str, workdir: Path) -> Iterator[str]:
     """The export as a loop block device (nbdfuse file + losetup)."""
     fuse_dir = workdir / "fuse"
     fuse_dir.mkdir(parents=True, exist_ok=True)
     disk = fuse_dir / "disk"
-    log = open(workdir / "nbdfuse.log", "ab")  # noqa: SIM115 (the child writes to it)
-    fuse = subprocess.Popen(
-        ["nbdfuse", str(disk), uri], stdin=subprocess.DEVNULL, stdout=log, stderr=log
-    )
+    fuse = spawn(["nbdfuse", str(disk), uri], workdir / "nbdfuse.log")
     loop = ""
     try:
-        deadline = time.monotonic() + 30
-        while not disk.exists():
-            assert fuse.poll() is None, (workdir / "nbdfuse.log").read_text()
-            assert time.monotonic() < deadline, "nbdfuse did not expose the disk"
-            time.sleep(0.05)
+        try:
+            wait_until(disk.exists, fuse, 30, "nbdfuse")
+        except LaunchError as exc:
+            raise AssertionError(f"{exc}: {(workdir / 'nbdfuse.log').read_text()}") from None
         loop = run("losetup", "--find", "--show", str(disk)).strip()
         yield loop
     finally:
@@ -68,7 +56,6 @@ def attached(uri: str, workdir: Path) -> Iterator[str]:
             fuse.kill()
             fuse.wait()
             quiet("fusermount3", "-uz", str(fuse_dir))
-        log.close()
 
 
 @contextlib.contextmanager
@@ -79,7 +66,7 @@ def mounted(device: str, where: Path) -> Iterator[Path]:
         yield where
     finally:
         for _ in range(20):
-            if subprocess.run(["umount", str(where)], capture_output=True).returncode == 0:
+            if quiet("umount", str(where)):
                 break
             time.sleep(0.25)
         else:

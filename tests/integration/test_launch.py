@@ -6,6 +6,7 @@ stand in for a server that never listens or a process that ignores SIGTERM.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -90,3 +91,32 @@ def _ignores_sigterm(pid: int) -> bool:
         if line.startswith("SigIgn:"):
             return bool(int(line.split()[1], 16) & (1 << 14))
     return False
+
+
+def test_the_async_wait_fails_when_the_child_exits(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    quitter = python_child("raise SystemExit(3)", children)
+
+    async def never() -> bool:
+        return False
+
+    with pytest.raises(LaunchError, match=r"^quitter exited with status 3 while starting$"):
+        asyncio.run(launch.wait_until_async(never, quitter.poll, 30, "quitter"))
+
+
+def test_the_async_stop_kills_what_ignores_sigterm(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    stubborn = python_child(
+        "import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n",
+        children,
+    )
+    launch.wait_until(lambda: _ignores_sigterm(stubborn.pid), stubborn, 30, "stubborn")
+    with pytest.raises(
+        LaunchError, match=r"^stubborn did not exit within 0.3s of SIGTERM; killed$"
+    ):
+        asyncio.run(
+            launch.stop_async(stubborn.pid, lambda: stubborn.poll() is not None, 0.3, "stubborn")
+        )
+    assert stubborn.wait(10) == -9

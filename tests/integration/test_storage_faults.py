@@ -13,7 +13,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, connected
+from tests.support.tools import quiet, run
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -32,10 +32,6 @@ MiB = 1 << 20
 TIMEOUT_MS = 3000
 
 
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-
-
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
@@ -43,7 +39,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+        quiet("umount", "-l", str(path), timeout=30)
 
 
 def config(tmp_path: Path) -> Path:
@@ -138,7 +134,7 @@ def test_read_only_store_gives_eio_then_recovers(
         run("mount", "-o", "remount,bind,rw", str(store))
         wait_for_flush(daemon)
     finally:
-        subprocess.run(["umount", "-l", str(store)], capture_output=True, timeout=30)
+        quiet("umount", "-l", str(store), timeout=30)
     with connected(daemon.uri) as nbd:
         assert nbd.pread(65536, 0) == b"x" * 65536
     assert daemon.stop() == 0

@@ -126,7 +126,7 @@ def test_tui_against_real_daemons(
             )
             await pilot.pause(0.3)
             m, d = find(app, "mem"), find(app, "disk")
-            assert cell(app, m, "size") == "1 GiB" and cell(app, d, "size") == "2 GiB"
+            assert cell(app, m, "size") == "1.0 GiB" and cell(app, d, "size") == "2.0 GiB"
             assert "up" in cell(app, m, "state") and "up" in cell(app, d, "state")
             assert cell(app, d, "clients") == "1"  # our libnbd handle
 
@@ -214,7 +214,7 @@ def test_tui_against_real_daemons(
             daemon_factory(instance="mem", storage_url="memory://", disk_size_gb=1)
             await wait_for(pilot, "mem back", lambda: m.state is State.UP)
             await pilot.pause(0.3)
-            assert "up" in cell(app, m, "state") and cell(app, m, "size") == "1 GiB"
+            assert "up" in cell(app, m, "state") and cell(app, m, "size") == "1.0 GiB"
 
             # A daemon that stops answering is unresponsive, then recovers.
             disk.process.send_signal(signal.SIGSTOP)

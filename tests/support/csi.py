@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from portalbd.csi.proto import csi_pb2 as pb
 from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
 from portalbd.launch import LaunchError, spawn, stop_process, wait_until
 from tests.support import BIN
+from tests.support.tools import quiet, run
 
 MODE = pb.VolumeCapability.AccessMode.Mode
 
@@ -116,10 +116,6 @@ def stop_driver(driver: Driver) -> None:
         stop_process(driver.process, 30, "portalbd-csi")
 
 
-def _quiet(*argv: str) -> None:
-    subprocess.run(argv, capture_output=True, check=False, timeout=60)
-
-
 def cleanup_tree(base: Path) -> None:
     """Undo whatever a driver left under ``base``: mounts, loops, FUSE, processes."""
     prefix = str(base.resolve())
@@ -127,24 +123,23 @@ def cleanup_tree(base: Path) -> None:
     fuse = [p for p, source in inside if source == "/dev/fuse"]
     others = [p for p, source in inside if source != "/dev/fuse"]
     for point in sorted(others, key=len, reverse=True):
-        _quiet("fsfreeze", "--unfreeze", point)
-        _quiet("umount", point)
+        quiet("fsfreeze", "--unfreeze", point)
+        quiet("umount", point)
         if any(p == point for p, _, _ in mounts()):
-            _quiet("umount", "-l", point)
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+            quiet("umount", "-l", point)
+    loops = run("losetup", "-a")
     for line in loops.splitlines():
         if prefix in line:
-            _quiet("losetup", "-d", line.split(":", 1)[0])
+            quiet("losetup", "-d", line.split(":", 1)[0])
     for point in sorted(fuse, key=len, reverse=True):
-        _quiet("fusermount3", "-u", point)
+        quiet("fusermount3", "-u", point)
         if any(p == point for p, _, _ in mounts()):
-            _quiet("fusermount3", "-uz", point)
+            quiet("fusermount3", "-uz", point)
     for pid in _processes_mentioning(prefix):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while _processes_mentioning(prefix) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with contextlib.suppress(LaunchError):  # killed next
+        wait_until(lambda: not _processes_mentioning(prefix), None, 20, "the processes", 0.1)
     for pid in _processes_mentioning(prefix):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from portalbd.trace import format, gen
 from portalbd.trace.cli import main
 from portalbd.trace.gen import common as gen_common
 from portalbd.trace.gen import minecraft as gen_minecraft
+from tests.support.tools import run
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def no_leftovers(workdir: Path) -> None:
     """Nothing of the run is still mounted or attached."""
     mounts = Path("/proc/mounts").read_text()
     assert str(workdir) not in mounts
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    loops = run("losetup", "-a")
     assert str(workdir) not in loops
 
 

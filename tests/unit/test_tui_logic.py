@@ -49,13 +49,13 @@ from tui.view import (
         (None, "—"),
         (0, "0 B"),
         (1023, "1023 B"),
-        (1024, "1 KiB"),
-        (1536, "1.50 KiB"),
-        (64 * 1024, "64 KiB"),
-        (1024**3, "1 GiB"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (64 * 1024, "64.0 KiB"),
+        (1024**3, "1.0 GiB"),
         (int(23.7 * 1024**3), "23.7 GiB"),
-        (640 * 1024**2, "640 MiB"),
-        (5 * 1024**6, "5120 PiB"),
+        (640 * 1024**2, "640.0 MiB"),
+        (5 * 1024**6, "5120.0 PiB"),
     ],
 )
 def test_fmt_bytes(n: int | None, text: str) -> None:
@@ -89,10 +89,10 @@ def test_fmt_rates_and_latency() -> None:
     ]
     assert [fmt_duration(x) for x in (None, 5, 312, 7300, 3 * 86400 + 4 * 3600 + 5)] == [
         "—",
-        "5s",
+        "5.0s",
         "5m 12s",
-        "2h 1m",
-        "3d 4h",
+        "2h 01m 40s",
+        "3d 04h 00m",
     ]
 
 
@@ -238,7 +238,7 @@ def test_columns_fit_the_terminal_and_keep_the_required_fields() -> None:
     fleet = demo_fleet()
     db = instance(fleet, "db")
     cells = [c.plain for c in row(db, COLUMNS_NARROW)]
-    assert cells[:5] == ["db", "● up", "64 GiB", "23.7 GiB", "2"]
+    assert cells[:5] == ["db", "● up", "64.0 GiB", "23.7 GiB", "2"]
     backup = instance(fleet, "backup")
     assert [c.plain for c in row(backup, COLUMNS_NARROW)][1:4] == ["✕ down", "—", "—"]
     # Every narrow row fits 80 columns with the table's padding and border.

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import sh
 
-from portalbd.launch import free_port, wait_for_port
+from portalbd.launch import (
+    LaunchError,
+    free_port,
+    log_tail,
+    serving,
+    spawn,
+    stop_process,
+    wait_until,
+)
 from portalbd.trace import daemon_proc, nbdkit_log
 from portalbd.trace.daemon_proc import DaemonConfig
 
@@ -114,19 +122,14 @@ def recording_server(
     if server == "nbdkit":
         port = free_port()
         logfile = workdir / "nbdkit.log"
-        proc = subprocess.Popen(
-            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=log",
-             "memory", str(size), f"logfile={logfile}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "--filter=log",
+                "memory", str(size), f"logfile={logfile}"]  # fmt: skip
+        proc = stack.enter_context(
+            serving(argv, port, workdir / "nbdkit.out", what="nbdkit", stop_timeout=30)
+        )
 
         def stop() -> None:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(30)
-
-        stack.callback(_quiet(stop, "stop nbdkit"))
-        wait_for_port(port, proc, 30, "nbdkit")
+            stop_process(proc, 30, "nbdkit")  # before its request log is read
 
         def finish_nbdkit() -> None:
             stop()
@@ -142,15 +145,13 @@ def attach(stack: contextlib.ExitStack, uri: str, workdir: Path) -> Path:
     fusedir = workdir / "fuse"
     fusedir.mkdir(parents=True, exist_ok=True)
     pidfile = workdir / "nbdfuse.pid"
-    proc = subprocess.Popen(
-        ["nbdfuse", "-P", str(pidfile), str(fusedir / "disk"), uri],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc = spawn(
+        ["nbdfuse", "-P", str(pidfile), str(fusedir / "disk"), uri], workdir / "nbdfuse.log"
     )
 
     def unmount_fuse() -> None:
         if proc.poll() is None:
-            subprocess.run(["fusermount3", "-u", str(fusedir)], capture_output=True, timeout=60)
+            run(["fusermount3", "-u", str(fusedir)], timeout=60, check=False)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -158,14 +159,13 @@ def attach(stack: contextlib.ExitStack, uri: str, workdir: Path) -> Path:
                 proc.wait()
 
     stack.callback(_quiet(unmount_fuse, "fusermount3 -u"))
-    deadline = time.monotonic() + 30
-    while not pidfile.exists():
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise GenError(f"nbdfuse exited with status {proc.returncode}: {err.strip()}")
-        if time.monotonic() > deadline:
-            raise GenError("nbdfuse did not become ready within 30s")
-        time.sleep(0.05)
+    try:
+        wait_until(pidfile.exists, proc, 30, "nbdfuse")
+    except LaunchError:
+        if proc.poll() is None:
+            raise GenError("nbdfuse did not become ready within 30s") from None
+        err = log_tail(workdir / "nbdfuse.log")
+        raise GenError(f"nbdfuse exited with status {proc.returncode}: {err.strip()}") from None
     loop = run(["losetup", "-f", "--show", str(fusedir / "disk")]).strip()
     stack.callback(_quiet(lambda: run(["losetup", "-d", loop]), f"losetup -d {loop}"))
     log(f"{uri} attached as {loop}")
@@ -179,11 +179,12 @@ def mounted(device: Path, mountpoint: Path, options: str = "") -> Iterator[Path]
     try:
         yield mountpoint
     finally:
-        subprocess.run(["sync"], check=False)
-        r = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True)
-        if r.returncode != 0:
+        run(["sync"], check=False)
+        try:
+            run(["umount", str(mountpoint)])
+        except GenError:
             time.sleep(1)
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+            run(["umount", "-l", str(mountpoint)], check=False)
 
 
 @dataclass(slots=True, kw_only=True)
