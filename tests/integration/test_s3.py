@@ -454,9 +454,10 @@ def test_read_during_outage_fails_within_five_seconds(
     store answers, the same read returns the data."""
     url = f"s3://{bucket}/read-outage"
     # Small L0 tables, so the blocks live in SSTs in the bucket rather than
-    # in a WAL that the next open replays into memory.
+    # in a WAL that the next open replays into memory; no local object cache,
+    # which would fetch those small tables whole when the reader opens them.
     config = tmp_path / "c.toml"
-    config.write_text("[lsm]\nl0_sst_size_bytes = 262144\n")
+    config.write_text("[lsm]\nl0_sst_size_bytes = 262144\nobject_cache_bytes = 0\n")
     first = daemon_factory("-c", str(config), storage_url=url, env=moto.env(), instance="writer")
     with connected(first.uri) as nbd:
         for index in range(64):
