@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from portalbd.trace import format as trace_format
 from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, connected
 
@@ -177,9 +178,17 @@ def test_snapshot_and_restore_of_an_encrypted_disk(
     assert daemon.stop() == 0
     conf = tmp_path / "disk.toml"  # the key file from TOML this time
     conf.write_text(f'[storage]\nencryption_key_file = "{key_file}"\n')
-    again = daemon_factory(f"--size-bytes={SIZE}", "-c", str(conf), storage_url=f"file://{storage}")
+    trace = tmp_path / "reads.trace"  # a trace records requests, never their data
+    again = daemon_factory(
+        f"--size-bytes={SIZE}", "-c", str(conf), f"--trace={trace}", storage_url=f"file://{storage}"
+    )
     with connected(again.uri) as nbd:
         assert nbd.pread(len(first), 0) == first
         assert nbd.pread(4096, 8 * BLOCK) == second[:4096]
     assert again.stop() == 0
     assert leaked_runs(first + second, storage) == []
+    _, ops = trace_format.load(trace)
+    assert [(op.offset, op.length) for op in ops if op.type == trace_format.OpType.Read][-2:] == [
+        (0, len(first)),
+        (8 * BLOCK, 4096),
+    ]
