@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from portalbd.config import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from portalbd.control.async_client import request_once
 from portalbd.csi import errors as e
+from portalbd.csi import keys
 from portalbd.csi.common import (
     DEFAULT_FS_TYPE,
     FS_TYPES,
@@ -78,8 +79,12 @@ def parse_parameters(params: dict[str, str]) -> tuple[str, int]:
                     f"parameter blockSize={value}: must be a power of two from "
                     f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
                 )
+        elif key == keys.PARAMETER:
+            keys.check_parameter(value)
         else:
-            raise e.invalid(f"unknown parameter {key!r} (supported: fsType, blockSize)")
+            raise e.invalid(
+                f"unknown parameter {key!r} (supported: fsType, blockSize, {keys.PARAMETER})"
+            )
     return fs_type, block_size
 
 

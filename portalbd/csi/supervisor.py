@@ -51,6 +51,7 @@ class DaemonSpec:
     size_bytes: int
     block_size: int
     state_dir: Path
+    key_file: Path | None = None  # an encrypted volume's key (csi/keys.py)
 
     @property
     def control_socket(self) -> Path:
@@ -77,6 +78,7 @@ class DaemonSpec:
             str(self.nbd_socket),
             "--socket",
             str(self.control_socket),
+            *(["--encryption-key-file", str(self.key_file)] if self.key_file else []),
         ]
 
 
