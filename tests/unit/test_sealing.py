@@ -202,3 +202,17 @@ def test_the_metadata_accepts_only_its_key_and_only_unaltered() -> None:
     with pytest.raises(MetadataError, match="this disk is not encrypted"):
         unlock(plain, KEY)
     assert unlock(plain, None) is None
+
+
+def test_an_encrypted_disk_s_metadata_that_cannot_be_read_is_refused() -> None:
+    _, raw = _sealed_meta()
+    doc = json.loads(raw)
+    del doc["encryption"]
+    with pytest.raises(MetadataError, match="device metadata \\(format 3\\) is unreadable"):
+        DeviceMetadata.decode(json.dumps(doc).encode())
+    doc = json.loads(raw)
+    doc["encryption"]["cipher"] = "rot13"
+    with pytest.raises(MetadataError, match="encrypted with 'rot13', which portalbd"):
+        DeviceMetadata.decode(json.dumps(doc).encode())
+    plain = DeviceMetadata(1 << 20, 65536, Layout())
+    assert b"encryption" not in plain.encode() and b"mac" not in plain.encode()
