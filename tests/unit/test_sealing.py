@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from portalbd.pages import Layout, base_key, delta_key, merge_stored, stored_flags
 from portalbd.store import envelope
-from portalbd.store.keyfile import KeyFileError, parse_key
+from portalbd.store.keyfile import KeyFileError, parse_key, read_key_file
 from portalbd.store.metadata import (
     DeviceMetadata,
     Encryption,
@@ -168,6 +169,13 @@ def test_a_key_file_that_is_not_a_key_is_refused(data: bytes, message: str) -> N
     with pytest.raises(KeyFileError, match=message) as caught:
         parse_key(data)
     assert "openssl rand -hex 32" in str(caught.value)
+
+
+def test_a_key_file_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="cannot read it: No such file or directory"):
+        read_key_file(tmp_path / "nope")
+    (tmp_path / "k").write_bytes(KEY)
+    assert read_key_file(tmp_path / "k") == KEY
 
 
 def test_key_files_take_raw_bytes_or_hex() -> None:
