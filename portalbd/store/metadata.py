@@ -34,7 +34,7 @@ from typing import Any
 
 from portalbd import __version__
 from portalbd.pages import Layout
-from portalbd.store.sealing import CIPHER, Sealer, key_check, new_disk_id
+from portalbd.store.sealing import CIPHER, DISK_ID_SIZE, Sealer, key_check, new_disk_id
 from portalbd.store.slate import SlateHandle
 
 log = logging.getLogger("portalbd.store")
@@ -121,6 +121,8 @@ class DeviceMetadata:
                     key_check=str(sealed["key_check"]),
                     cipher=str(sealed["cipher"]),
                 )
+                if len(encryption.disk_id) != DISK_ID_SIZE:
+                    raise ValueError(f"a disk id of {len(encryption.disk_id)} bytes")
                 if not isinstance(doc["mac"], str):
                     raise TypeError("mac is not a string")
         except (ValueError, KeyError, TypeError) as exc:

@@ -219,6 +219,10 @@ def test_an_encrypted_disk_s_metadata_that_cannot_be_read_is_refused() -> None:
     with pytest.raises(MetadataError, match="device metadata \\(format 3\\) is unreadable"):
         DeviceMetadata.decode(json.dumps(doc).encode())
     doc = json.loads(raw)
+    doc["encryption"]["disk_id"] = "abcd"
+    with pytest.raises(MetadataError, match="unreadable \\(a disk id of 2 bytes\\)"):
+        DeviceMetadata.decode(json.dumps(doc).encode())
+    doc = json.loads(raw)
     doc["encryption"]["cipher"] = "rot13"
     with pytest.raises(MetadataError, match="encrypted with 'rot13', which portalbd"):
         DeviceMetadata.decode(json.dumps(doc).encode())
