@@ -223,6 +223,14 @@ class ControllerService(pb_grpc.ControllerServicer):
                     raise e.not_found(f"snapshot {snapshot_id!r} lost its source volume")
                 block_size = source.block_size
                 minimum = default = snapshot.size_bytes
+                sealed = keys.is_encrypted(source.parameters)
+                if sealed != keys.is_encrypted(request.parameters):
+                    # a clone shares its source's disk id and key (docs/security.md)
+                    raise e.invalid(
+                        f"snapshot {snapshot_id} is of {'an encrypted' if sealed else 'a plain'} "
+                        f"volume: a volume made from it must be {'' if sealed else 'un'}encrypted "
+                        "too (StorageClass parameter encrypted), staged with the source's key"
+                    )
             capacity = choose_capacity(crange, block_size, default=default, minimum=minimum)
             if snapshot is not None and capacity < snapshot.size_bytes:
                 raise e.out_of_range(

@@ -585,7 +585,27 @@ def test_encrypted_volumes_need_their_key_in_the_stage_secret(
         driver.node.NodeStageVolume,
         stage(plain, {"encryptionKey": "ab" * 32}),
     )
-    assert driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=sealed)) is not None
+    snapshot = driver.controller.CreateSnapshot(
+        pb.CreateSnapshotRequest(source_volume_id=sealed, name="sealed-snap")
+    ).snapshot
+    expect(
+        Code.INVALID_ARGUMENT,
+        f"snapshot {snapshot.snapshot_id} is of an encrypted volume: a volume made from it "
+        "must be encrypted too",
+        driver.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name="clone",
+            volume_capabilities=caps,
+            volume_content_source=from_snapshot(snapshot.snapshot_id),
+        ),
+    )
+    clone = create(
+        driver,
+        "clone",
+        parameters={"encrypted": "true"},
+        volume_content_source=from_snapshot(snapshot.snapshot_id),
+    )
+    assert clone.volume_id != sealed
 
 
 def test_node_argument_errors(driver: Driver, tmp_path: Path) -> None:
