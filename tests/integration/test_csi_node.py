@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -371,6 +372,14 @@ def test_encrypted_block_volume_takes_its_key_from_the_stage_secret(
         os.fsync(fd)
     finally:
         os.close(fd)
+    # A daemon that dies is restarted with the same key file.
+    (old,) = daemon_pids(vid)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not [p for p in daemon_pids(vid) if p != old]:
+        time.sleep(0.1)
+    status: dict[str, Any] = asyncio.run(_status(driver.state / vid / "control.sock"))
+    assert status["Status"]["encryption"] == "aes-256-gcm", status
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     assert not key_file.exists()
