@@ -55,8 +55,15 @@ def serve(name: str, workdir: Path) -> Iterator[Server]:
     """Start one target on a free port; stop it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
     if name.startswith("portalbd"):
-        storage = f"file://{workdir}/data-{port}" if name == "portalbd-file" else None
-        daemon = start(workdir, storage_url=storage, instance=name, port=port)
+        # portalbd-memory, portalbd-file, and either with -encrypted (at rest)
+        kind = name.removesuffix("-encrypted")
+        storage = f"file://{workdir}/data-{port}" if kind == "portalbd-file" else None
+        extra: list[str] = []
+        if name.endswith("-encrypted"):
+            key_file = workdir / f"{name}.key"
+            key_file.write_text(os.urandom(32).hex())
+            extra = ["--encryption-key-file", str(key_file)]
+        daemon = start(workdir, *extra, storage_url=storage, instance=name, port=port)
         try:
             yield Server(name, daemon.process, daemon.uri)
         finally:
@@ -245,7 +252,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="portalbd-memory,portalbd-file,nbdkit-memory,nbdkit-python",
-        help="comma-separated targets",
+        help="comma-separated targets (portalbd-file-encrypted and "
+        "portalbd-memory-encrypted serve an encrypted disk)",
     )
     parser.add_argument(
         "--region-mib",

@@ -78,6 +78,9 @@ class StorageConfig:
     # usually a filesystem or an application blocked on it, and during an
     # outage it should see EIO in seconds, not after every write retry.
     read_timeout_ms: int = 4_000
+    # Encrypt every value at rest with the key in this file (docs/security.md).
+    # The path is configuration, the key is not: it is read at start only.
+    encryption_key_file: str | None = None
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -264,6 +267,8 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.timeout_ms: must not be negative (0 means no bound)")
     if config.storage.read_timeout_ms < 0:
         raise ConfigError("storage.read_timeout_ms: must not be negative (0 means no bound)")
+    if config.storage.encryption_key_file == "":
+        raise ConfigError("storage.encryption_key_file: empty; give a path or leave it unset")
     if not 0 <= device.io_threads <= 64:
         raise ConfigError(f"device.io_threads: must be from 0 to 64, got {device.io_threads}")
     if config.nbd.max_connections < 1:

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="file:///abs/dir, s3://bucket/prefix, or memory:// (default: memory)",
     )
+    add(
+        "--encryption-key-file",
+        metavar="FILE",
+        help="encrypt the disk at rest with this key: 32 raw bytes or 64 hex digits "
+        "(docs/security.md)",
+    )
     add("--nbd-address", metavar="HOST:PORT", help='NBD TCP listener ("" to disable)')
     add("--nbd-socket", metavar="PATH", help="also listen for NBD on this Unix socket")
     add("--export-name", metavar="NAME", help="NBD export name (default portalbd)")
@@ -100,6 +106,7 @@ OVERRIDES = {
     "disk_size_gb": "device.disk_size_gb",
     "size_bytes": "device.size_bytes",
     "storage_url": "storage.url",
+    "encryption_key_file": "storage.encryption_key_file",
     "nbd_address": "nbd.address",
     "nbd_socket": "nbd.socket",
     "export_name": "nbd.export_name",

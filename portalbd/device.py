@@ -61,6 +61,7 @@ from portalbd.pages import (
     stored_flags,
 )
 from portalbd.store import envelope
+from portalbd.store.sealing import Sealer
 from portalbd.store.slate import SlateHandle, StoreError
 
 HOLE = b""  # a block that reads as zeros and is absent from the store
@@ -139,11 +140,17 @@ class Device:
         batch_bytes: int = 4 * 1024 * 1024,
         on_flush: Callable[[int], None] | None = None,
         layout: Layout | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.store = store
         self.size = size
         self.block_size = block_size
         self.layout = layout or Layout()
+        if self.layout.sealed != (sealer is not None):
+            raise ValueError(f"format {self.layout.version} disks are sealed iff a sealer is given")
+        # An encrypted disk (format 3): every value is sealed on the worker
+        # threads that build batches and unsealed where it is decoded.
+        self.sealer = sealer
         self.page_size = min(self.layout.page_size, block_size)
         # Page deltas only pay when a block holds several pages.
         self._deltas = self.layout.deltas and self.page_size < block_size
@@ -320,7 +327,7 @@ class Device:
         """One block's contents from its stored entries (base and deltas)."""
         try:
             if self.layout.deltas:
-                value, _ = merge_stored(entries, self.block_size, self.page_size)
+                value, _ = merge_stored(entries, self.block_size, self.page_size, self.sealer)
                 return value
         except ValueError as exc:
             raise DeviceError(f"block {block} cannot be decoded: {exc}") from exc
@@ -337,7 +344,7 @@ class Device:
         """NBD status flags of a stored block, without decompressing it."""
         if self.layout.deltas:
             try:
-                codec = stored_flags(entries)
+                codec = stored_flags(entries, sealed=self.sealer is not None)
             except ValueError as exc:
                 raise DeviceError(f"block status: {exc}") from exc
             if codec == envelope.CODEC_HOLE:
@@ -870,7 +877,10 @@ class Device:
             encode = None
             if self.layout.deltas:
                 encode = functools.partial(
-                    envelope.encode, seq=self._seq, compress=self.layout.compress
+                    envelope.encode,
+                    seq=self._seq,
+                    compress=self.layout.compress,
+                    seal=self.sealer,
                 )
             try:
                 # Each key appears once per drain, so batches commute: keep as

@@ -27,6 +27,7 @@ from portalbd.paths import object_cache_root
 from portalbd.stats import ServerStats
 from portalbd.status import status_document
 from portalbd.store.instance import InstanceStore
+from portalbd.store.keyfile import KeyFileError, read_key_file
 from portalbd.store.location import StorageLocation, parse_storage_url
 from portalbd.store.metadata import (
     DeviceMetadata,
@@ -36,6 +37,7 @@ from portalbd.store.metadata import (
     write_metadata,
 )
 from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
+from portalbd.store.sealing import Sealer
 from portalbd.store.slate import (
     SlateHandle,
     StoreError,
@@ -52,8 +54,14 @@ class StartupError(Exception):
 
 
 class Instance:
-    def __init__(self, config: Config, control_socket: Path) -> None:
+    def __init__(
+        self, config: Config, control_socket: Path, *, encryption_key: bytes | None = None
+    ) -> None:
+        """``encryption_key`` beats ``[storage] encryption_key_file``: for the
+        simulation, which runs without files."""
         self.config = config
+        self._encryption_key = encryption_key
+        self.sealer: Sealer | None = None
         self.name = config.instance.name
         self.control_socket = control_socket
         self.location: StorageLocation = parse_storage_url(config.storage.url)
@@ -94,8 +102,19 @@ class Instance:
         root = object_cache_root(self.name)
         return dataclasses.replace(lsm, object_cache_dir=str(root))
 
+    async def _key(self) -> bytes | None:
+        """The encryption key, read before storage is touched so a bad file costs nothing."""
+        path = self.config.storage.encryption_key_file
+        if self._encryption_key is not None or path is None:
+            return self._encryption_key
+        try:
+            return await asyncio.to_thread(read_key_file, Path(path))
+        except KeyFileError as exc:
+            raise StartupError(f"encryption key file {path}: {exc}") from exc
+
     async def open(self) -> None:
         cfg = self.config
+        key = await self._key()
         configure_io_threads(cfg.device.io_threads)
         configure_timeout(cfg.storage.timeout_ms / 1000, cfg.storage.read_timeout_ms / 1000)
         if self.location.kind == "s3":
@@ -125,19 +144,20 @@ class Instance:
             if removed:
                 log.info("removed unreferenced generations %s", removed)
         try:
-            meta = await open_metadata(
-                self.store.data, cfg.device.effective_size(), cfg.device.block_size
+            meta, self.sealer = await open_metadata(
+                self.store.data, cfg.device.effective_size(), cfg.device.block_size, key
             )
         except MetadataError as exc:
             raise StartupError(str(exc)) from exc
         size = meta.size_bytes
         log.info(
-            "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d",
+            "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d encrypted=%s",
             meta.layout.version,
             meta.block_size,
             meta.layout.page_size,
             meta.layout.epoch,
             cfg.device.io_threads,
+            "no" if meta.encryption is None else meta.encryption.cipher,
         )
         lsm = cfg.lsm
         budgets = {
@@ -161,6 +181,7 @@ class Instance:
             dirty_bytes=cfg.device.dirty_bytes,
             on_flush=self.stats.flush_latency.record,
             layout=meta.layout,
+            sealer=self.sealer,
         )
         self.device.start()
         self.usage = UsageSampler(self.location, self.s3)
@@ -352,7 +373,21 @@ class Instance:
         layout = self.device.layout
         if restored is not None and restored.layout.version != layout.version:
             layout = restored.layout  # never rewrite a snapshot's format
-        await write_metadata(handle, DeviceMetadata(size, self.device.block_size, layout))
+        sealer = self.sealer
+        encryption = None
+        if sealer is not None:
+            # A snapshot is of this disk: same id, same key. Anything else
+            # in its metadata is refused rather than served with our key.
+            if restored is None or restored.encryption is None:
+                raise StoreError("the snapshot's metadata does not record this disk's encryption")
+            if restored.encryption.disk_id != sealer.disk_id:
+                raise StoreError("the snapshot belongs to another encrypted disk")
+            encryption = restored.encryption
+        elif restored is not None and restored.encryption is not None:
+            raise StoreError("the snapshot is of an encrypted disk; this one is not")
+        await write_metadata(
+            handle, DeviceMetadata(size, self.device.block_size, layout, encryption), sealer
+        )
 
     async def restore(self, name: str, *, force: bool) -> None:
         """Make the disk what it was at the snapshot; keep every snapshot."""

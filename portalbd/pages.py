@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from portalbd.store.envelope import CODEC_HOLE, CODEC_ZERO, decode, header
+from portalbd.store.sealing import Sealer
 
 _BASE = struct.Struct(">Q")
 _DELTA = struct.Struct(">QH")
@@ -39,7 +40,8 @@ class Layout:
 
     Format 1 (portalbd up to 0.1): one raw value per block, a hole is an
     absent key. Format 2: enveloped values (``store/envelope.py``), page
-    deltas, holes as header-only values.
+    deltas, holes as header-only values. Format 3: format 2 with every value
+    sealed (an encrypted disk).
     """
 
     version: int = 2
@@ -50,6 +52,10 @@ class Layout:
     @property
     def deltas(self) -> bool:
         return self.version >= 2
+
+    @property
+    def sealed(self) -> bool:
+        return self.version == 3
 
 
 def base_key(block: int) -> bytes:
@@ -141,7 +147,10 @@ def compose(base: bytes | bytearray, layers: Sequence[Pages], block_size: int) -
 
 
 def merge_stored(
-    entries: Iterable[tuple[bytes, bytes]], block_size: int, page_size: int
+    entries: Iterable[tuple[bytes, bytes]],
+    block_size: int,
+    page_size: int,
+    seal: Sealer | None = None,
 ) -> tuple[bytes, int]:
     """Rebuild one block from its stored base and deltas (keys in order).
 
@@ -156,11 +165,11 @@ def merge_stored(
     out: bytearray | None = None
     for key, value in entries:
         if len(key) == BASE_KEY_SIZE:
-            base_codec, base_seq, base = decode(value, block_size)
+            base_codec, base_seq, base = decode(value, block_size, seal=seal, key=key)
             continue
         if len(key) != DELTA_KEY_SIZE:
             raise ValueError(f"unexpected key of {len(key)} bytes in the block key space")
-        _, seq, payload = decode(value, page_size)
+        _, seq, payload = decode(value, page_size, seal=seal, key=key)
         if seq <= base_seq:
             continue
         if out is None:
@@ -179,16 +188,18 @@ def merge_stored(
     return base, 0
 
 
-def stored_flags(entries: Sequence[tuple[bytes, bytes]]) -> int:
+def stored_flags(entries: Sequence[tuple[bytes, bytes]], *, sealed: bool = False) -> int:
     """Status of one block from its stored entries, reading headers only.
 
     0 (data) unless the newest state is a hole or allocated zeros with no
-    newer delta over it.
+    newer delta over it. On an encrypted disk (``sealed``) the headers are
+    in clear, so this needs no key: it trusts them unauthenticated, which can
+    only mislead an allocation map; every read authenticates.
     """
     base_seq, base_codec = -1, CODEC_HOLE
     newest_delta = -1
     for key, value in entries:
-        codec, seq = header(value)
+        codec, seq = header(value, sealed=sealed)
         if len(key) == BASE_KEY_SIZE:
             base_seq, base_codec = seq, codec
         else:

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from portalbd import __version__
+from portalbd.store.sealing import CIPHER
 
 if TYPE_CHECKING:
     from portalbd.instance import Instance
@@ -54,6 +55,8 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "s3": instance.s3.describe() if instance.s3 is not None else None,
         # the local cache of object-store parts (S3 disks), or None
         "object_cache_dir": instance.store.object_cache_dir,
+        # the cipher of an encrypted disk (docs/security.md), else None; never a key
+        "encryption": None if instance.sealer is None else CIPHER,
         "clients": instance.server.client_list() if instance.server is not None else [],
         "stats": stats,
     }

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from portalbd.config import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from portalbd.control.async_client import request_once
 from portalbd.csi import errors as e
+from portalbd.csi import keys
 from portalbd.csi.common import (
     DEFAULT_FS_TYPE,
     FS_TYPES,
@@ -78,8 +79,12 @@ def parse_parameters(params: dict[str, str]) -> tuple[str, int]:
                     f"parameter blockSize={value}: must be a power of two from "
                     f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
                 )
+        elif key == keys.PARAMETER:
+            keys.check_parameter(value)
         else:
-            raise e.invalid(f"unknown parameter {key!r} (supported: fsType, blockSize)")
+            raise e.invalid(
+                f"unknown parameter {key!r} (supported: fsType, blockSize, {keys.PARAMETER})"
+            )
     return fs_type, block_size
 
 
@@ -218,6 +223,14 @@ class ControllerService(pb_grpc.ControllerServicer):
                     raise e.not_found(f"snapshot {snapshot_id!r} lost its source volume")
                 block_size = source.block_size
                 minimum = default = snapshot.size_bytes
+                sealed = keys.is_encrypted(source.parameters)
+                if sealed != keys.is_encrypted(request.parameters):
+                    # a clone shares its source's disk id and key (docs/security.md)
+                    raise e.invalid(
+                        f"snapshot {snapshot_id} is of {'an encrypted' if sealed else 'a plain'} "
+                        f"volume: a volume made from it must be {'' if sealed else 'un'}encrypted "
+                        "too (StorageClass parameter encrypted), staged with the source's key"
+                    )
             capacity = choose_capacity(crange, block_size, default=default, minimum=minimum)
             if snapshot is not None and capacity < snapshot.size_bytes:
                 raise e.out_of_range(

@@ -26,6 +26,7 @@ from typing import Any
 
 from portalbd.csi import attach as att
 from portalbd.csi import errors as e
+from portalbd.csi import keys
 from portalbd.csi.common import FS_TYPES, capability_problem, rpc
 from portalbd.csi.mounts import detect_fs, grow_fs, is_mounted, make_fs, mount_of, run, unmount
 from portalbd.csi.proto import csi_pb2 as pb
@@ -98,12 +99,20 @@ class NodeService(pb_grpc.NodeServicer):
                     volume_id,
                     other.node_id,
                 )
+            key_file = await asyncio.to_thread(
+                keys.stage_key,
+                state_dir,
+                volume_id,
+                keys.is_encrypted(record.parameters),
+                dict(request.secrets),
+            )
             spec = DaemonSpec(
                 volume_id=volume_id,
                 storage_url=self.registry.storage_url(volume_id),
                 size_bytes=record.capacity_bytes,
                 block_size=record.block_size,
                 state_dir=state_dir,
+                key_file=key_file,
             )
             state_dir.mkdir(parents=True, exist_ok=True)
             self.registry.mark_staged(
@@ -175,6 +184,7 @@ class NodeService(pb_grpc.NodeServicer):
             self.registry.clear_staged(volume_id)
         with contextlib.suppress(FileNotFoundError):
             (state_dir / "stage.json").unlink()
+        keys.forget_key(state_dir)
         for leftover in ("fuse", "control.sock", "nbd.sock"):
             path = state_dir / leftover
             with contextlib.suppress(OSError):

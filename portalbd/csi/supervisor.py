@@ -56,6 +56,7 @@ class DaemonSpec:
     size_bytes: int
     block_size: int
     state_dir: Path
+    key_file: Path | None = None  # an encrypted volume's key (csi/keys.py)
 
     @property
     def control_socket(self) -> Path:
@@ -82,6 +83,7 @@ class DaemonSpec:
             str(self.nbd_socket),
             "--socket",
             str(self.control_socket),
+            *(["--encryption-key-file", str(self.key_file)] if self.key_file else []),
         ]
 
 

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a seed's run, its replay command and the CI timings stay what they were "
         "without faults; a hunt asks for them (--faults seed)",
     )
+    parser.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="simulate an encrypted disk (format 3, every value sealed; key from the seed)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log the daemon's warnings")
     return parser
 
@@ -68,6 +73,8 @@ def replay_command(cfg: SimConfig, steps: int) -> str:
         parts.append(f"--flush-interval-ms {cfg.flush_interval_ms}")
     if cfg.cache_blocks is not None:
         parts.append(f"--cache-blocks {cfg.cache_blocks}")
+    if cfg.encrypted:
+        parts.append("--encrypted")
     faults = kind_for(cfg.faults, cfg.seed)  # the kind "seed" picked, spelled out
     if faults != "none":
         parts.append(f"--faults {faults}")
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             flush_interval_ms=args.flush_interval_ms,
             cache_blocks=args.cache_blocks,
             faults=args.faults,
+            encrypted=args.encrypted,
         )
         for seed in range(args.seed, args.seed + args.seeds)
     ]

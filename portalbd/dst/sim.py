@@ -116,6 +116,7 @@ class SimConfig:
     dirty_blocks: int | None = None  # None: chosen by the seed
     cache_blocks: int | None = None  # None: chosen by the seed (0 disables the cache)
     faults: str = "none"  # a kind of portalbd.dst.faults.KINDS, or "seed"
+    encrypted: bool = False  # an encrypted disk (format 3), its key drawn from the seed
 
 
 @contextlib.contextmanager
@@ -185,6 +186,10 @@ class Simulation:
             random.Random(f"{cfg.seed}:transport") if self.faults.enabled else self.rng
         )
         self.stats.faults = self.faults.kind
+        # Its own generator, so the workload stays the seed's with or without it.
+        self.encryption_key = (
+            random.Random(f"{cfg.seed}:key").randbytes(32) if cfg.encrypted else None
+        )
         # Who last wrote each byte, so a failure can name the write it lost.
         self.writers: list[str | None] = [None] * self.size
 
@@ -213,13 +218,19 @@ class Simulation:
         return cfg
 
     async def open_instance(self) -> None:
-        instance = Instance(self.config(), Path(f"/nonexistent/dst-{self.cfg.seed}.sock"))
+        instance = Instance(
+            self.config(),
+            Path(f"/nonexistent/dst-{self.cfg.seed}.sock"),
+            encryption_key=self.encryption_key,
+        )
         with _shared_store(self.object_store), self.faults.paused():
             await instance.open()
         self.instance = instance
         assert instance.device is not None
         if instance.device.size != self.size:
             raise self.fail(f"reopened with size {instance.device.size}, expected {self.size}")
+        if (instance.sealer is not None) != self.cfg.encrypted:
+            raise self.fail(f"opened with sealer {instance.sealer}, encrypted={self.cfg.encrypted}")
 
     async def connect(self, slot: int) -> None:
         assert self.instance is not None and self.instance.server is not None

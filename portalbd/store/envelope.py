@@ -16,10 +16,23 @@ Why each part is there:
   page deltas of the block exist in the store. A delta counts only when its
   sequence is newer than its base's, so old deltas are shadowed without a
   tombstone each (16 deletes cost more than the put they would accompany).
-* **flags**: all four bits are reserved and must be zero. Bit 7 is set aside
-  for sealed (encrypted and authenticated) payloads. A reader that meets a
-  flag it does not know refuses the value instead of misreading it, so a disk
-  written by a newer portalbd is never served as garbage or zeros.
+* **flags**: bit 7 (:data:`FLAG_SEALED`) marks a sealed value, the rest are
+  reserved and must be zero. A reader that meets a flag it does not know
+  refuses the value instead of misreading it, so a disk written by a newer
+  portalbd is never served as garbage or zeros.
+
+A *sealed* value (an encrypted disk, ``store/sealing.py``) keeps the header
+in clear and seals everything after it::
+
+    bytes 0..8  header, flag bit 7 set
+    then        session salt (16), nonce (12), ciphertext, tag (16)
+
+The ciphertext is of the payload the codec describes: compression comes
+first (ciphertext does not compress), and a hole or zero block seals an
+empty payload, so its tag still authenticates its header. The header, the
+store key and the disk id are the associated data. On an encrypted disk
+every value must be sealed and on a plain one none may be: a value of the
+other kind is refused.
 
 Pure functions only: no I/O, so the codec can be tested and fuzzed alone.
 """
@@ -29,6 +42,8 @@ from __future__ import annotations
 import struct
 
 import lz4.block
+
+from portalbd.store.sealing import Sealer, SealError
 
 HEADER = struct.Struct(">BQ")
 HEADER_SIZE = HEADER.size
@@ -40,7 +55,7 @@ CODEC_ZERO = 3  # no payload: allocated, reads as zeros (WRITE_ZEROES with NO_HO
 CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_HOLE: "hole", CODEC_ZERO: "zero"}
 
 FLAG_MASK = 0xF0
-FLAG_SEALED = 0x80  # reserved for encryption at rest; not written yet
+FLAG_SEALED = 0x80  # the payload is sealed (encrypted and authenticated)
 
 # Compression must save at least this share of the value to be kept: a value
 # that barely shrinks costs a decompression on every read for little gain.
@@ -69,21 +84,38 @@ def is_zero(payload: bytes | memoryview) -> bool:
     return bytes(payload).count(0) == n
 
 
-def encode(payload: bytes | memoryview | None, seq: int, *, compress: bool = True) -> bytes:
-    """Wrap one value for the store.
+def encode(
+    payload: bytes | memoryview | None,
+    seq: int,
+    *,
+    compress: bool = True,
+    seal: Sealer | None = None,
+    key: bytes = b"",
+) -> bytes:
+    """Wrap one value for the store under ``key`` (its store key).
 
     ``None`` is a hole; a payload of zeros is stored as allocated zeros; the
-    rest is compressed when that pays, else stored raw.
+    rest is compressed when that pays, else stored raw. With ``seal`` the
+    result is sealed, bound to ``key``.
     """
+    codec, body = _pack(payload, compress)
+    if seal is None:
+        head = HEADER.pack(codec, seq)
+        return head + body if body else head
+    return seal.seal(HEADER.pack(codec | FLAG_SEALED, seq), key, body)
+
+
+def _pack(payload: bytes | memoryview | None, compress: bool) -> tuple[int, bytes | memoryview]:
+    """(codec, body) of a payload: what the header announces and what follows it."""
     if payload is None:
-        return HEADER.pack(CODEC_HOLE, seq)
+        return CODEC_HOLE, b""
     if is_zero(payload):
-        return HEADER.pack(CODEC_ZERO, seq)
+        return CODEC_ZERO, b""
     if compress and _worth_trying(payload):
         packed: bytes = lz4.block.compress(payload, store_size=False)
         if _saves(len(packed), len(payload)):
-            return HEADER.pack(CODEC_LZ4, seq) + packed
-    return HEADER.pack(CODEC_RAW, seq) + payload
+            return CODEC_LZ4, packed
+    return CODEC_RAW, payload
 
 
 def _saves(packed: int, size: int) -> bool:
@@ -101,14 +133,24 @@ def _worth_trying(payload: bytes | memoryview) -> bool:
     )
 
 
-def header(value: bytes) -> tuple[int, int]:
-    """(codec, sequence) of a stored value, checked; the payload is not read."""
+def header(value: bytes, *, sealed: bool = False) -> tuple[int, int]:
+    """(codec, sequence) of a stored value, checked; the payload is not read.
+
+    ``sealed``: the disk is encrypted, so the value must be sealed. The
+    header is not authenticated here (that takes :func:`decode`).
+    """
     if len(value) < HEADER_SIZE:
         raise EnvelopeError(f"stored value of {len(value)} bytes is shorter than its header")
     first, seq = HEADER.unpack_from(value)
-    if first & FLAG_MASK:
+    flags = first & FLAG_MASK
+    if sealed and flags != FLAG_SEALED:
         raise EnvelopeError(
-            f"stored value has envelope flags {first & FLAG_MASK:#04x} that this portalbd "
+            f"stored value has envelope flags {flags:#04x} on an encrypted disk, where "
+            "every value is sealed (written by something without the key?)"
+        )
+    if not sealed and flags:
+        raise EnvelopeError(
+            f"stored value has envelope flags {flags:#04x} that this portalbd "
             "does not know (written by a newer version, or encrypted?)"
         )
     codec = first & 0x0F
@@ -117,18 +159,26 @@ def header(value: bytes) -> tuple[int, int]:
     return codec, seq
 
 
-def decode(value: bytes, size: int) -> tuple[int, int, bytes | None]:
+def decode(
+    value: bytes, size: int, *, seal: Sealer | None = None, key: bytes = b""
+) -> tuple[int, int, bytes | None]:
     """(codec, sequence, payload) of a stored value of ``size`` bytes.
 
     The payload is None for a hole and for allocated zeros (the codec tells
-    them apart); otherwise exactly ``size`` bytes.
+    them apart); otherwise exactly ``size`` bytes. With ``seal`` the value is
+    authenticated (header included) against ``key`` first.
     """
-    codec, seq = header(value)
+    codec, seq = header(value, sealed=seal is not None)
+    body: bytes | memoryview = memoryview(value)[HEADER_SIZE:]
+    if seal is not None:
+        try:
+            body = seal.unseal(value[:HEADER_SIZE], key, body)
+        except SealError as exc:
+            raise EnvelopeError(str(exc)) from None
     if codec in (CODEC_HOLE, CODEC_ZERO):
-        if len(value) != HEADER_SIZE:
+        if len(body):
             raise EnvelopeError(f"a {CODEC_NAMES[codec]} value carries a payload")
         return codec, seq, None
-    body = memoryview(value)[HEADER_SIZE:]
     if codec == CODEC_RAW:
         payload = bytes(body)
     else:

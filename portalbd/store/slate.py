@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from portalbd.config import LsmConfig, default_io_threads
 from portalbd.store.binding import StoreClosed as StoreClosed
@@ -47,7 +47,12 @@ INLINE_BATCH_BYTES = 16 * 1024
 
 Value = bytes | memoryview | None
 T = TypeVar("T")
-Encoder = Callable[[Value], bytes]
+
+
+class Encoder(Protocol):
+    """How a drain turns a value into what is stored under ``key`` (envelope.encode)."""
+
+    def __call__(self, payload: Value, /, *, key: bytes) -> bytes: ...
 
 
 class _Workers:
@@ -123,15 +128,16 @@ def _build_batch(
 ) -> tuple[Any, int, int, int]:
     """A WriteBatch of ``items``: (batch, puts, deletes, bytes put).
 
-    Runs on a worker thread: ``encode`` (compression, in C) and the binding's
-    per-byte copy both release the GIL, so several batches fill at once.
+    Runs on a worker thread: ``encode`` (compression and encryption, in C)
+    and the binding's per-byte copy release the GIL, so several batches fill
+    at once.
     Without ``encode`` a ``None`` value is a delete.
     """
     batch = sdb.WriteBatch()
     puts = deletes = size = 0
     for key, value in items:
         if encode is not None:
-            stored = encode(value)
+            stored = encode(value, key=key)
         elif value is None:
             batch.delete(key)
             deletes += 1

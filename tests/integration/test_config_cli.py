@@ -189,6 +189,10 @@ def test_invalid_storage_url(url: str, expected: str) -> None:
             "[storage]\nread_timeout_ms = -1\n",
             "storage.read_timeout_ms: must not be negative (0 means no bound)",
         ),
+        (
+            '[storage]\nencryption_key_file = ""\n',
+            "storage.encryption_key_file: empty; give a path or leave it unset",
+        ),
     ],
 )
 def test_data_plane_settings_are_checked(tmp_path: Path, toml: str, expected: str) -> None:

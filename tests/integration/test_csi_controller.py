@@ -547,6 +547,67 @@ def test_node_info_and_capabilities(driver: Driver) -> None:
     }
 
 
+def test_encrypted_volumes_need_their_key_in_the_stage_secret(
+    driver: Driver, tmp_path: Path
+) -> None:
+    caps = [mount_cap()]
+    expect(
+        Code.INVALID_ARGUMENT,
+        'parameter encrypted=\'yes\': use "true" or "false"',
+        driver.controller.CreateVolume,
+        pb.CreateVolumeRequest(name="x", volume_capabilities=caps, parameters={"encrypted": "yes"}),
+    )
+    sealed = create(driver, "sealed", parameters={"encrypted": "true"}).volume_id
+    plain = create(driver, "plain", parameters={"encrypted": "false"}).volume_id
+    staging = str(tmp_path / "staging")
+
+    def stage(vid: str, secrets: dict[str, str]) -> pb.NodeStageVolumeRequest:
+        return pb.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=staging, volume_capability=caps[0], secrets=secrets
+        )
+
+    expect(
+        Code.INVALID_ARGUMENT,
+        f"volume {sealed} is encrypted: NodeStageVolume needs its key in the secret "
+        "encryptionKey; name a Secret holding it in the StorageClass",
+        driver.node.NodeStageVolume,
+        stage(sealed, {}),
+    )
+    expect(
+        Code.INVALID_ARGUMENT,
+        f"secret encryptionKey of volume {sealed}: it holds 5 bytes",
+        driver.node.NodeStageVolume,
+        stage(sealed, {"encryptionKey": "short"}),
+    )
+    expect(
+        Code.INVALID_ARGUMENT,
+        f"volume {plain} is not encrypted, but NodeStageVolume got the secret encryptionKey",
+        driver.node.NodeStageVolume,
+        stage(plain, {"encryptionKey": "ab" * 32}),
+    )
+    snapshot = driver.controller.CreateSnapshot(
+        pb.CreateSnapshotRequest(source_volume_id=sealed, name="sealed-snap")
+    ).snapshot
+    expect(
+        Code.INVALID_ARGUMENT,
+        f"snapshot {snapshot.snapshot_id} is of an encrypted volume: a volume made from it "
+        "must be encrypted too",
+        driver.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name="clone",
+            volume_capabilities=caps,
+            volume_content_source=from_snapshot(snapshot.snapshot_id),
+        ),
+    )
+    clone = create(
+        driver,
+        "clone",
+        parameters={"encrypted": "true"},
+        volume_content_source=from_snapshot(snapshot.snapshot_id),
+    )
+    assert clone.volume_id != sealed
+
+
 def test_node_argument_errors(driver: Driver, tmp_path: Path) -> None:
     volume = create(driver, "node-errors")
     vid = volume.volume_id

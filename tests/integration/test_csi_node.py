@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +25,7 @@ from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi.proto import csi_pb2 as pb
 from tests.support.csi import Driver, block_cap, mount_cap, rpc_error, running_driver
+from tests.support.leaks import leaked_runs
 
 MIB = 1 << 20
 
@@ -329,6 +331,71 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     assert daemon_pids(vid) == []
+
+
+def test_encrypted_block_volume_takes_its_key_from_the_stage_secret(
+    driver: Driver, tmp_path: Path
+) -> None:
+    """The key reaches the daemon through a file only it can read, gone after
+    unstaging; the storage holds none of the data; another key is refused.
+    (The right key after a restart: tests/integration/test_encryption.py.)"""
+    volume = driver.controller.CreateVolume(
+        pb.CreateVolumeRequest(
+            name="sealed",
+            capacity_range=pb.CapacityRange(required_bytes=16 * MIB),
+            volume_capabilities=[block_cap()],
+            parameters={"encrypted": "true"},
+        )
+    ).volume
+    vid = volume.volume_id
+    staging, target = tmp_path / "staging", tmp_path / "pod/dev"
+    key = {"encryptionKey": os.urandom(32).hex()}
+
+    def stage_with(secrets: dict[str, str]) -> None:
+        driver.node.NodeStageVolume(
+            pb.NodeStageVolumeRequest(
+                volume_id=vid,
+                staging_target_path=str(staging),
+                volume_capability=block_cap(),
+                secrets=secrets,
+            )
+        )
+
+    stage_with(key)
+    key_file = driver.state / vid / "encryption.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    publish(driver, vid, staging, target, cap=block_cap())
+    data = os.urandom(MIB)
+    fd = os.open(target, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 2 * MIB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # A daemon that dies is restarted with the same key file.
+    (old,) = daemon_pids(vid)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not [p for p in daemon_pids(vid) if p != old]:
+        time.sleep(0.1)
+    status: dict[str, Any] = asyncio.run(_status(driver.state / vid / "control.sock"))
+    assert status["Status"]["encryption"] == "aes-256-gcm", status
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    assert not key_file.exists()
+    assert leaked_runs(data, driver.base / "root" / "volumes" / vid) == []
+
+    error = rpc_error(
+        driver.node.NodeStageVolume,
+        pb.NodeStageVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            volume_capability=block_cap(),
+            secrets={"encryptionKey": os.urandom(32).hex()},
+        ),
+    )
+    assert "the encryption key does not match this disk" in (error.details() or "")
+    assert not key_file.exists()  # the failed stage was undone
 
 
 async def _status(socket: Path) -> dict[str, dict[str, int]]:

@@ -89,10 +89,11 @@ def test_a_newer_or_unreadable_format_is_refused(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
     newer = f"file://{tmp_path}/newer"
-    asyncio.run(write_raw(newer, {"format": 3, "size_bytes": BS, "block_size": BS}, {}))
+    # format 3 is an encrypted disk (tests/integration/test_encryption.py)
+    asyncio.run(write_raw(newer, {"format": 4, "size_bytes": BS, "block_size": BS}, {}))
     daemon = daemon_factory(storage_url=newer, wait=False)
     assert daemon.process.wait(30) == 1
-    assert "device format 3 is not supported by portalbd" in daemon.log()
+    assert "device format 4 is not supported by portalbd" in daemon.log()
     assert "use the portalbd that created this disk" in daemon.log()
     garbled = f"file://{tmp_path}/garbled"
     asyncio.run(write_raw(garbled, {"size_bytes": BS}, {}))  # no format at all
