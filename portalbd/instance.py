@@ -32,6 +32,7 @@ from portalbd.store.metadata import (
     read_metadata,
     write_metadata,
 )
+from portalbd.store.original import OriginalLayoutError
 from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
 from portalbd.store.slate import (
     SlateHandle,
@@ -94,6 +95,8 @@ class Instance:
                 max_retries=cfg.storage.s3.max_retries if self.location.kind == "s3" else None,
                 s3=self.s3,
             )
+        except OriginalLayoutError as exc:
+            raise StartupError(str(exc)) from exc
         except StoreError as exc:
             raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
         # A restore cut short by a crash leaves a cloned generation nothing

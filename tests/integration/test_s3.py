@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, daemon_command, free_port
+from tests.support.original import build_original_disk, original_block
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, OutageProxy, moto_server
 from tests.support.s3 import nbd_connection as connected
 
@@ -74,6 +75,20 @@ def run_daemon_to_exit(
         check=False,
     )
     return result, time.monotonic() - started
+
+
+def test_original_layout_in_the_bucket_is_refused(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/disks/old"
+    build_original_disk(url, {3: original_block(3)}, environ=moto.env())
+    before = moto.keys(bucket)
+    result, _ = run_daemon_to_exit(tmp_path, moto.env(), "--storage-url", url)
+    assert result.returncode == 1, result.stderr
+    assert f"storage {url} holds a disk of the original (Rust) portalbd" in result.stderr
+    assert "s3 key prefix 'disks/old'" in result.stderr
+    assert "To migrate:" in result.stderr
+    assert moto.keys(bucket) == before  # no catalog/ or gen/ was created
 
 
 def test_read_write_flush_restart(
