@@ -8,6 +8,7 @@ expected type, and the daemon never starts half-configured.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -101,12 +102,17 @@ class LsmConfig:
     # (store/envelope.py); compressing SST blocks again costs CPU on data
     # that is already compressed or incompressible.
     compression_codec: str | None = "none"
-    sst_block_size: int | None = None
+    # bytes, or SlateDB's name for the size ("Block64Kib"), as the original wrote it
+    sst_block_size: int | str | None = None
     # SlateDB's cache of object-store parts on local disk: survives restarts,
     # so reads from S3 that were served once come from the disk after. Off
     # unless a directory is given.
     object_cache_dir: str | None = None
     object_cache_bytes: int = 16 * GIB
+
+    def sst_block_bytes(self) -> int | None:
+        """The SST block size in bytes, whichever form the file used (validated)."""
+        return sst_block_bytes(self.sst_block_size)
 
 
 @dataclass(slots=True)
@@ -135,6 +141,20 @@ class Config:
 
 COMPRESSION_CODECS = ("none", "lz4", "snappy", "zlib", "zstd")
 SST_BLOCK_SIZES = tuple(1024 << i for i in range(7))  # 1 KiB .. 64 KiB
+# SlateDB's serde names for them, which the original portalbd's files use
+SST_BLOCK_NAMES = {f"block{size // 1024}kib": size for size in SST_BLOCK_SIZES}
+
+
+def sst_block_bytes(value: int | str | None) -> int | None:
+    """``65536`` or ``"Block64Kib"`` (any case) to bytes; ValueError for anything else."""
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return SST_BLOCK_NAMES[value.lower()]
+    except KeyError:
+        raise ValueError(value) from None
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 1024 * 1024
@@ -183,6 +203,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) > 1:
+            for option in options:
+                with contextlib.suppress(ConfigError):
+                    return _coerce(value, option, where)
+            expected = " or ".join(_type_name(o) for o in options)
+            raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}")
         tp = options[0]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -221,10 +247,27 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     try:
         config: Config = _build(Config, document, "")
+        _imply_unflushed(config, document.get("lsm", {}))
         validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _imply_unflushed(config: Config, lsm_table: dict[str, Any]) -> None:
+    """An L0 table larger than our default write budget, with no budget set, raises it.
+
+    The original portalbd left ``max_unflushed_bytes`` to SlateDB (1 GiB), so
+    its files set ``l0_sst_size_bytes`` alone, up to 256 MiB (its default):
+    a memtable must fit under the budget, so the budget becomes twice the L0
+    size instead of the file being refused. A budget the file sets is checked
+    as it is.
+    """
+    lsm = config.lsm
+    if "max_unflushed_bytes" in lsm_table or lsm.l0_sst_size_bytes is None:
+        return
+    if lsm.max_unflushed_bytes and lsm.max_unflushed_bytes <= lsm.l0_sst_size_bytes:
+        lsm.max_unflushed_bytes = 2 * lsm.l0_sst_size_bytes
 
 
 def load(path: Path) -> Config:
@@ -281,11 +324,17 @@ def validate(config: Config) -> None:
             f"lsm.compression_codec: must be one of {', '.join(COMPRESSION_CODECS)}, "
             f"got {lsm.compression_codec!r}"
         )
-    if lsm.sst_block_size is not None and lsm.sst_block_size not in SST_BLOCK_SIZES:
+    try:
+        block_bytes = sst_block_bytes(lsm.sst_block_size)
+    except ValueError:
+        block_bytes = -1
+    if block_bytes is not None and block_bytes not in SST_BLOCK_SIZES:
         raise ConfigError(
             "lsm.sst_block_size: must be one of "
             + ", ".join(str(s) for s in SST_BLOCK_SIZES)
-            + f", got {lsm.sst_block_size}"
+            + " (bytes) or SlateDB's name for one ("
+            + ", ".join(f"Block{s // 1024}Kib" for s in SST_BLOCK_SIZES)
+            + f"), got {lsm.sst_block_size!r}"
         )
     if lsm.object_cache_dir is not None and not Path(lsm.object_cache_dir).is_absolute():
         raise ConfigError(

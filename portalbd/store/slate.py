@@ -341,10 +341,9 @@ class SlateHandle:
             builder.with_db_cache(cache, 0)
         if lsm.filter_bits_per_key and not small:
             builder.with_filter_policies([sdb.FilterPolicy.bloom(lsm.filter_bits_per_key)])
-        if lsm.sst_block_size and not small:
-            builder.with_sst_block_size(
-                getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[lsm.sst_block_size])
-            )
+        sst_block = lsm.sst_block_bytes()
+        if sst_block and not small:
+            builder.with_sst_block_size(getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[sst_block]))
         recorder = None
         if metrics is not None:
             recorder = metrics.new_recorder()
