@@ -42,9 +42,14 @@ class InstanceConfig:
     name: str = "default"
 
 
+DEFAULT_DISK_SIZE_GB = 1
+
+
 @dataclass(slots=True)
 class DeviceConfig:
-    disk_size_gb: int = 1
+    # Neither set: an existing disk keeps its recorded size, a new one gets
+    # DEFAULT_DISK_SIZE_GB (store/metadata.py).
+    disk_size_gb: int | None = None
     size_bytes: int | None = None
     block_size: int = 64 * 1024
     cache_bytes: int = 128 * MIB
@@ -53,8 +58,16 @@ class DeviceConfig:
     # threads that copy bytes into SlateDB (store/slate.py); 0 = on the loop
     io_threads: int = field(default_factory=default_io_threads)
 
+    def requested_size(self) -> int | None:
+        """The size the operator asked for in bytes; None when they asked for none."""
+        if self.size_bytes is not None:
+            return self.size_bytes
+        return None if self.disk_size_gb is None else self.disk_size_gb * GIB
+
     def effective_size(self) -> int:
-        return self.size_bytes if self.size_bytes is not None else self.disk_size_gb * GIB
+        """The size a new disk gets."""
+        requested = self.requested_size()
+        return DEFAULT_DISK_SIZE_GB * GIB if requested is None else requested
 
 
 @dataclass(slots=True)
@@ -285,7 +298,7 @@ def _power_of_two(n: int) -> bool:
 def validate(config: Config) -> None:
     """Check values that types alone cannot: ranges, choices, relations."""
     device = config.device
-    if device.disk_size_gb <= 0:
+    if device.disk_size_gb is not None and device.disk_size_gb <= 0:
         raise ConfigError("device.disk_size_gb: must be at least 1")
     if device.size_bytes is not None and device.size_bytes <= 0:
         raise ConfigError("device.size_bytes: must be positive")

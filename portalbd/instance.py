@@ -110,7 +110,10 @@ class Instance:
                 log.info("removed unreferenced generations %s", removed)
         try:
             meta = await open_metadata(
-                self.store.data, cfg.device.effective_size(), cfg.device.block_size
+                self.store.data,
+                cfg.device.requested_size(),
+                cfg.device.block_size,
+                cfg.device.effective_size(),
             )
         except MetadataError as exc:
             raise StartupError(str(exc)) from exc

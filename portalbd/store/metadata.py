@@ -92,19 +92,27 @@ async def write_metadata(data: SlateHandle, meta: DeviceMetadata) -> None:
     await data.flush()
 
 
-async def open_metadata(data: SlateHandle, size: int, block_size: int) -> DeviceMetadata:
+async def open_metadata(
+    data: SlateHandle, requested: int | None, block_size: int, default_size: int
+) -> DeviceMetadata:
     """Record the device geometry on first use; enforce it afterwards.
 
     Returns what to serve: growing is allowed (and recorded), shrinking would
-    cut off data and is refused, as is a different block size. The epoch is
-    bumped and recorded before any write can use it.
+    cut off data and is refused, as is a different block size. With no size
+    requested an existing disk keeps its recorded one (a disk grown once
+    must not need its size repeated at every start) and a new disk gets
+    ``default_size``. The epoch is bumped and recorded before any write can
+    use it.
     """
     meta = await read_metadata(data)
     if meta is None:
         layout = Layout(version=FORMAT_CURRENT, page_size=PAGE_SIZE, epoch=1)
-        fresh = DeviceMetadata(size, block_size, layout)
+        fresh = DeviceMetadata(default_size if requested is None else requested, block_size, layout)
         await write_metadata(data, fresh)
         return fresh
+    if requested is None:
+        log.info("no size given: serving the recorded %d bytes", meta.size_bytes)
+    size = meta.size_bytes if requested is None else requested
     if meta.block_size != block_size:
         raise MetadataError(
             f"this disk was created with block_size {meta.block_size}; "
