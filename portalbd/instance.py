@@ -64,6 +64,8 @@ class Instance:
         self.recorder: Any = None
         self.usage: UsageSampler | None = None
         self._admin_lock = asyncio.Lock()
+        # what the last restore did, for status (its reply stays the original's "Ok")
+        self.last_restore: dict[str, Any] | None = None
         self.s3: S3Settings | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -389,6 +391,14 @@ class Instance:
                     removed = []
             finally:
                 self.server.refusal = None
+            self.last_restore = {
+                "name": name,
+                "generation": generation,
+                "disconnected": clients,
+                "removed_generations": removed,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "finished_at": round(time.time(), 3),
+            }
             log.info(
                 "snapshot restored name=%s generation=%d disconnected=%d removed=%s in %.1f ms",
                 name,

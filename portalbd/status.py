@@ -53,5 +53,6 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "recording": instance.recorder is not None,
         "s3": instance.s3.describe() if instance.s3 is not None else None,
         "clients": instance.server.client_list() if instance.server is not None else [],
+        "last_restore": instance.last_restore,
         "stats": stats,
     }
