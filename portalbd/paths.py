@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 SOCKET_NAME = "control.sock"
+# The original portalbd's one control socket (its default, and what its
+# README's config names, under [nbd]).
+ORIGINAL_CONTROL_SOCKET = Path("/run/portalbd/portalbd.sock")
 
 
 def runtime_base(env: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
@@ -39,6 +42,21 @@ def control_socket_path(
     if runtime_directory:
         return Path(runtime_directory.split(":")[0]) / SOCKET_NAME
     return runtime_base(env, uid) / instance / SOCKET_NAME
+
+
+def original_control_socket(env: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
+    """Where a config written for the original gets its control socket here.
+
+    The original's path itself for root outside systemd; under systemd the
+    unit's runtime directory, otherwise this user's runtime base, so the
+    same config also runs unprivileged. portalctl with no ``--socket`` or
+    ``--instance`` looks here when the default instance is not running.
+    """
+    env = os.environ if env is None else env
+    runtime_directory = env.get("RUNTIME_DIRECTORY")
+    if runtime_directory:
+        return Path(runtime_directory.split(":")[0]) / ORIGINAL_CONTROL_SOCKET.name
+    return runtime_base(env, uid) / ORIGINAL_CONTROL_SOCKET.name
 
 
 def discovery_roots(env: Mapping[str, str] | None = None, uid: int | None = None) -> list[Path]:

@@ -19,7 +19,12 @@ from typing import Any, TextIO
 from portalbd import __version__
 from portalbd.control.client import ControlClient
 from portalbd.control.errors import ControlError, NotRunning
-from portalbd.paths import control_socket_path, discover_sockets
+from portalbd.paths import (
+    control_socket_path,
+    discover_sockets,
+    is_socket,
+    original_control_socket,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -289,9 +294,16 @@ def print_human(response: Any, out: TextIO) -> None:
 
 
 def resolve_socket(args: argparse.Namespace) -> Path:
+    """--socket; else the instance's socket; with neither given, the default
+    instance's, or the original portalbd's path when only that one runs."""
     if args.socket is not None:
         return Path(args.socket)
-    return control_socket_path(args.instance or DEFAULT_INSTANCE)
+    path = control_socket_path(args.instance or DEFAULT_INSTANCE)
+    if args.instance is None and not is_socket(path):
+        original = original_control_socket()
+        if is_socket(original):
+            return original
+    return path
 
 
 def not_running_message(args: argparse.Namespace, exc: NotRunning) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from portalbd.config import ConfigError, parse
+from portalbd.daemon import read_original_nbd_socket
 
 README_CONFIG = """\
 [device]
@@ -62,6 +63,31 @@ def test_readme_config_loads() -> None:
     assert config.nbd.address == "127.0.0.1:10809"
     assert config.lsm.flush_interval_ms == 1000
     assert config.lsm.l0_sst_size_bytes == 64 * 1024 * 1024
+
+
+def test_readme_nbd_socket_is_the_control_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/tmp/portalbd-unit")
+    config, notes = parse(README_CONFIG), []
+    read_original_nbd_socket(config, notes)
+    assert config.socket == "/tmp/portalbd-unit/portalbd.sock"
+    assert config.nbd.socket is None
+    assert notes == [
+        "[nbd] socket = '/run/portalbd/portalbd.sock' is the original portalbd's control "
+        "socket: control socket /tmp/portalbd-unit/portalbd.sock, no NBD Unix socket "
+        "(use --nbd-socket for one)"
+    ]
+
+
+def test_other_nbd_sockets_stay_nbd_listeners() -> None:
+    config, notes = parse('[nbd]\nsocket = "/run/portalbd/disk0/nbd.sock"\n'), []
+    read_original_nbd_socket(config, notes)
+    assert (config.nbd.socket, config.socket, notes) == ("/run/portalbd/disk0/nbd.sock", None, [])
+
+
+def test_a_top_level_socket_wins_as_in_the_original() -> None:
+    config = parse('socket = "/tmp/c.sock"\n[nbd]\nsocket = "/run/portalbd/portalbd.sock"\n')
+    read_original_nbd_socket(config, [])
+    assert (config.socket, config.nbd.socket) == ("/tmp/c.sock", None)
 
 
 def test_source_defaults_load_with_slatedb_names() -> None:
