@@ -67,7 +67,8 @@ def test_readme_config_loads() -> None:
 
 def test_readme_nbd_socket_is_the_control_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/tmp/portalbd-unit")
-    config, notes = parse(README_CONFIG), []
+    config = parse(README_CONFIG)
+    notes: list[str] = []
     read_original_nbd_socket(config, notes)
     assert config.socket == "/tmp/portalbd-unit/portalbd.sock"
     assert config.nbd.socket is None
@@ -79,7 +80,8 @@ def test_readme_nbd_socket_is_the_control_socket(monkeypatch: pytest.MonkeyPatch
 
 
 def test_other_nbd_sockets_stay_nbd_listeners() -> None:
-    config, notes = parse('[nbd]\nsocket = "/run/portalbd/disk0/nbd.sock"\n'), []
+    config = parse('[nbd]\nsocket = "/run/portalbd/disk0/nbd.sock"\n')
+    notes: list[str] = []
     read_original_nbd_socket(config, notes)
     assert (config.nbd.socket, config.socket, notes) == ("/run/portalbd/disk0/nbd.sock", None, [])
 
