@@ -55,6 +55,8 @@ class DeviceConfig:
     cache_bytes: int = 128 * MIB
     dirty_bytes: int = 64 * MIB
     read_only: bool = False
+    # with read_only: serve this snapshot instead of following the live disk
+    snapshot: str | None = None
     # threads that copy bytes into SlateDB (store/slate.py); 0 = on the loop
     io_threads: int = field(default_factory=default_io_threads)
 
@@ -308,6 +310,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"device.block_size: must be a power of two from {MIN_BLOCK_SIZE} to "
             f"{MAX_BLOCK_SIZE}, got {device.block_size}"
+        )
+    if device.snapshot is not None and not device.read_only:
+        raise ConfigError(
+            "device.snapshot: serving a snapshot needs device.read_only (--read-only); "
+            "to make the disk a snapshot again, restore it"
         )
     if device.cache_bytes < 0:
         raise ConfigError("device.cache_bytes: must not be negative")

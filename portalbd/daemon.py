@@ -76,7 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: one per core, at most 8; 0 = none)",
     )
     add("--flush-interval-ms", type=int, metavar="N", help="SlateDB WAL flush interval (0=manual)")
-    add("--read-only", action="store_true", default=None, help="serve the disk read-only")
+    add(
+        "--read-only",
+        action="store_true",
+        default=None,
+        help="serve another daemon's disk as a read replica: opens nothing for writing, "
+        "never fences the writer, follows what it flushes",
+    )
+    add(
+        "--snapshot",
+        metavar="NAME",
+        help="with --read-only: serve this snapshot instead of the live disk",
+    )
     add("--log-level", choices=cfgmod.LOG_LEVELS, help="log verbosity (default info)")
     add("--trace", metavar="FILE", help="record every NBD request to this trace file")
     add("--workload", metavar="NAME", help="workload name written into the trace")
@@ -111,6 +122,7 @@ OVERRIDES = {
     "io_threads": "device.io_threads",
     "flush_interval_ms": "lsm.flush_interval_ms",
     "read_only": "device.read_only",
+    "snapshot": "device.snapshot",
     "log_level": "log_level",
     "trace": "record.path",
     "workload": "record.workload",

@@ -222,6 +222,15 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "storage_url" in status:
         generation = f" (generation {status['generation']})" if "generation" in status else ""
         add("Storage", f"{status['storage_url']}{generation}")
+    replica = status.get("replica")
+    if isinstance(replica, dict):
+        if replica.get("mode") == "snapshot":
+            add("Replica", f"read-only, snapshot {replica.get('snapshot')}")
+        else:
+            add(
+                "Replica",
+                f"read-only, following the writer (lag under {replica.get('lag_bound_ms')} ms)",
+            )
     add("Size", human_size(status.get("size_bytes", 0)))
     blocks = str(status.get("block_count"))
     if "block_size" in status:

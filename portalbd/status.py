@@ -54,5 +54,8 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "s3": instance.s3.describe() if instance.s3 is not None else None,
         "clients": instance.server.client_list() if instance.server is not None else [],
         "last_restore": instance.last_restore,
+        "read_only": instance.config.device.read_only,
+        # --read-only: what it serves (follow the writer, or one snapshot) and its lag
+        "replica": instance.replica.public() if instance.replica is not None else None,
         "stats": stats,
     }
