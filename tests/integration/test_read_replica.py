@@ -140,8 +140,6 @@ def test_replica_refusals(daemon_factory: DaemonFactory, tmp_path: Path) -> None
     message = startup_error(tmp_path, "--read-only", "--storage-url", empty)
     assert f"no portalbd disk at {empty} (no catalog); a read-only replica never creates" in message
     assert not (tmp_path / "empty" / "catalog").exists()
-    message = startup_error(tmp_path, "--snapshot", "s1", "--storage-url", empty)
-    assert "device.snapshot: serving a snapshot needs device.read_only (--read-only)" in message
 
     url = f"file://{tmp_path}/data"
     writer = daemon_factory(storage_url=url, instance="writer")

@@ -175,6 +175,37 @@ def test_original_readme_flow(moto: MotoServer, tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.log_tail()
 
 
+def test_read_replica_on_the_same_bucket(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str
+) -> None:
+    """A --read-only daemon on the writer's bucket, as another host would run it."""
+    url = f"s3://{bucket}/disks/shared"
+    writer = daemon_factory(storage_url=url, env=moto.env(), instance="writer")
+    one, two = pattern(1), pattern(2)
+    with connected(writer.uri) as w:
+        w.pwrite(one, 0)
+        w.flush()
+    keys = set(moto.keys(bucket))
+    replica = daemon_factory(
+        "--read-only", storage_url=url, env=moto.env(), instance="replica", disk_size_gb=None
+    )
+    assert set(moto.keys(bucket)) == keys  # opening it wrote nothing
+    with connected(replica.uri) as r:
+        assert r.pread(BS, 0) == one
+    with connected(writer.uri) as w:
+        w.pwrite(two, BS)
+        w.flush()
+    deadline = time.monotonic() + replica.status()["replica"]["lag_bound_ms"] / 1000 + 5
+    while True:
+        with connected(replica.uri) as r:
+            if r.pread(BS, BS) == two:
+                break
+        assert time.monotonic() < deadline, "the replica never saw the flushed write"
+        time.sleep(0.1)
+    assert replica.stop() == 0
+    assert writer.stop() == 0
+
+
 def test_read_write_flush_restart(
     daemon_factory: DaemonFactory, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
