@@ -82,7 +82,7 @@ class Instance:
                 "S3 storage %s",
                 " ".join(f"{k}={v}" for k, v in self.s3.describe().items()),
             )
-            await asyncio.to_thread(preflight, self.s3)
+            await asyncio.to_thread(preflight, self.s3, read_only=self.config.device.read_only)
         except S3SetupError as exc:
             raise StartupError(f"cannot use storage {self.location.display}: {exc}") from exc
 
@@ -230,7 +230,12 @@ class Instance:
         assert self.device is not None
         while True:
             await asyncio.sleep(store.state.poll_interval_ms / 1000)
-            fresh = await store.poll()
+            try:
+                fresh = await store.poll()
+            except StoreError as exc:  # the new generation did not open: next poll retries
+                store.state.last_error = str(exc)
+                log.warning("read-only: cannot follow the writer yet: %s", exc)
+                continue
             if fresh is None:
                 continue
             for _ in range(100):
@@ -243,6 +248,7 @@ class Instance:
                 await fresh.close()  # still busy: next poll tries again
                 continue
             old = await store.retire(fresh)
+            fresh.on_reopen = self.device.forget_clean_cache
             log.info("read-only: the writer's live generation is now %d", store.generation)
             with contextlib.suppress(StoreError):
                 await old.close()

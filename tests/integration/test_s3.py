@@ -392,6 +392,20 @@ def test_missing_bucket(tmp_path: Path, moto: MotoServer, daemon_factory: Daemon
     assert name in [b["Name"] for b in moto.client().list_buckets()["Buckets"]]
 
 
+def test_read_replica_never_creates_the_bucket(tmp_path: Path, moto: MotoServer) -> None:
+    name = f"pbd-missing-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "create.toml", create_bucket=True)
+    result, _ = run_daemon_to_exit(
+        tmp_path, moto.env(), "-c", str(config), "--read-only", "--storage-url", f"s3://{name}/x"
+    )
+    assert result.returncode == 1
+    assert (
+        f"bucket {name!r} at {moto.endpoint} does not exist; a read-only replica never "
+        "creates one: start the writer on it first"
+    ) in result.stderr
+    assert name not in [b["Name"] for b in moto.client().list_buckets()["Buckets"]]
+
+
 def test_wrong_credentials(tmp_path: Path) -> None:
     with moto_server(tmp_path, auth=True) as strict:
         env = strict.env()
