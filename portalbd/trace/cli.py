@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "profiling on)")  # fmt: skip
     b.add_argument("--workdir", type=Path, help="keep daemon data and logs here")
     b.add_argument("--compare", nargs=2, type=Path, metavar=("OLD.json", "NEW.json"),
-                   help="print a before/after table of two --json results and exit")  # fmt: skip
+                   help="a before/after table of two --json-out results, then exit")  # fmt: skip
 
     g = sub.add_parser("gen", help="record a trace of a real workload")
     g.add_argument("workload", choices=["mkfs", "pgbench", "minecraft"])
