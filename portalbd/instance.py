@@ -138,7 +138,7 @@ class Instance:
             self._watchdog = asyncio.get_running_loop().create_task(
                 self._watch_fencing(), name="portalbd-fencing-watchdog"
             )
-        elif follows:
+        else:  # a replica polls the catalog (snapshots, a restore on the writer)
             self._watchdog = asyncio.get_running_loop().create_task(
                 self._follow(self.replica), name="portalbd-replica-follower"
             )
@@ -226,7 +226,7 @@ class Instance:
         return meta
 
     async def _follow(self, store: ReplicaStore) -> None:
-        """Follow the writer: poll the catalog; swap to a new live generation after a restore."""
+        """Poll the writer's catalog; following, swap to a new live generation after a restore."""
         assert self.device is not None
         while True:
             await asyncio.sleep(store.state.poll_interval_ms / 1000)

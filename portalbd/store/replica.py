@@ -154,6 +154,12 @@ class ReplicaStore(InstanceStore):
             return None
         state.polled_at = time.monotonic()
         state.last_error = None
+        if state.snapshot is not None and self.catalog.find(state.snapshot) is None:
+            # its checkpoint is gone: the writer's GC may now delete what we read
+            state.last_error = (
+                f"snapshot {state.snapshot!r} was deleted by the writer; "
+                "reads may fail once its files are collected"
+            )
         seq = self.data.durable_seq()
         if seq != state.durable_seq:
             state.durable_seq, state.changed_at = seq, time.monotonic()

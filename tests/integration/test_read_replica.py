@@ -113,6 +113,7 @@ def test_replica_of_a_snapshot_writes_nothing(
     with connected(replica.uri) as r:
         assert r.pread(BLOCK, 0) == before
         r.flush()  # accepted: nothing to make durable
+    assert replica.status()["replica"]["last_error"] is None
     assert replica.stop() == 0
     assert storage_files(tmp_path / "data") == files  # not one object written
 
@@ -146,3 +147,17 @@ def test_replica_refusals(daemon_factory: DaemonFactory, tmp_path: Path) -> None
     writer.control({"SnapshotCreate": {"name": "s1"}})
     message = startup_error(tmp_path, "--read-only", "--snapshot", "nope", "--storage-url", url)
     assert "no snapshot 'nope' to serve (snapshots: s1)" in message
+
+    # the writer deletes the snapshot a replica serves: the replica says so
+    replica = daemon_factory(
+        "--read-only", "--snapshot", "s1", storage_url=url, instance="snap", disk_size_gb=None
+    )
+    assert writer.control({"SnapshotDelete": {"name": "s1"}}) == "Ok"
+    deadline = time.monotonic() + 10
+    while (error := replica.status()["replica"]["last_error"]) is None:
+        assert time.monotonic() < deadline, "the replica never noticed"
+        time.sleep(0.1)
+    assert (
+        error
+        == "snapshot 's1' was deleted by the writer; reads may fail once its files are collected"
+    )
