@@ -137,7 +137,7 @@ def read_original_nbd_socket(config: Config, notes: list[str]) -> None:
     names its control socket (the original ignored the key and used that
     path by default). Here ``[nbd] socket`` is an NBD listener, so that one
     path is read as the original meant it: the control socket (unless the
-    file names one at the top level, as the original did), and no NBD
+    file names one at the top level, as the original did, or --socket does), and no NBD
     socket. portalctl with no flags finds it (``paths.original_control_socket``).
     """
     if config.nbd.socket != str(ORIGINAL_CONTROL_SOCKET):
@@ -155,12 +155,12 @@ def read_original_nbd_socket(config: Config, notes: list[str]) -> None:
 def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> Config:
     """The effective configuration; ``notes`` collects what is worth logging about it."""
     config = cfgmod.load(args.config) if args.config else Config()
-    if args.nbd_socket is None:
-        read_original_nbd_socket(config, [] if notes is None else notes)
     for flag, key in OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
             cfgmod.set_value(config, key, value)
+    if args.nbd_socket is None:  # the flag asks for an NBD socket, wherever it is
+        read_original_nbd_socket(config, [] if notes is None else notes)
     if args.disk_size_gb is not None and args.size_bytes is None:
         config.device.size_bytes = None  # the flag beats an exact size from the file
     try:
