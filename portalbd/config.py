@@ -8,6 +8,7 @@ expected type, and the daemon never starts half-configured.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -41,19 +42,34 @@ class InstanceConfig:
     name: str = "default"
 
 
+DEFAULT_DISK_SIZE_GB = 1
+
+
 @dataclass(slots=True)
 class DeviceConfig:
-    disk_size_gb: int = 1
+    # Neither set: an existing disk keeps its recorded size, a new one gets
+    # DEFAULT_DISK_SIZE_GB (store/metadata.py).
+    disk_size_gb: int | None = None
     size_bytes: int | None = None
     block_size: int = 64 * 1024
     cache_bytes: int = 128 * MIB
     dirty_bytes: int = 64 * MIB
     read_only: bool = False
+    # with read_only: serve this snapshot instead of following the live disk
+    snapshot: str | None = None
     # threads that copy bytes into SlateDB (store/slate.py); 0 = on the loop
     io_threads: int = field(default_factory=default_io_threads)
 
+    def requested_size(self) -> int | None:
+        """The size the operator asked for in bytes; None when they asked for none."""
+        if self.size_bytes is not None:
+            return self.size_bytes
+        return None if self.disk_size_gb is None else self.disk_size_gb * GIB
+
     def effective_size(self) -> int:
-        return self.size_bytes if self.size_bytes is not None else self.disk_size_gb * GIB
+        """The size a new disk gets."""
+        requested = self.requested_size()
+        return DEFAULT_DISK_SIZE_GB * GIB if requested is None else requested
 
 
 @dataclass(slots=True)
@@ -104,13 +120,18 @@ class LsmConfig:
     # (store/envelope.py); compressing SST blocks again costs CPU on data
     # that is already compressed or incompressible.
     compression_codec: str | None = "none"
-    sst_block_size: int | None = None
+    # bytes, or SlateDB's name for the size ("Block64Kib"), as the original wrote it
+    sst_block_size: int | str | None = None
     # SlateDB's cache of object-store parts on local disk: survives restarts,
     # so reads from S3 that were served once come from the disk after. On
     # for S3 disks, under paths.object_cache_root() unless a directory is
     # given; object_cache_bytes = 0 turns it off.
     object_cache_dir: str | None = None
     object_cache_bytes: int = 16 * GIB
+
+    def sst_block_bytes(self) -> int | None:
+        """The SST block size in bytes, whichever form the file used (validated)."""
+        return sst_block_bytes(self.sst_block_size)
 
 
 @dataclass(slots=True)
@@ -139,6 +160,20 @@ class Config:
 
 COMPRESSION_CODECS = ("none", "lz4", "snappy", "zlib", "zstd")
 SST_BLOCK_SIZES = tuple(1024 << i for i in range(7))  # 1 KiB .. 64 KiB
+# SlateDB's serde names for them, which the original portalbd's files use
+SST_BLOCK_NAMES = {f"block{size // 1024}kib": size for size in SST_BLOCK_SIZES}
+
+
+def sst_block_bytes(value: int | str | None) -> int | None:
+    """``65536`` or ``"Block64Kib"`` (any case) to bytes; ValueError for anything else."""
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return SST_BLOCK_NAMES[value.lower()]
+    except KeyError:
+        raise ValueError(value) from None
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 1024 * 1024
@@ -187,6 +222,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) > 1:
+            for option in options:
+                with contextlib.suppress(ConfigError):
+                    return _coerce(value, option, where)
+            expected = " or ".join(_type_name(o) for o in options)
+            raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}")
         tp = options[0]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -225,10 +266,27 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     try:
         config: Config = _build(Config, document, "")
+        _imply_unflushed(config, document.get("lsm", {}))
         validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _imply_unflushed(config: Config, lsm_table: dict[str, Any]) -> None:
+    """An L0 table larger than our default write budget, with no budget set, raises it.
+
+    The original portalbd left ``max_unflushed_bytes`` to SlateDB (1 GiB), so
+    its files set ``l0_sst_size_bytes`` alone, up to 256 MiB (its default):
+    a memtable must fit under the budget, so the budget becomes twice the L0
+    size instead of the file being refused. A budget the file sets is checked
+    as it is.
+    """
+    lsm = config.lsm
+    if "max_unflushed_bytes" in lsm_table or lsm.l0_sst_size_bytes is None:
+        return
+    if lsm.max_unflushed_bytes and lsm.max_unflushed_bytes <= lsm.l0_sst_size_bytes:
+        lsm.max_unflushed_bytes = 2 * lsm.l0_sst_size_bytes
 
 
 def load(path: Path) -> Config:
@@ -246,7 +304,7 @@ def _power_of_two(n: int) -> bool:
 def validate(config: Config) -> None:
     """Check values that types alone cannot: ranges, choices, relations."""
     device = config.device
-    if device.disk_size_gb <= 0:
+    if device.disk_size_gb is not None and device.disk_size_gb <= 0:
         raise ConfigError("device.disk_size_gb: must be at least 1")
     if device.size_bytes is not None and device.size_bytes <= 0:
         raise ConfigError("device.size_bytes: must be positive")
@@ -256,6 +314,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"device.block_size: must be a power of two from {MIN_BLOCK_SIZE} to "
             f"{MAX_BLOCK_SIZE}, got {device.block_size}"
+        )
+    if device.snapshot is not None and not device.read_only:
+        raise ConfigError(
+            "device.snapshot: serving a snapshot needs device.read_only (--read-only); "
+            "to make the disk a snapshot again, restore it"
         )
     if device.cache_bytes < 0:
         raise ConfigError("device.cache_bytes: must not be negative")
@@ -287,11 +350,17 @@ def validate(config: Config) -> None:
             f"lsm.compression_codec: must be one of {', '.join(COMPRESSION_CODECS)}, "
             f"got {lsm.compression_codec!r}"
         )
-    if lsm.sst_block_size is not None and lsm.sst_block_size not in SST_BLOCK_SIZES:
+    try:
+        block_bytes = sst_block_bytes(lsm.sst_block_size)
+    except ValueError:
+        block_bytes = -1
+    if block_bytes is not None and block_bytes not in SST_BLOCK_SIZES:
         raise ConfigError(
             "lsm.sst_block_size: must be one of "
             + ", ".join(str(s) for s in SST_BLOCK_SIZES)
-            + f", got {lsm.sst_block_size}"
+            + " (bytes) or SlateDB's name for one ("
+            + ", ".join(f"Block{s // 1024}Kib" for s in SST_BLOCK_SIZES)
+            + f"), got {lsm.sst_block_size!r}"
         )
     if lsm.object_cache_dir is not None and not Path(lsm.object_cache_dir).is_absolute():
         raise ConfigError(

@@ -26,7 +26,7 @@ from portalbd import log as logsetup
 from portalbd.config import Config, ConfigError
 from portalbd.control.server import ControlServer, SocketInUse
 from portalbd.instance import Instance, StartupError
-from portalbd.paths import control_socket_path
+from portalbd.paths import ORIGINAL_CONTROL_SOCKET, control_socket_path, original_control_socket
 
 log = logging.getLogger("portalbd")
 
@@ -82,7 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: one per core, at most 8; 0 = none)",
     )
     add("--flush-interval-ms", type=int, metavar="N", help="SlateDB WAL flush interval (0=manual)")
-    add("--read-only", action="store_true", default=None, help="serve the disk read-only")
+    add(
+        "--read-only",
+        action="store_true",
+        default=None,
+        help="serve another daemon's disk as a read replica: opens nothing for writing, "
+        "never fences the writer, follows what it flushes",
+    )
+    add(
+        "--snapshot",
+        metavar="NAME",
+        help="with --read-only: serve this snapshot instead of the live disk",
+    )
     add("--log-level", choices=cfgmod.LOG_LEVELS, help="log verbosity (default info)")
     add("--trace", metavar="FILE", help="record every NBD request to this trace file")
     add("--workload", metavar="NAME", help="workload name written into the trace")
@@ -118,6 +129,7 @@ OVERRIDES = {
     "io_threads": "device.io_threads",
     "flush_interval_ms": "lsm.flush_interval_ms",
     "read_only": "device.read_only",
+    "snapshot": "device.snapshot",
     "log_level": "log_level",
     "trace": "record.path",
     "workload": "record.workload",
@@ -125,12 +137,37 @@ OVERRIDES = {
 }
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
+def read_original_nbd_socket(config: Config, notes: list[str]) -> None:
+    """``[nbd] socket = "/run/portalbd/portalbd.sock"`` as the original's README meant it.
+
+    The original has no NBD Unix listener: its README's ``[nbd] socket``
+    names its control socket (the original ignored the key and used that
+    path by default). Here ``[nbd] socket`` is an NBD listener, so that one
+    path is read as the original meant it: the control socket (unless the
+    file names one at the top level, as the original did, or --socket does), and no NBD
+    socket. portalctl with no flags finds it (``paths.original_control_socket``).
+    """
+    if config.nbd.socket != str(ORIGINAL_CONTROL_SOCKET):
+        return
+    config.nbd.socket = None
+    if config.socket is None:
+        config.socket = str(original_control_socket())
+    notes.append(
+        f"[nbd] socket = {str(ORIGINAL_CONTROL_SOCKET)!r} is the original portalbd's control "
+        f"socket: control socket {config.socket}, no NBD Unix socket "
+        "(use --nbd-socket for one)"
+    )
+
+
+def resolve_config(args: argparse.Namespace, notes: list[str] | None = None) -> Config:
+    """The effective configuration; ``notes`` collects what is worth logging about it."""
     config = cfgmod.load(args.config) if args.config else Config()
     for flag, key in OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
             cfgmod.set_value(config, key, value)
+    if args.nbd_socket is None:  # the flag asks for an NBD socket, wherever it is
+        read_original_nbd_socket(config, [] if notes is None else notes)
     if args.disk_size_gb is not None and args.size_bytes is None:
         config.device.size_bytes = None  # the flag beats an exact size from the file
     try:
@@ -230,8 +267,9 @@ async def run(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notes: list[str] = []
     try:
-        config = resolve_config(args)
+        config = resolve_config(args, notes)
     except ConfigError as exc:
         print(f"portalbd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -239,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(cfgmod.to_toml(config))
         return 0
     logsetup.setup(config.log_level, config.instance.name)
+    for note in notes:
+        log.info("%s", note)
     allocator.limit_arenas()
     try:
         import uvloop

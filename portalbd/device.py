@@ -141,8 +141,12 @@ class Device:
         on_flush: Callable[[int], None] | None = None,
         layout: Layout | None = None,
         sealer: Sealer | None = None,
+        follows_store: bool = False,
     ) -> None:
         self.store = store
+        # Another daemon writes the store (a read replica): nothing read
+        # stays true, so no block is remembered as base-only.
+        self.follows_store = follows_store
         self.size = size
         self.block_size = block_size
         self.layout = layout or Layout()
@@ -419,7 +423,7 @@ class Device:
         drain writing deltas for the block may have committed after the
         scan's snapshot (a drain also forgets its delta blocks when it ends).
         """
-        if load.stale or self._seq != drains_started:
+        if load.stale or self._seq != drains_started or self.follows_store:
             return
         if len(entries) <= 1 and all(key == base_key(block) for key, _ in entries):
             self._base_only.add(block)

@@ -17,6 +17,16 @@ EXTRA_OF_MODULE = {
 }
 
 
+# Modules no extra can provide: they come with a system package.
+SYSTEM_MODULES = {
+    "nbd": (
+        "libnbd's Python module (nbd), which is not installed; it ships with libnbd, "
+        "not on PyPI: apt install python3-libnbd (Debian, Ubuntu), "
+        "dnf install python3-libnbd (Fedora), or the libnbd package of your distribution"
+    ),
+}
+
+
 def missing_extra_message(exc: ImportError, tool: str) -> str | None:
     """The message for an import that failed because an extra is missing.
 
@@ -24,6 +34,8 @@ def missing_extra_message(exc: ImportError, tool: str) -> str | None:
     which should surface as it is).
     """
     root = (exc.name or "").split(".")[0]
+    if root in SYSTEM_MODULES:
+        return f"{tool} needs {SYSTEM_MODULES[root]}"
     extra = EXTRA_OF_MODULE.get(root)
     if extra is None:
         return None

@@ -34,8 +34,11 @@ from portalbd.store.metadata import (
     MetadataError,
     open_metadata,
     read_metadata,
+    unlock,
     write_metadata,
 )
+from portalbd.store.original import OriginalLayoutError
+from portalbd.store.replica import REFUSED, ReplicaStore
 from portalbd.store.s3 import S3Settings, S3SetupError, preflight, resolve_settings
 from portalbd.store.sealing import Sealer
 from portalbd.store.slate import (
@@ -68,12 +71,15 @@ class Instance:
         self.stats = ServerStats()
         self.started_at = time.monotonic()
         self.store: InstanceStore | None = None
+        self.replica: ReplicaStore | None = None  # --read-only: the same store, as a replica
         self.device: Device | None = None
         self.server: NbdServer | None = None
         self.nbd_address = ""
         self.recorder: Any = None
         self.usage: UsageSampler | None = None
         self._admin_lock = asyncio.Lock()
+        # what the last restore did, for status (its reply stays the original's "Ok")
+        self.last_restore: dict[str, Any] | None = None
         self.s3: S3Settings | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -88,7 +94,7 @@ class Instance:
                 "S3 storage %s",
                 " ".join(f"{k}={v}" for k, v in self.s3.describe().items()),
             )
-            await asyncio.to_thread(preflight, self.s3)
+            await asyncio.to_thread(preflight, self.s3, read_only=self.config.device.read_only)
         except S3SetupError as exc:
             raise StartupError(f"cannot use storage {self.location.display}: {exc}") from exc
 
@@ -119,36 +125,10 @@ class Instance:
         configure_timeout(cfg.storage.timeout_ms / 1000, cfg.storage.read_timeout_ms / 1000)
         if self.location.kind == "s3":
             await self.check_s3()
-        try:
-            self.store = await InstanceStore.open(
-                self.location,
-                self._lsm_with_object_cache(),
-                max_retries=cfg.storage.s3.max_retries if self.location.kind == "s3" else None,
-                s3=self.s3,
-            )
-        except StoreError as exc:
-            raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
-        if self.store.object_cache_dir is not None:
-            log.info(
-                "object cache dir=%s max_bytes=%d",
-                self.store.object_cache_dir,
-                cfg.lsm.object_cache_bytes,
-            )
-        # A restore cut short by a crash leaves a cloned generation nothing
-        # refers to; collect it now rather than at the next restore or delete.
-        try:
-            removed = await self.store.collect_garbage()
-        except StoreError as exc:
-            log.warning("garbage collection at start failed: %s", exc)
+        if cfg.device.read_only:
+            meta = await self._open_replica(key)
         else:
-            if removed:
-                log.info("removed unreferenced generations %s", removed)
-        try:
-            meta, self.sealer = await open_metadata(
-                self.store.data, cfg.device.effective_size(), cfg.device.block_size, key
-            )
-        except MetadataError as exc:
-            raise StartupError(str(exc)) from exc
+            meta = await self._open_writer(key)
         size = meta.size_bytes
         log.info(
             "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d encrypted=%s",
@@ -173,23 +153,33 @@ class Instance:
             " ".join(f"{k}={v >> 20}MiB" for k, v in budgets.items()),
             sum(budgets.values()) >> 20,
         )
+        assert self.store is not None
+        # Following a writer, what was read may change under us: no clean
+        # cache, no memory of which blocks have no deltas (device.py).
+        follows = self.replica is not None and self.replica.state.mode == "follow"
         self.device = Device(
             self.store.data,
             size=size,
-            block_size=cfg.device.block_size,
-            cache_bytes=cfg.device.cache_bytes,
+            block_size=meta.block_size,
+            cache_bytes=0 if follows else cfg.device.cache_bytes,
             dirty_bytes=cfg.device.dirty_bytes,
             on_flush=self.stats.flush_latency.record,
             layout=meta.layout,
             sealer=self.sealer,
+            follows_store=follows,
         )
         self.device.start()
         self.usage = UsageSampler(self.location, self.s3)
         self.usage.start()
         self.store.data.on_reopen = self.device.forget_clean_cache
-        self._watchdog = asyncio.get_running_loop().create_task(
-            self._watch_fencing(), name="portalbd-fencing-watchdog"
-        )
+        if self.replica is None:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch_fencing(), name="portalbd-fencing-watchdog"
+            )
+        else:  # a replica polls the catalog (snapshots, a restore on the writer)
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._follow(self.replica), name="portalbd-replica-follower"
+            )
         self.server = NbdServer(
             self.device,
             export_name=cfg.nbd.export_name,
@@ -200,6 +190,118 @@ class Instance:
         )
         if cfg.record.path:
             self.start_trace(Path(cfg.record.path), cfg.record.workload)
+
+    async def _open_writer(self, key: bytes | None) -> DeviceMetadata:
+        """Open the storage as its one writer (fencing any older one) and its metadata."""
+        cfg = self.config
+        try:
+            self.store = await InstanceStore.open(
+                self.location,
+                self._lsm_with_object_cache(),
+                max_retries=cfg.storage.s3.max_retries if self.location.kind == "s3" else None,
+                s3=self.s3,
+            )
+        except OriginalLayoutError as exc:
+            raise StartupError(str(exc)) from exc
+        except StoreError as exc:
+            raise StartupError(f"cannot open storage {self.location.display}: {exc}") from exc
+        if self.store.object_cache_dir is not None:
+            log.info(
+                "object cache dir=%s max_bytes=%d",
+                self.store.object_cache_dir,
+                cfg.lsm.object_cache_bytes,
+            )
+        # A restore cut short by a crash leaves a cloned generation nothing
+        # refers to; collect it now rather than at the next restore or delete.
+        try:
+            removed = await self.store.collect_garbage()
+        except StoreError as exc:
+            log.warning("garbage collection at start failed: %s", exc)
+        else:
+            if removed:
+                log.info("removed unreferenced generations %s", removed)
+        try:
+            meta, self.sealer = await open_metadata(
+                self.store.data,
+                cfg.device.requested_size(),
+                cfg.device.block_size,
+                cfg.device.effective_size(),
+                key,
+            )
+        except MetadataError as exc:
+            raise StartupError(str(exc)) from exc
+        return meta
+
+    async def _open_replica(self, key: bytes | None) -> DeviceMetadata:
+        """Open another daemon's disk for reading only (store/replica.py): no write, ever."""
+        cfg = self.config
+        try:
+            store = await ReplicaStore.open_replica(
+                self.location, cfg.lsm, snapshot=cfg.device.snapshot, s3=self.s3
+            )
+        except OriginalLayoutError as exc:
+            raise StartupError(str(exc)) from exc
+        except StoreError as exc:
+            raise StartupError(
+                f"cannot open storage {self.location.display} read-only: {exc}"
+            ) from exc
+        self.store = self.replica = store
+        try:
+            meta = await read_metadata(store.data)
+        except (MetadataError, StoreError) as exc:
+            raise StartupError(f"cannot read the device metadata: {exc}") from exc
+        if meta is None:
+            raise StartupError(
+                f"generation {store.generation} at {self.location.display} has no device "
+                "metadata yet (the writer has not flushed it); nothing to serve"
+            )
+        try:
+            self.sealer = unlock(meta, key)
+        except MetadataError as exc:
+            raise StartupError(str(exc)) from exc
+        requested = cfg.device.requested_size()
+        if requested is not None and requested != meta.size_bytes:
+            log.warning(
+                "read-only: serving the recorded size %d, not the %d bytes asked for",
+                meta.size_bytes,
+                requested,
+            )
+        what = f"snapshot {cfg.device.snapshot}" if cfg.device.snapshot else "the live disk"
+        log.info(
+            "read-only replica of %s at %s generation=%d (writes nothing, fences no one)",
+            what,
+            self.location.display,
+            store.generation,
+        )
+        return meta
+
+    async def _follow(self, store: ReplicaStore) -> None:
+        """Poll the writer's catalog; following, swap to a new live generation after a restore."""
+        assert self.device is not None
+        while True:
+            await asyncio.sleep(store.state.poll_interval_ms / 1000)
+            try:
+                fresh = await store.poll()
+            except StoreError as exc:  # the new generation did not open: next poll retries
+                store.state.last_error = str(exc)
+                log.warning("read-only: cannot follow the writer yet: %s", exc)
+                continue
+            if fresh is None:
+                continue
+            for _ in range(100):
+                try:
+                    self.device.swap_store(fresh)
+                    break
+                except DeviceError:
+                    await asyncio.sleep(0.01)  # reads in flight on the old generation
+            else:
+                await fresh.close()  # still busy: next poll tries again
+                continue
+            old = await store.retire(fresh)
+            fresh.on_reopen = self.device.forget_clean_cache
+            log.info("read-only: the writer's live generation is now %d", store.generation)
+            with contextlib.suppress(StoreError):
+                await old.close()
 
     async def listen(self) -> None:
         assert self.server is not None
@@ -336,8 +438,13 @@ class Instance:
         """The control server's handler (control/dispatch.py answers)."""
         return await dispatch(self, request)
 
+    def _refuse_on_replica(self, what: str) -> None:
+        if self.replica is not None:
+            raise cp.BadRequest(REFUSED.format(what=what))
+
     async def create_snapshot(self, name: str) -> dict[str, Any]:
         assert self.store is not None and self.device is not None
+        self._refuse_on_replica("taking a snapshot")
         async with self._admin_lock:
             if self.store.catalog.find(name) is not None:
                 raise cp.BadRequest(f"snapshot {name!r} already exists")
@@ -359,6 +466,7 @@ class Instance:
 
     async def delete_snapshot(self, name: str) -> None:
         assert self.store is not None
+        self._refuse_on_replica("deleting a snapshot")
         async with self._admin_lock:
             try:
                 await self.store.delete_snapshot(name)
@@ -392,6 +500,7 @@ class Instance:
     async def restore(self, name: str, *, force: bool) -> None:
         """Make the disk what it was at the snapshot; keep every snapshot."""
         assert self.store is not None and self.device is not None and self.server is not None
+        self._refuse_on_replica("a restore")
         async with self._admin_lock:
             if self.store.catalog.find(name) is None:
                 raise cp.BadRequest(f"snapshot {name!r} not found")
@@ -437,6 +546,14 @@ class Instance:
                     removed = []
             finally:
                 self.server.refusal = None
+            self.last_restore = {
+                "name": name,
+                "generation": generation,
+                "disconnected": clients,
+                "removed_generations": removed,
+                "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "finished_at": round(time.time(), 3),
+            }
             log.info(
                 "snapshot restored name=%s generation=%d disconnected=%d removed=%s in %.1f ms",
                 name,

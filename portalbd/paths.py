@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 SOCKET_NAME = "control.sock"
+# The original portalbd's one control socket (its default, and what its
+# README's config names, under [nbd]).
+ORIGINAL_CONTROL_SOCKET = Path("/run/portalbd/portalbd.sock")
 
 
 def runtime_base(env: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
@@ -62,6 +65,21 @@ def object_cache_root(
     xdg = env.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path(env.get("HOME", f"/tmp/portalbd-{uid}")) / ".cache"
     return base / "portalbd" / instance
+
+
+def original_control_socket(env: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
+    """Where a config written for the original gets its control socket here.
+
+    The original's path itself for root outside systemd; under systemd the
+    unit's runtime directory, otherwise this user's runtime base, so the
+    same config also runs unprivileged. portalctl with no ``--socket`` or
+    ``--instance`` looks here when the default instance is not running.
+    """
+    env = os.environ if env is None else env
+    runtime_directory = env.get("RUNTIME_DIRECTORY")
+    if runtime_directory:
+        return Path(runtime_directory.split(":")[0]) / ORIGINAL_CONTROL_SOCKET.name
+    return runtime_base(env, uid) / ORIGINAL_CONTROL_SOCKET.name
 
 
 def discovery_roots(env: Mapping[str, str] | None = None, uid: int | None = None) -> list[Path]:

@@ -15,14 +15,71 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from portalbd import __version__
 from portalbd.control.client import ControlClient
 from portalbd.control.errors import ControlError, NotRunning
-from portalbd.paths import control_socket_path, discover_sockets
+from portalbd.paths import (
+    control_socket_path,
+    discover_sockets,
+    is_socket,
+    original_control_socket,
+)
 from portalbd.units import human_duration, human_latency, human_size, human_time
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 DEFAULT_INSTANCE = "default"
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after the command words.
+
+    Below the top level their defaults are suppressed, so a subcommand that
+    does not repeat an option leaves what the top level parsed (or its
+    default) in place: ``portalctl --json snapshot list`` and ``portalctl
+    snapshot list --json`` are the same request.
+    """
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "-s",
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        default=default(None),
+        help="control socket path",
+    )
+    where.add_argument(
+        "-i",
+        "--instance",
+        metavar="NAME",
+        default=default(None),
+        help=f"find the socket of this instance (default {DEFAULT_INSTANCE!r})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the daemon's raw JSON response (for scripts)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(60.0),
+        metavar="S",
+        help="seconds to wait for the daemon's answer (default 60)",
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.socket is not None and args.instance is not None:
+        parser.error("argument -i/--instance: not allowed with argument -s/--socket")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,33 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("-s", "--socket", type=Path, metavar="PATH", help="control socket path")
-    where.add_argument(
-        "-i",
-        "--instance",
-        metavar="NAME",
-        help=f"find the socket of this instance (default {DEFAULT_INSTANCE!r})",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print the daemon's raw JSON response (for scripts)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="seconds to wait for the daemon's answer (default 60)",
-    )
+    parser.add_argument("--version", action="version", version=f"portalctl {__version__}")
+    add_global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("status", help="show the daemon's status and statistics")
+    add_global_options(
+        commands.add_parser("status", help="show the daemon's status and statistics"), top=False
+    )
     snapshot = commands.add_parser("snapshot", help="create, list, inspect, delete, restore")
+    add_global_options(snapshot, top=False)
     actions = snapshot.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("create", help="snapshot the disk now").add_argument("name")
-    actions.add_parser("list", help="list snapshots in creation order")
-    actions.add_parser("get", help="show one snapshot").add_argument("name")
-    actions.add_parser("delete", help="delete a snapshot").add_argument("name")
-    restore = actions.add_parser("restore", help="make the disk what it was at a snapshot")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help)
+        add_global_options(sub, top=False)
+        return sub
+
+    action("create", "snapshot the disk now").add_argument("name")
+    action("list", "list snapshots in creation order")
+    action("get", "show one snapshot").add_argument("name")
+    action("delete", "delete a snapshot").add_argument("name")
+    restore = action("restore", "make the disk what it was at a snapshot")
     restore.add_argument("name")
     restore.add_argument(
         "--force",
@@ -136,6 +186,15 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "storage_url" in status:
         generation = f" (generation {status['generation']})" if "generation" in status else ""
         add("Storage", f"{status['storage_url']}{generation}")
+    replica = status.get("replica")
+    if isinstance(replica, dict):
+        if replica.get("mode") == "snapshot":
+            add("Replica", f"read-only, snapshot {replica.get('snapshot')}")
+        else:
+            add(
+                "Replica",
+                f"read-only, following the writer (lag under {replica.get('lag_bound_ms')} ms)",
+            )
     add("Size", human_size(status.get("size_bytes", 0)))
     blocks = str(status.get("block_count"))
     if "block_size" in status:
@@ -208,9 +267,16 @@ def print_human(response: Any, out: TextIO) -> None:
 
 
 def resolve_socket(args: argparse.Namespace) -> Path:
+    """--socket; else the instance's socket; with neither given, the default
+    instance's, or the original portalbd's path when only that one runs."""
     if args.socket is not None:
         return Path(args.socket)
-    return control_socket_path(args.instance or DEFAULT_INSTANCE)
+    path = control_socket_path(args.instance or DEFAULT_INSTANCE)
+    if args.instance is None and not is_socket(path):
+        original = original_control_socket()
+        if is_socket(original):
+            return original
+    return path
 
 
 def not_running_message(args: argparse.Namespace, exc: NotRunning) -> str:
@@ -229,13 +295,33 @@ def not_running_message(args: argparse.Namespace, exc: NotRunning) -> str:
     return message
 
 
+def restore_report(client: ControlClient, name: str) -> str | None:
+    """What the restore just did, from the daemon's status (the reply itself is ``Ok``)."""
+    try:
+        status = client.raw("Status")
+    except ControlError:
+        return None
+    last = status.get("Status", {}).get("last_restore") if isinstance(status, dict) else None
+    if not isinstance(last, dict) or last.get("name") != name:
+        return None  # an older daemon, or another restore came between
+    clients = int(last.get("disconnected", 0))
+    return (
+        f"Restored {name}: now generation {last.get('generation')}, "
+        f"{clients} client{'' if clients == 1 else 's'} disconnected"
+    )
+
+
 def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     path = resolve_socket(args)
     request = build_request(args)
+    report: str | None = None
     try:
         with ControlClient(path, timeout=args.timeout) as client:
             response = client.raw(request)
+            restored = args.command == "snapshot" and args.action == "restore"
+            if restored and response == "Ok" and not args.json:
+                report = restore_report(client, args.name)
     except NotRunning as exc:
         print(f"Error: {not_running_message(args, exc)}", file=err)
         return EXIT_ERROR
@@ -250,6 +336,8 @@ def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         print(f"Error: {response['Error']}", file=err)
         return EXIT_ERROR
     print_human(response, out)
+    if report is not None:
+        print(report, file=out)
     return EXIT_OK
 
 

@@ -58,5 +58,9 @@ def status_document(instance: Instance) -> dict[str, Any]:
         # the cipher of an encrypted disk (docs/security.md), else None; never a key
         "encryption": None if instance.sealer is None else CIPHER,
         "clients": instance.server.client_list() if instance.server is not None else [],
+        "last_restore": instance.last_restore,
+        "read_only": instance.config.device.read_only,
+        # --read-only: what it serves (follow the writer, or one snapshot) and its lag
+        "replica": instance.replica.public() if instance.replica is not None else None,
         "stats": stats,
     }

@@ -20,6 +20,7 @@ from textual.binding import Binding
 from textual.reactive import var
 from textual.screen import Screen
 
+from portalbd import __version__
 from portalbd.control.async_client import AsyncControlClient
 from portalbd.control.errors import ControlError, DaemonError, Timeout, Unreachable
 from tui import __doc__ as tui_doc
@@ -340,6 +341,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         description=(tui_doc or "").strip()
         + " Instances are found under /run/portalbd/*/ and $XDG_RUNTIME_DIR/portalbd/*/.",
     )
+    parser.add_argument("--version", action="version", version=f"portalbd-tui {__version__}")
     parser.add_argument(
         "--socket",
         action="append",

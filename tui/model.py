@@ -86,6 +86,8 @@ class Status:
     client_peers: tuple[str, ...] = ()
     # "ok", or why storage last failed ("storage full: ...", read-only, gone)
     storage_state: str = "ok"
+    # a --read-only daemon: what it serves ("following the writer ...", "snapshot NAME")
+    replica: str | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Status:
@@ -134,7 +136,20 @@ class Status:
             flush_latency=Latency.from_json(flush),
             client_peers=_peers(d.get("clients", stats.get("clients"))),
             storage_state=str(stats.get("storage_state") or "ok"),
+            replica=_replica(d.get("replica")),
         )
+
+
+def _replica(value: Any) -> str | None:
+    """How a read replica describes itself in one line (None for a writer)."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("mode") == "snapshot":
+        return f"read-only replica of snapshot {value.get('snapshot')}"
+    lag = value.get("lag_bound_ms")
+    return "read-only replica following the writer" + (
+        f" (lag under {lag} ms)" if isinstance(lag, int) else ""
+    )
 
 
 def _peers(value: Any) -> tuple[str, ...]:

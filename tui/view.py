@@ -205,6 +205,8 @@ def summary_lines(inst: Instance) -> list[Text]:
         return lines
     if st.storage_state != "ok":
         lines.append(Text(f"storage failing: {st.storage_state}", style="bold red"))
+    if st.replica is not None:
+        lines.append(Text(st.replica, style="cyan"))
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import sys
 
+from portalbd import __version__
 from portalbd.extras import missing_extra_message
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--version"]:  # answered without gRPC, which the driver itself needs
+        print(f"portalbd-csi {__version__}")
+        return 0
     try:
         from portalbd.csi.main import main as serve_main
     except ImportError as exc:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
+    add("--version", action="version", version=f"portalbd-csi {__version__}")
     add("--endpoint", required=True, metavar="unix:///PATH", help="gRPC endpoint to serve")
     add("--root", required=True, metavar="URL", help="file:///abs/dir or s3://bucket/prefix")
     add("--node-id", metavar="ID", help="this node's name (default: the hostname)")

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from portalbd import __version__
 from portalbd.dst.faults import CHOICES, kind_for
 from portalbd.dst.sim import SimConfig, SimulationFailure, run_simulation
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deterministic simulation of portalbd: seeded I/O, snapshots, "
         "restores, crashes and object-store faults against an oracle of the disk.",
     )
+    parser.add_argument("--version", action="version", version=f"portalbd-dst {__version__}")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     parser.add_argument("--seeds", type=int, default=1, help="how many seeds from --seed")
     parser.add_argument("--steps", type=int, default=300, help="operations per seed")

@@ -30,6 +30,7 @@ from portalbd.config import LsmConfig
 from portalbd.faults import crash_point
 from portalbd.store.location import StorageLocation
 from portalbd.store.object_metrics import ObjectStoreCounters
+from portalbd.store.original import OriginalLayoutError, find_original, has_database, refusal
 from portalbd.store.slate import (
     SlateAdmin,
     SlateHandle,
@@ -177,6 +178,12 @@ class InstanceStore:
             directory = Path("/" + location.prefix)
             await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         object_store = resolve_object_store(location.store_url, s3)
+        if location.kind != "memory" and not await has_database(
+            object_store, location.path("catalog")
+        ):
+            original = await find_original(object_store, location)
+            if original is not None:
+                raise OriginalLayoutError(refusal(location, original))
         metrics = ObjectStoreCounters()
         catalog_db = await SlateHandle.open(
             object_store,

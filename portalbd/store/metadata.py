@@ -188,18 +188,26 @@ async def write_metadata(
 
 
 async def open_metadata(
-    data: SlateHandle, size: int, block_size: int, key: bytes | None = None
+    data: SlateHandle,
+    requested: int | None,
+    block_size: int,
+    default_size: int,
+    key: bytes | None = None,
 ) -> tuple[DeviceMetadata, Sealer | None]:
     """Record the device geometry on first use; enforce it afterwards.
 
     Returns what to serve and, for an encrypted disk, its sealer: growing is
     allowed (and recorded), shrinking would cut off data and is refused, as
     is a different block size and a key that does not fit the disk
-    (:func:`unlock`). A new disk given a ``key`` is created encrypted. The
-    epoch is bumped and recorded before any write can use it.
+    (:func:`unlock`). With no size requested an existing disk keeps its
+    recorded one (a disk grown once must not need its size repeated at every
+    start) and a new disk gets ``default_size``. A new disk given a ``key``
+    is created encrypted. The epoch is bumped and recorded before any write
+    can use it.
     """
     meta = await read_metadata(data)
     if meta is None:
+        size = default_size if requested is None else requested
         if key is None:
             layout = Layout(version=FORMAT_CURRENT, page_size=PAGE_SIZE, epoch=1)
             fresh = DeviceMetadata(size, block_size, layout)
@@ -212,6 +220,9 @@ async def open_metadata(
         await write_metadata(data, fresh, sealer)
         return fresh, sealer
     opened_sealer = unlock(meta, key)
+    if requested is None:
+        log.info("no size given: serving the recorded %d bytes", meta.size_bytes)
+    size = meta.size_bytes if requested is None else requested
     if meta.block_size != block_size:
         raise MetadataError(
             f"this disk was created with block_size {meta.block_size}; "

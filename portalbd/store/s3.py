@@ -327,11 +327,14 @@ def _explain(exc: BaseException, settings: S3Settings, action: str) -> S3SetupEr
     return S3SetupError(f"S3 error {action} {where}: {exc}")
 
 
-def preflight(settings: S3Settings) -> None:
+def preflight(settings: S3Settings, *, read_only: bool = False) -> None:
     """Check the bucket exists (or create it) and that we may write under the prefix.
 
     Blocking (boto3); bounded by the request timeout and a couple of
     retries, so it answers in seconds even when the endpoint is down.
+    ``read_only`` (a read replica, which may hold read-only credentials)
+    creates nothing and writes nothing: it checks the bucket and lists the
+    prefix.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -342,7 +345,13 @@ def preflight(settings: S3Settings) -> None:
             client.head_bucket(Bucket=settings.bucket)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code not in ("404", "NoSuchBucket", "NotFound") or not settings.create_bucket:
+            missing = code in ("404", "NoSuchBucket", "NotFound")
+            if missing and read_only:
+                raise S3SetupError(
+                    f"bucket {settings.bucket!r} at {settings.endpoint_display} does not "
+                    "exist; a read-only replica never creates one: start the writer on it first"
+                ) from None
+            if not missing or not settings.create_bucket:
                 raise _explain(exc, settings, "checking") from None
             try:
                 if settings.region == DEFAULT_REGION or settings.endpoint:
@@ -354,6 +363,14 @@ def preflight(settings: S3Settings) -> None:
                     )
             except (ClientError, BotoCoreError) as create_exc:
                 raise _explain(create_exc, settings, "creating") from None
+        if read_only:
+            try:
+                client.list_objects_v2(
+                    Bucket=settings.bucket, Prefix=settings.prefix or "", MaxKeys=1
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise _explain(exc, settings, "listing") from None
+            return
         probe = "/".join(p for p in (settings.prefix, f".portalbd-probe-{uuid.uuid4().hex}") if p)
         try:
             client.put_object(Bucket=settings.bucket, Key=probe, Body=b"portalbd write check")

@@ -266,6 +266,9 @@ class SlateHandle:
         self._dir_identity: tuple[int, int] | None = None
         self.health = "ok"  # or why the last operation failed
         self._read_bound: ReadBound | None = None
+        # A reader (open_reader): SlateDB's DbReader, which writes nothing,
+        # takes no writer epoch and so fences no one.
+        self.read_only = False
 
     def watch_directory(self, directory: Path) -> None:
         """Remember the database directory, so its removal is noticed."""
@@ -365,10 +368,9 @@ class SlateHandle:
             builder.with_db_cache(cache, 0)
         if lsm.filter_bits_per_key and not small:
             builder.with_filter_policies([sdb.FilterPolicy.bloom(lsm.filter_bits_per_key)])
-        if lsm.sst_block_size and not small:
-            builder.with_sst_block_size(
-                getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[lsm.sst_block_size])
-            )
+        sst_block = lsm.sst_block_bytes()
+        if sst_block and not small:
+            builder.with_sst_block_size(getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[sst_block]))
         recorder = None
         if metrics is not None:
             recorder = metrics.new_recorder()
@@ -391,6 +393,82 @@ class SlateHandle:
 
         handle._reopen = reopen
         return handle
+
+    @classmethod
+    async def open_reader(
+        cls,
+        object_store: Any,
+        path: str,
+        lsm: LsmConfig,
+        *,
+        checkpoint: str | None = None,
+        poll_interval_ms: int = 500,
+        small: bool = False,
+        metrics: ObjectStoreCounters | None = None,
+    ) -> SlateHandle:
+        """Open ``path`` for reading only: its latest state, followed, or one checkpoint.
+
+        Following polls the manifest and replays the WAL, so what the writer
+        has flushed is seen within about ``poll_interval_ms``. A checkpoint
+        (a snapshot) never changes. Neither mode writes to the store: the
+        managed-checkpoint mode, which would, is not used.
+        """
+        builder = sdb.DbReaderBuilder(path, object_store)
+        if checkpoint is None:
+            builder.with_reader_mode(sdb.ReaderMode.FOLLOW_LATEST())
+        else:
+            builder.with_reader_mode(sdb.ReaderMode.CHECKPOINT(checkpoint))
+        builder.with_options(
+            sdb.ReaderOptions(
+                manifest_poll_interval_ms=poll_interval_ms,
+                checkpoint_lifetime_ms=60_000,
+                max_memtable_bytes=lsm.max_unflushed_bytes or 64 * 1024 * 1024,
+                skip_wal_replay=False,
+            )
+        )
+        if small or not lsm.block_cache_size_bytes:
+            builder.with_db_cache_disabled()
+        else:
+            cache = sdb.DbCache.new_moka_cache(
+                sdb.MokaCacheOptions(
+                    max_capacity=lsm.block_cache_size_bytes, time_to_live=None, time_to_idle=None
+                )
+            )
+            builder.with_db_cache(cache, 0)
+        recorder = None
+        if metrics is not None:
+            recorder = metrics.new_recorder()
+            builder.with_metrics_recorder(recorder)
+        try:
+            reader = await builder.build()
+        except sdb.Error as exc:
+            if metrics is not None:
+                metrics.retire(recorder)
+            raise translate_error(exc, f"cannot open database {path!r} for reading") from exc
+        handle = cls(reader, path, StoreCounters())
+        handle._recorder, handle._metrics = recorder, metrics
+        handle.read_only = True
+
+        async def reopen() -> Any:
+            return await cls.open_reader(
+                object_store,
+                path,
+                lsm,
+                checkpoint=checkpoint,
+                poll_interval_ms=poll_interval_ms,
+                small=small,
+                metrics=metrics,
+            )
+
+        handle._reopen = reopen
+        return handle
+
+    def durable_seq(self) -> int | None:
+        """The newest sequence number this database has seen durable (None: unknown)."""
+        try:
+            return int(self._db.status().durable_seq)
+        except Exception:  # the handle may already be gone
+            return None
 
     def _failed(self, exc: BaseException, what: str) -> StoreError:
         """Translate an error; notice when SlateDB has given up on the store."""
@@ -459,6 +537,8 @@ class SlateHandle:
         """
         if not items:
             return
+        if self.read_only:
+            raise StoreError(f"write refused: {self.path!r} is open read-only (a replica)")
         pool = WORKERS.pool
         if pool is None or sum(len(v) for _, v in items if v is not None) < INLINE_BATCH_BYTES:
             batch, puts, deletes, size = _build_batch(items, encode)
@@ -486,6 +566,8 @@ class SlateHandle:
         checkpoint needs, because checkpoints only see SSTs and the WAL.
         """
         self.counters.flushes += 1
+        if self.read_only:
+            return  # nothing was written here, so nothing can be lost
         if self._broken is not None:
             await self._recover()
         gone = self._directory_gone()

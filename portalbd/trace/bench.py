@@ -71,6 +71,7 @@ class BenchOptions:
     profile_dir: Path | None = None
     workdir: Path | None = None
     speed: float | None = None
+    connections: int | None = None  # as ReplayOptions.connections
 
 
 def device_size_for(header: format.TraceHeader, ops: Sequence[format.TraceOp]) -> int:
@@ -189,7 +190,7 @@ class Bench:
         report: Callable[[int, int], None],
     ) -> dict[str, Any]:
         reps = self.opt.warmup + self.opt.iterations
-        opts = ReplayOptions(speed=self.opt.speed)
+        opts = ReplayOptions(speed=self.opt.speed, connections=self.opt.connections)
         measured: list[ReplayResult] = []
         store: dict[str, int] | None = None
         n = len(ops)

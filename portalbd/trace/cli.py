@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 
+from portalbd import __version__
 from portalbd.extras import missing_extra_message
 
 T = TypeVar("T")
@@ -49,12 +50,26 @@ def _storage(text: str) -> str:
     return text
 
 
+CONNECTIONS_HELP = (
+    "NBD connections to replay on, as nbd-client -C N: recorded connections are folded "
+    "onto at most N, and a trace recorded on fewer is spread over N"
+)
+
+
+def _json_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--json`` prints JSON to stdout, as in portalctl; ``--json-out`` writes a file."""
+    parser.add_argument("--json", action="store_true", help=f"print the {what} as JSON on stdout")
+    parser.add_argument("--json-out", metavar="FILE", help=f"write the {what} as JSON to FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="portalbd-trace", description=__doc__)
+    p.add_argument("--version", action="version", version=f"portalbd-trace {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="summarise a trace")
     info.add_argument("trace", type=Path)
+    info.add_argument("--json", action="store_true", help="accepted: info always prints JSON")
 
     imp = sub.add_parser("import", help="convert an original portalbd trace JSON to JSON lines")
     imp.add_argument("src", type=Path)
@@ -71,15 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed", type=float, default=None,
         help="keep recorded timing, scaled by this factor (default: as fast as possible)",
     )  # fmt: skip
-    rp.add_argument("--iterations", type=_int, default=1)
-    rp.add_argument("--connections", type=_int, default=None)
-    rp.add_argument("--json", metavar="FILE", help="write figures as JSON ('-' for stdout)")
+    rp.add_argument("-i", "--iterations", type=_int, default=1)
+    rp.add_argument("-C", "--connections", type=_int, default=None, help=CONNECTIONS_HELP)
+    _json_options(rp, "figures")
 
     b = sub.add_parser("bench", help="benchmark portalbd configurations on traces")
     b.add_argument("trace", type=Path, nargs="?")
     b.add_argument("--all", type=Path, metavar="DIR", help="every trace in DIR")
-    b.add_argument("--iterations", type=_int, default=3)
+    b.add_argument("-i", "--iterations", type=_int, default=3)
     b.add_argument("--warmup", type=_int, default=1)
+    b.add_argument("-C", "--connections", type=_int, default=None, help=CONNECTIONS_HELP)
     b.add_argument("--storage", type=_list_of(_storage), default=["memory"])
     b.add_argument("--block-size", type=_list_of(parse_size), default=[None])
     b.add_argument("--flush-interval-ms", type=_list_of(_int), default=[None])
@@ -88,13 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compression", type=_list_of(str), default=[None])
     b.add_argument("--uri", help="bench this running NBD server instead of starting portalbd")
     b.add_argument("--speed", type=float, default=None)
-    b.add_argument("--json", metavar="FILE", help="write results as JSON ('-' for stdout)")
+    _json_options(b, "results")
     b.add_argument("--report", type=Path, metavar="DIR", help="write an HTML report")
     b.add_argument("--profile", type=Path, nargs="?", const=Path("profiles"), metavar="DIR",
                    help="py-spy flame graph of each daemon (default DIR: ./profiles)")  # fmt: skip
+    b.add_argument("--profile-dir", type=Path, metavar="DIR",
+                   help="where --profile writes (the original's flag; alone it turns "
+                        "profiling on)")  # fmt: skip
     b.add_argument("--workdir", type=Path, help="keep daemon data and logs here")
     b.add_argument("--compare", nargs=2, type=Path, metavar=("OLD.json", "NEW.json"),
-                   help="print a before/after table of two --json results and exit")  # fmt: skip
+                   help="a before/after table of two --json-out results, then exit")  # fmt: skip
 
     g = sub.add_parser("gen", help="record a trace of a real workload")
     g.add_argument("workload", choices=["mkfs", "pgbench", "minecraft"])
@@ -117,12 +136,12 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _emit_json(doc: Any, dest: str) -> None:
+def _emit_json(doc: Any, args: argparse.Namespace) -> None:
     text = json.dumps(doc, indent=1)
-    if dest == "-":
+    if args.json:
         sys.stdout.write(text + "\n")
-    else:
-        Path(dest).write_text(text + "\n")
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -136,8 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from portalbd.trace import format
 
-    header, ops = format.load_original(_existing(args.src))
-    n = format.write(args.dest, header, ops)
+    n = format.import_original(_existing(args.src), args.dest)
     print(f"imported {n} operations into {args.dest}", file=sys.stderr)
     return 0
 
@@ -173,9 +191,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         **summary,
     }  # fmt: skip
     console.print(bench.render_run(run))
-    if args.json:
-        _emit_json(run, args.json)
+    _emit_json(run, args)
     return 1 if summary["total"]["errors"] else 0
+
+
+def bench_options(args: argparse.Namespace) -> Any:
+    """The bench's options from its flags (the original's spellings included)."""
+    from portalbd.trace import bench
+
+    return bench.BenchOptions(
+        iterations=args.iterations,
+        warmup=args.warmup,
+        uri=args.uri,
+        profile_dir=args.profile_dir or args.profile,
+        connections=args.connections,
+        workdir=args.workdir,
+        speed=args.speed,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -211,17 +243,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_unflushed_bytes=args.max_unflushed_bytes,
         compression=args.compression,
     )
-    opts = bench.BenchOptions(
-        iterations=args.iterations,
-        warmup=args.warmup,
-        uri=args.uri,
-        profile_dir=args.profile,
-        workdir=args.workdir,
-        speed=args.speed,
-    )
-    doc = bench.Bench(traces, sweep, opts, console).run()
-    if args.json:
-        _emit_json(doc, args.json)
+    doc = bench.Bench(traces, sweep, bench_options(args), console).run()
+    _emit_json(doc, args)
     if args.report:
         index = report.write(doc, args.report)
         console.print(f"report: {index}")

@@ -396,6 +396,21 @@ def load_original(path: Path) -> tuple[TraceHeader, list[TraceOp]]:
         return reader.header, list(reader.iter_ops())
 
 
+def import_original(src: Path, dest: Path) -> int:
+    """Convert an original trace to JSON lines; returns the operations written.
+
+    Every operation keeps its ``duration_ns``, and the trace its recorded
+    total duration (not one recomputed from the operations).
+    """
+    with TraceReader(src) as reader:
+        if not reader.is_original:
+            raise TraceFormatError(f"{src}: this is a JSON-lines trace, not an original one")
+        ops = list(reader.iter_ops())
+        total = reader.footer.duration_ns if reader.footer is not None else None
+        header = reader.header
+    return write(dest, header, ops, duration_ns=total or None)
+
+
 def export_original(src: Path, dest: Path) -> tuple[int, int]:
     """Convert a trace to the original format; returns (written, skipped).
 

@@ -144,6 +144,12 @@ class Replayer:
         limit = self.opt.connections or len(conn_ids)
         self._conn_slot = {cid: i % limit for i, cid in enumerate(conn_ids)}
         self._nconns = min(limit, len(conn_ids))
+        # More connections asked for than were recorded (an original trace
+        # has one): requests are dealt round-robin over them, as the
+        # original's replayer did for nbd-client -C N.
+        self._spread = limit if limit > len(conn_ids) else 0
+        if self._spread:
+            self._nconns = limit
 
     def run(self) -> ReplayResult:
         ops = self.ops
@@ -195,7 +201,7 @@ class Replayer:
 
         def issue(i: int) -> None:
             op = ops[i]
-            c = conns[self._conn_slot[op.conn]]
+            c = conns[i % self._spread if self._spread else self._conn_slot[op.conn]]
             h = c.handle
             kind = op.type
             cb = functools.partial(completion, i)

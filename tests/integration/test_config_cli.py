@@ -299,9 +299,19 @@ def test_reopen_checks_block_size_and_size(daemon_factory: DaemonFactory, tmp_pa
     handle.shutdown()
     assert grown.stop() == 0
 
-    # Reopening with the default size keeps the grown size rather than shrinking.
-    message = startup_error(tmp_path, "--storage-url", url, "--block-size", "4096")
-    assert "shrinking" in message
+    # An explicit size below the recorded one is still refused...
+    message = startup_error(
+        tmp_path, "--storage-url", url, "--block-size", "4096", "--disk-size-gb", "1"
+    )
+    assert f"this disk is {2 << 30} bytes; shrinking it to {1 << 30} bytes" in message
+
+    # ...and no size at all serves the recorded (grown) one.
+    again = daemon_factory("--block-size", "4096", storage_url=url, disk_size_gb=None)
+    handle = nbd_handle(again.uri)
+    assert handle.get_size() == 2 << 30
+    assert handle.pread(4, (2 << 30) - 4) == b"tail"
+    handle.shutdown()
+    assert f"no size given: serving the recorded {2 << 30} bytes" in again.log()
 
 
 def test_log_lines_on_start_and_stop(daemon_factory: DaemonFactory) -> None:

@@ -67,7 +67,10 @@ def test_snapshot_commands_human_output(daemon: RunningDaemon) -> None:
     assert table[2].startswith("s2 ")
 
     restored = ctl(*sock(daemon), "snapshot", "restore", "before-upgrade")
-    assert (restored.returncode, restored.stdout) == (0, "OK\n")
+    assert (restored.returncode, restored.stdout) == (
+        0,
+        "OK\nRestored before-upgrade: now generation 2, 0 clients disconnected\n",
+    )
     deleted = ctl(*sock(daemon), "snapshot", "delete", "before-upgrade")
     assert (deleted.returncode, deleted.stdout) == (0, "OK\n")
     assert [r.split()[0] for r in ctl(*sock(daemon), "snapshot", "list").stdout.splitlines()] == [
@@ -148,7 +151,30 @@ def test_restore_refused_with_a_client_then_forced(daemon: RunningDaemon) -> Non
             "Error: 1 NBD client is connected; disconnect them first or restore with --force\n"
         )
         forced = ctl(*sock(daemon), "snapshot", "restore", "s", "--force")
-        assert (forced.returncode, forced.stdout) == (0, "OK\n")
+        assert (forced.returncode, forced.stdout) == (
+            0,
+            "OK\nRestored s: now generation 2, 1 client disconnected\n",
+        )
+    # --json keeps the reply as the daemon sent it; status tells the rest
+    assert ctl(*sock(daemon), "snapshot", "restore", "s", "--json").stdout == '"Ok"\n'
+    last = json.loads(ctl(*sock(daemon), "status", "--json").stdout)["Status"]["last_restore"]
+    assert (last["name"], last["generation"], last["disconnected"]) == ("s", 3, 0)
+
+
+def test_global_flags_anywhere(daemon: RunningDaemon) -> None:
+    path = str(daemon.control_socket)
+    ctl("-s", path, "snapshot", "create", "g")
+    before = ctl("--json", "-s", path, "snapshot", "list")
+    after = ctl("snapshot", "list", "--json", "-s", path)
+    middle = ctl("snapshot", "--json", "list", "--socket", path)
+    assert before.returncode == after.returncode == middle.returncode == 0, after.stderr
+    assert json.loads(before.stdout) == json.loads(after.stdout) == json.loads(middle.stdout)
+    assert json.loads(after.stdout)["SnapshotList"][0]["name"] == "g"
+    status = ctl("status", "-s", path, "--timeout", "5")
+    assert status.returncode == 0 and status.stdout.startswith("portalbd daemon status:")
+    both = ctl("-i", "x", "status", "-s", path)
+    assert both.returncode == 2
+    assert "argument -i/--instance: not allowed with argument -s/--socket" in both.stderr
 
 
 def test_instance_finds_the_default_socket(daemon_factory: DaemonFactory, tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from portalbd.launch import launch
 from tests.conftest import DaemonFactory
-from tests.support import RunningDaemon, daemon_command, free_port
+from tests.support import BIN, RunningDaemon, daemon_command, free_port
+from tests.support.original import build_original_disk, original_block
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, OutageProxy, moto_server
 from tests.support.s3 import nbd_connection as connected
 
@@ -74,6 +76,134 @@ def run_daemon_to_exit(
         check=False,
     )
     return result, time.monotonic() - started
+
+
+def test_original_layout_in_the_bucket_is_refused(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/disks/old"
+    build_original_disk(url, {3: original_block(3)}, environ=moto.env())
+    before = moto.keys(bucket)
+    result, _ = run_daemon_to_exit(tmp_path, moto.env(), "--storage-url", url)
+    assert result.returncode == 1, result.stderr
+    assert f"storage {url} holds a disk of the original (Rust) portalbd" in result.stderr
+    assert "s3 key prefix 'disks/old'" in result.stderr
+    assert "To migrate:" in result.stderr
+    assert moto.keys(bucket) == before  # no catalog/ or gen/ was created
+
+
+# The original README's configuration, byte for byte.
+README_CONFIG = """\
+[device]
+disk_size_gb = 10
+
+[storage]
+url = "s3://bucket/path"
+# (omit for in-memory)
+
+[nbd]
+address = "127.0.0.1:10809"
+socket = "/run/portalbd/portalbd.sock"
+
+[lsm]
+flush_interval_ms = 1000
+l0_sst_size_bytes = 67108864
+"""
+
+
+def test_original_readme_flow(moto: MotoServer, tmp_path: Path) -> None:
+    """The original README's config and ext4 snapshot flow, libnbd in place of nbd-client.
+
+    Two changes, both outside the flow: the NBD port is a free one (the
+    machine is shared; ``--nbd-address`` beats the file) and
+    RUNTIME_DIRECTORY stands for /run/portalbd, which the test does not own
+    (the daemon and portalctl resolve the original's socket path under it).
+    The one difference in the flow itself is documented: a restore is
+    refused while a client is attached, so the client disconnects first.
+    """
+    if "bucket" not in {b["Name"] for b in moto.client().list_buckets()["Buckets"]}:
+        moto.create_bucket("bucket")
+    run = tmp_path / "run"
+    env = {**moto.env(), "RUNTIME_DIRECTORY": str(run)}
+    config = tmp_path / "portalbd.toml"
+    config.write_text(README_CONFIG)
+    port = free_port()
+    daemon = launch(
+        ["-c", str(config), "--nbd-address", f"127.0.0.1:{port}"],
+        port=port,
+        control_socket=run / "portalbd.sock",
+        log_path=tmp_path / "daemon.log",
+        env=env,
+    )
+    uri = f"nbd://127.0.0.1:{port}/portalbd"  # nbd-client -N portalbd 127.0.0.1 PORT
+
+    def portalctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "portalctl"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **env},
+        )
+
+    try:
+        status = daemon.status()
+        assert status["control_socket"] == str(run / "portalbd.sock")
+        assert status["nbd_socket"] is None and status["size_bytes"] == 10 << 30
+        assert "is the original portalbd's control socket" in daemon.log()
+        data = b"important data\n"
+        with connected(uri) as handle:
+            handle.pwrite(data, 1 << 20)
+            handle.flush()  # sync
+            created = portalctl("snapshot", "create", "before-disaster")
+            assert created.returncode == 0, created.stderr
+            assert created.stdout.startswith("Snapshot: before-disaster\n  ID:      ")
+            handle.pwrite(bytes(len(data)), 1 << 20)  # rm
+            handle.flush()
+            refused = portalctl("snapshot", "restore", "before-disaster")
+            assert refused.stderr == (
+                "Error: 1 NBD client is connected; disconnect them first or restore with --force\n"
+            )
+        # nbd-client -d /dev/nbd0, then the README's restore as it is
+        restored = portalctl("snapshot", "restore", "before-disaster")
+        assert restored.returncode == 0, restored.stderr
+        assert restored.stdout.splitlines()[0] == "OK"
+        with connected(uri) as handle:
+            assert handle.pread(len(data), 1 << 20) == data
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+
+
+def test_read_replica_on_the_same_bucket(
+    daemon_factory: DaemonFactory, moto: MotoServer, bucket: str
+) -> None:
+    """A --read-only daemon on the writer's bucket, as another host would run it."""
+    url = f"s3://{bucket}/disks/shared"
+    writer = daemon_factory(storage_url=url, env=moto.env(), instance="writer")
+    one, two = pattern(1), pattern(2)
+    with connected(writer.uri) as w:
+        w.pwrite(one, 0)
+        w.flush()
+    keys = set(moto.keys(bucket))
+    replica = daemon_factory(
+        "--read-only", storage_url=url, env=moto.env(), instance="replica", disk_size_gb=None
+    )
+    assert set(moto.keys(bucket)) == keys  # opening it wrote nothing
+    with connected(replica.uri) as r:
+        assert r.pread(BS, 0) == one
+    with connected(writer.uri) as w:
+        w.pwrite(two, BS)
+        w.flush()
+    deadline = time.monotonic() + replica.status()["replica"]["lag_bound_ms"] / 1000 + 5
+    while True:
+        with connected(replica.uri) as r:
+            if r.pread(BS, BS) == two:
+                break
+        assert time.monotonic() < deadline, "the replica never saw the flushed write"
+        time.sleep(0.1)
+    assert replica.stop() == 0
+    assert writer.stop() == 0
 
 
 def test_read_write_flush_restart(
@@ -260,6 +390,20 @@ def test_missing_bucket(tmp_path: Path, moto: MotoServer, daemon_factory: Daemon
         nbd.pwrite(pattern(5), 0)
         nbd.flush()
     assert name in [b["Name"] for b in moto.client().list_buckets()["Buckets"]]
+
+
+def test_read_replica_never_creates_the_bucket(tmp_path: Path, moto: MotoServer) -> None:
+    name = f"pbd-missing-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "create.toml", create_bucket=True)
+    result, _ = run_daemon_to_exit(
+        tmp_path, moto.env(), "-c", str(config), "--read-only", "--storage-url", f"s3://{name}/x"
+    )
+    assert result.returncode == 1
+    assert (
+        f"bucket {name!r} at {moto.endpoint} does not exist; a read-only replica never "
+        "creates one: start the writer on it first"
+    ) in result.stderr
+    assert name not in [b["Name"] for b in moto.client().list_buckets()["Buckets"]]
 
 
 def test_wrong_credentials(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from portalbd.trace import format, results
 from portalbd.trace.bench import Sweep
-from portalbd.trace.cli import main, parse_size
+from portalbd.trace.cli import bench_options, build_parser, main, parse_size
 
 TRACES = Path(__file__).resolve().parents[2] / "traces"
 
@@ -37,7 +37,7 @@ def test_bench_smoke_on_a_sample_trace_json_validates(
     report_dir = tmp_path / "report"
     rc = main([
         "bench", str(sample("mkfs.jsonl.zst")), "--iterations", "1", "--warmup", "0",
-        "--block-size", "64K,256K", "--json", str(out), "--report", str(report_dir),
+        "--block-size", "64K,256K", "--json-out", str(out), "--report", str(report_dir),
     ])  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())
@@ -82,6 +82,29 @@ def test_bench_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "not a size: 'lots'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # the original README's trace-bench command lines
+        (
+            ["--all", "target/traces/", "--iterations", "3", "--warmup", "1"],
+            {"iterations": 3, "warmup": 1, "profile_dir": None, "connections": None},
+        ),
+        (
+            ["t.json", "--profile", "--profile-dir", "target/profiles"],
+            {"profile_dir": Path("target/profiles")},
+        ),
+        (["t.json", "-i", "2", "-C", "4"], {"iterations": 2, "connections": 4}),
+        (["t.json", "--profile-dir", "p"], {"profile_dir": Path("p")}),
+        (["t.json", "--profile"], {"profile_dir": Path("profiles")}),
+    ],
+)
+def test_bench_takes_the_original_flags(argv: list[str], expected: dict[str, object]) -> None:
+    options = bench_options(build_parser().parse_args(["bench", *argv]))
+    for name, value in expected.items():
+        assert getattr(options, name) == value, name
+
+
 def test_sweep_is_the_cartesian_product() -> None:
     sweep = Sweep(storage=["memory", "file"], block_size=[4096, 65536], compression=["lz4"])
     configs = sweep.configs()
@@ -105,7 +128,7 @@ def test_bench_on_file_and_s3_storage(tmp_path: Path) -> None:
     out = tmp_path / "storage.json"
     rc = main([
         "bench", str(sample("minecraft.jsonl.zst")), "--iterations", "1", "--warmup", "0",
-        "--storage", "file,s3", "--json", str(out),
+        "--storage", "file,s3", "--json-out", str(out),
     ])  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())

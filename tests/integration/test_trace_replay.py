@@ -158,12 +158,15 @@ def test_cli_replay_json(
     ops.append(TraceOp(50, 99999, 1, OpType.Flush, 0, 0, 0, 50, 0))
     format.write(trace, TraceHeader(workload="w", device_size_bytes=SIZE, start_time=""), ops)
     uri = nbdkit()
-    rc = main(["replay", str(trace), "--uri", uri, "--iterations", "2", "--json", "-"])
+    rc = main(["replay", str(trace), "--uri", uri, "-i", "2", "-C", "3", "--json"])
     assert rc == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
     assert doc["by_type"]["Write"]["ops"] == 100
     assert doc["by_type"]["Write"]["mib_per_s"] > 0
     assert doc["by_type"]["Flush"]["ops"] == 2
+    # a trace recorded on one connection is dealt over three (nbd-client -C 3)
+    spread = replay(uri, format.load(trace)[1], ReplayOptions(connections=3))
+    assert spread.connections == 3 and not any(e > 0 for e in spread.errors)
 
     port = free_port()
     assert main(["replay", str(trace), "--uri", f"nbd://127.0.0.1:{port}"]) == 1

@@ -48,6 +48,21 @@ def test_trace_replay_without_numpy_names_the_trace_extra(tmp_path: Path) -> Non
     assert "needs portalbd's [trace] extra, and numpy is not installed" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["replay", "bench"])
+def test_trace_tools_without_libnbd_say_where_it_comes_from(command: str, tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"format":"portalbd-trace","version":1,"workload":"w","device_size_bytes":1}\n'
+    )
+    args = [command, str(trace), "--uri", "nbd://127.0.0.1:1"]
+    result = run_without("nbd", "portalbd.trace.cli.main", *args)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"portalbd-trace: portalbd-trace {command} needs libnbd's ")
+    assert "Python module (nbd), which is not installed" in result.stderr
+    assert "apt install python3-libnbd" in result.stderr
+
+
 def test_daemon_and_portalctl_import_no_extra() -> None:
     code = (
         "import sys\n"

@@ -221,7 +221,14 @@ def test_cli_import_export_info(tmp_path: Path, capsys: pytest.CaptureFixture[st
     orig.write_text(ORIGINAL)
     out = tmp_path / "t.jsonl.zst"
     assert main(["import", str(orig), str(out)]) == 0
-    assert main(["info", str(out)]) == 0
+    # every op keeps its recorded duration, the trace its recorded total
+    original = json.loads(ORIGINAL)
+    with format.TraceReader(out) as reader:
+        imported = list(reader.iter_ops())
+        footer = reader.footer
+    assert [o.duration_ns for o in imported] == [op["duration_ns"] for op in original["ops"]]
+    assert footer is not None and footer.duration_ns == original["duration_ns"]
+    assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["ops"] == 5 and info["counts"]["Write"] == 1 and info["complete"]
     assert main(["export", str(out), str(tmp_path / "back.json")]) == 0

@@ -455,6 +455,23 @@ def test_latency_without_samples_and_client_peers() -> None:
     assert "from 127.0.0.1:5000, unix" in "\n".join(line.plain for line in summary_lines(inst))
 
 
+@pytest.mark.parametrize(
+    ("replica", "line"),
+    [
+        (
+            {"mode": "follow", "snapshot": None, "lag_bound_ms": 700},
+            "read-only replica following the writer (lag under 700 ms)",
+        ),
+        ({"mode": "snapshot", "snapshot": "s1"}, "read-only replica of snapshot s1"),
+    ],
+)
+def test_a_read_replica_says_what_it_serves(replica: dict[str, object], line: str) -> None:
+    inst, _ = Fleet().add(Path("/run/portalbd/r/control.sock"))
+    inst.record_status(0.0, 0.0, Status.from_json({"read_only": True, "replica": replica}))
+    assert line in [text.plain for text in summary_lines(inst)]
+    assert Status.from_json({"replica": None}).replica is None
+
+
 def test_a_failing_store_is_shown_with_its_reason() -> None:
     st = Status.from_json(
         {"stats": {"storage_state": "storage full: 0 bytes free on /var/lib/portalbd/db"}}
