@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from portalbd.control import protocol as cp
 from portalbd.control.dispatch import dispatch
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
+from portalbd.nbd.handshake import TlsMode
 from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
+from portalbd.nbd.tls import tls_mode
 from portalbd.stats import ServerStats
 from portalbd.status import status_document
 from portalbd.store.instance import InstanceStore
@@ -49,8 +52,11 @@ class StartupError(Exception):
 
 
 class Instance:
-    def __init__(self, config: Config, control_socket: Path) -> None:
+    def __init__(
+        self, config: Config, control_socket: Path, tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.config = config
+        self.tls_context = tls_context  # from [nbd.tls] (nbd/tls.py), None with TLS off
         self.name = config.instance.name
         self.control_socket = control_socket
         self.location: StorageLocation = parse_storage_url(config.storage.url)
@@ -157,6 +163,8 @@ class Instance:
             stats=self.stats,
             max_connections=cfg.nbd.max_connections,
             read_only=cfg.device.read_only,
+            tls_context=self.tls_context,
+            tls_mode=TlsMode.OFF if self.tls_context is None else tls_mode(cfg.nbd.tls),
         )
         if cfg.record.path:
             self.start_trace(Path(cfg.record.path), cfg.record.workload)
@@ -184,7 +192,12 @@ class Instance:
                     f"cannot listen for NBD on {cfg.nbd.address}: {exc.strerror}"
                 ) from exc
             self.nbd_address = f"{bound_host}:{bound_port}"
-            log.info("NBD listening address=%s export=%s", self.nbd_address, cfg.nbd.export_name)
+            log.info(
+                "NBD listening address=%s export=%s tls=%s",
+                self.nbd_address,
+                cfg.nbd.export_name,
+                self.server.tls_mode.value,
+            )
 
     async def _watch_fencing(self, interval: float = 1.0) -> None:
         """Stop serving as soon as a newer daemon takes this storage over.

@@ -42,6 +42,11 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "snapshot_count": len(instance.store.catalog.snapshots),
         "nbd_address": instance.nbd_address,
         "nbd_socket": instance.config.nbd.socket,
+        # "require", "allow" or "off": whether a plain-text client is served
+        "nbd_tls": instance.server.tls_mode.value if instance.server is not None else "off",
+        "nbd_tls_client_certificates": bool(instance.config.nbd.tls.ca)
+        and instance.server is not None
+        and instance.server.tls_mode.value != "off",
         "instance": instance.name,
         "version": __version__,
         "pid": os.getpid(),
