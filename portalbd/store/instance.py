@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from portalbd.config import LsmConfig
 from portalbd.faults import crash_point
+from portalbd.private import make_private_dir
 from portalbd.store.location import StorageLocation
 from portalbd.store.object_metrics import ObjectStoreCounters
 from portalbd.store.slate import (
@@ -160,8 +161,10 @@ class InstanceStore:
         s3: S3Settings | None = None,
     ) -> InstanceStore:
         if location.kind == "file":
+            # The daemon's umask keeps what SlateDB creates private (private.py);
+            # the root is made 0700 for what was there before.
             directory = Path("/" + location.prefix)
-            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(make_private_dir, directory)
         object_store = resolve_object_store(location.store_url, s3)
         metrics = ObjectStoreCounters()
         catalog_db = await SlateHandle.open(
