@@ -19,17 +19,13 @@ from typing import Any
 import nbd
 import pytest
 
+from tests.conftest import DaemonFactory
 from tests.support import RunningDaemon, start_daemon
-from tests.support.tls import Certificates, make_certificates
+from tests.support.tls import Certificates
 
 pytestmark = pytest.mark.timeout(120)
 
 BLOCK = 65536
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 @contextlib.contextmanager
@@ -173,3 +169,24 @@ def test_allow_mode_serves_tls_and_plain_text(allowed: RunningDaemon, certs: Cer
         status = allowed.status()
         assert sorted(c["tls"] for c in status["clients"]) == [False, True]
     assert status["nbd_tls"] == "allow" and not status["nbd_tls_client_certificates"]
+
+
+def test_secrets_stay_out_of_logs_status_and_traces(
+    daemon_factory: DaemonFactory, certs: Certificates, tmp_path: Path
+) -> None:
+    trace = tmp_path / "t.jsonl"
+    secret = "aws-secret-that-must-stay-hidden"
+    daemon = daemon_factory(
+        "--tls-certificate", str(certs.server_cert), "--tls-key", str(certs.server_key),
+        "--trace", str(trace),
+        env={"AWS_ACCESS_KEY_ID": "hidden-key-id", "AWS_SECRET_ACCESS_KEY": secret},
+    )  # fmt: skip
+    with client(tls_uri(daemon, certs.anonymous_dir)) as h:
+        h.pwrite(b"x" * 4096, 0)
+    status = json.dumps(daemon.status())
+    assert daemon.stop() == 0
+    key_lines = certs.server_key.read_text().splitlines()[1:-1]
+    for shown in (status, daemon.log(), trace.read_text()):
+        assert secret not in shown and "hidden-key-id" not in shown
+        assert "PRIVATE KEY" not in shown and not any(line in shown for line in key_lines)
+    assert str(certs.server_key) not in status  # status says the mode, not the files
