@@ -86,6 +86,9 @@ class Status:
     client_peers: tuple[str, ...] = ()
     # "ok", or why storage last failed ("storage full: ...", read-only, gone)
     storage_state: str = "ok"
+    # "require", "allow" or "off"; None from a daemon that does not say
+    nbd_tls: str | None = None
+    nbd_tls_client_certificates: bool = False
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Status:
@@ -134,6 +137,8 @@ class Status:
             flush_latency=Latency.from_json(flush),
             client_peers=_peers(d.get("clients", stats.get("clients"))),
             storage_state=str(stats.get("storage_state") or "ok"),
+            nbd_tls=d.get("nbd_tls") if isinstance(d.get("nbd_tls"), str) else None,
+            nbd_tls_client_certificates=d.get("nbd_tls_client_certificates") is True,
         )
 
 

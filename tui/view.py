@@ -225,7 +225,11 @@ def summary_lines(inst: Instance) -> list[Text]:
             ("version", st.version or DASH),
         )
     )
-    lines.append(_facts(("storage", st.storage_url or DASH), ("nbd", st.nbd_address or DASH)))
+    tls: tuple[tuple[str, str], ...] = ()
+    if st.nbd_tls is not None:
+        shown = {"require": "required", "allow": "allowed"}.get(st.nbd_tls, st.nbd_tls)
+        tls = (("tls", shown + (" +client certs" if st.nbd_tls_client_certificates else "")),)
+    lines.append(_facts(("storage", st.storage_url or DASH), ("nbd", st.nbd_address or DASH), *tls))
     return lines
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import nbd
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.support import RunningDaemon, start_daemon
+from tests.support import BIN, RunningDaemon, start_daemon
 from tests.support.tls import Certificates
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,6 +87,23 @@ def refused(uri: str) -> str:
     return str(caught.value)
 
 
+def logged_after(daemon: RunningDaemon, start: int, text: str, timeout: float = 10) -> str:
+    """The daemon's log from ``start`` on, once ``text`` is in it (the client may
+    see the refusal before the daemon has written its line)."""
+    deadline = time.monotonic() + timeout
+    while text not in (tail := daemon.log()[start:]):
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{tail}"
+        time.sleep(0.05)
+    return tail
+
+
+def no_clients(daemon: RunningDaemon, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (clients := daemon.status()["clients"]) != []:
+        assert time.monotonic() < deadline, clients
+        time.sleep(0.05)
+
+
 def nbdinfo(uri: str, *, debug: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LIBNBD_DEBUG": "1"} if debug else None
     return subprocess.run(
@@ -117,6 +135,11 @@ def test_over_tls_everything_works_as_before(required: RunningDaemon, certs: Cer
         status = required.status()
         assert status["nbd_tls"] == "require" and status["nbd_tls_client_certificates"]
         assert [c["tls"] for c in status["clients"]] == [True]
+    shown = subprocess.run(
+        [str(BIN / "portalctl"), "--socket", str(required.control_socket), "status"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert "TLS:" in shown and "required, client certificates checked" in shown
     info = nbdinfo(tls_uri(required, certs.client_dir))
     assert info.returncode == 0, info.stderr
     document = json.loads(info.stdout)
@@ -134,30 +157,31 @@ def test_plain_client_is_refused_with_tls_required(
     assert result.returncode != 0
     # What the server answers every option with, as libnbd reports it.
     assert "server error message: TLS is required: STARTTLS first" in result.stderr
-    assert "plain-text client refused" in required.log()
-    assert "TLS is required (nbd.tls.mode = require)" in required.log()
+    assert "TLS is required (nbd.tls.mode = require)" in logged_after(
+        required, 0, "plain-text client refused"
+    )
 
 
 def test_a_client_without_a_certificate_is_refused(
     required: RunningDaemon, certs: Certificates
 ) -> None:
+    start = len(required.log())
     refused(tls_uri(required, certs.anonymous_dir))
-    assert "TLS handshake failed" in required.log()
-    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in required.log()
-    assert required.status()["clients"] == []  # the failed handshake is counted out
+    failure = logged_after(required, start, "TLS handshake failed")
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in failure
+    no_clients(required)  # the failed handshake is counted out
 
 
 def test_wrong_ca_is_refused_both_ways(required: RunningDaemon, certs: Certificates) -> None:
     # A client certificate another CA signed: refused (GnuTLS does not even
     # send it, as the server names the CAs it accepts; either way, no entry).
-    before = required.log()
+    start = len(required.log())
     refused(tls_uri(required, certs.stranger_dir))
-    failure = required.log()[len(before) :]
-    assert "TLS handshake failed" in failure and "certificate" in failure, failure
+    assert "certificate" in logged_after(required, start, "TLS handshake failed")
     # A client that does not trust the server's CA refuses the server.
     message = refused(tls_uri(required, certs.wrong_ca_dir))
     assert "certificate" in message.lower() or "verif" in message.lower(), message
-    assert required.status()["clients"] == []
+    no_clients(required)
 
 
 def test_allow_mode_serves_tls_and_plain_text(allowed: RunningDaemon, certs: Certificates) -> None:
