@@ -5,7 +5,7 @@ runs differ only in the connection: ``nbd://`` or ``nbds://`` (libnbd, via
 fio's nbd engine, with a self-signed certificate made by ``openssl``). The
 jobs are benchmarks/core_fio.py's: 4 KiB random read and write at depth 32,
 1 MiB sequential write and read at depth 8, after a sequential prefill;
-each runs twice per mode, interleaved.
+each runs twice per mode, interleaved, once the daemon is idle again.
 
     .venv/bin/python benchmarks/tls.py [--runtime S] [--region-mib N]
 """
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,6 +44,17 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pid: int, timeout: float = 60, idle: float = 0.05) -> None:
+    """Wait until the daemon is idle (drains, SlateDB flushes and compaction
+    after a job), so the next job is not charged for the last one's work."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < idle * 0.5:
+            return
 
 
 def bytes_moved(daemon: Daemon) -> int:
@@ -81,6 +93,7 @@ def main() -> int:
                 runs: dict[str, list[float]] = {mode: [] for mode in uris}
                 cpu: dict[str, list[float]] = {mode: [0.0, 0.0] for mode in uris}
                 for mode in ("plain", "tls", "tls", "plain"):
+                    settle(daemon.process.pid)
                     cpu_before, moved_before = cpu_seconds(daemon.process.pid), bytes_moved(daemon)
                     runs[mode].append(fio(uris[mode], rw, bs, depth, args.runtime, region)[unit])
                     cpu[mode][0] += cpu_seconds(daemon.process.pid) - cpu_before
