@@ -55,7 +55,8 @@ def allowed(
 ) -> Iterator[RunningDaemon]:
     """TLS or plain text, no client certificates asked for."""
     args = ("--tls-certificate", str(certs.server_cert), "--tls-key", str(certs.server_key))
-    with _daemon(tmp_path_factory.mktemp("allowed"), *args, "--tls", "allow") as d:
+    workdir = tmp_path_factory.mktemp("allowed")
+    with _daemon(workdir, *args, "--tls", "allow", "--nbd-socket", str(workdir / "nbd.sock")) as d:
         yield d
 
 
@@ -193,6 +194,11 @@ def test_allow_mode_serves_tls_and_plain_text(allowed: RunningDaemon, certs: Cer
         status = allowed.status()
         assert sorted(c["tls"] for c in status["clients"]) == [False, True]
     assert status["nbd_tls"] == "allow" and not status["nbd_tls_client_certificates"]
+    # The Unix listener upgrades the same way (libnbd checks the name "localhost").
+    socket_path = status["nbd_socket"]
+    unix = f"nbds+unix:///?socket={socket_path}&tls-certificates={certs.anonymous_dir}"
+    with client(unix) as secure:
+        assert secure.get_tls_negotiated() and secure.pread(8, 0) == b"over tls"
 
 
 def test_secrets_stay_out_of_logs_status_and_traces(
