@@ -133,9 +133,13 @@ def test_over_tls_everything_works_as_before(required: RunningDaemon, certs: Cer
         h.block_status(8 * BLOCK, 0, extents)
         # holes (flags 3) before the data, then the data (flags 0)
         assert found[0] == 4 * BLOCK and found[1] & 1 and found[2:4] == [2 * BLOCK, 0]
-        status = required.status()
+        # multi-conn: a second TLS connection sees what the first flushed
+        assert h.can_multi_conn()
+        with client(tls_uri(required, certs.client_dir)) as other:
+            assert other.pread(2 * BLOCK, 4 * BLOCK) == data
+            status = required.status()
         assert status["nbd_tls"] == "require" and status["nbd_tls_client_certificates"]
-        assert [c["tls"] for c in status["clients"]] == [True]
+        assert [c["tls"] for c in status["clients"]] == [True, True]
     shown = subprocess.run(
         [str(BIN / "portalctl"), "--socket", str(required.control_socket), "status"],
         capture_output=True, text=True, timeout=30, check=True,
