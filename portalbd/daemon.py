@@ -43,6 +43,8 @@ examples:
   portalbd --disk-size-gb 10 --storage-url file:///var/lib/portalbd/disk0
   portalbd -c /etc/portalbd/disk0.toml --nbd-address 0.0.0.0:10809
   nbdinfo nbd://127.0.0.1:10809
+  portalbd --tls-certificate server-cert.pem --tls-key server-key.pem   (TLS required)
+  nbdinfo 'nbds://127.0.0.1:10809/?tls-certificates=DIR'   (DIR/ca-cert.pem; docs/security.md)
 """
 
 
