@@ -376,7 +376,7 @@ class NbdConnection(asyncio.Protocol):
         self.peer = "?"
         self.handshake: p.ServerHandshake | None = None
         self.tls = False  # the connection runs over TLS (after STARTTLS)
-        self._tls_task: asyncio.Future[None] | None = None  # the upgrade, while it runs
+        self._tls_task: asyncio.Future[None] | None = None  # the upgrade (kept referenced)
         self.structured = False
         self.block_status_ok = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -706,7 +706,7 @@ class NbdConnection(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.server.limits.handshake_timeout,
             )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+        except Exception as exc:  # ssl.SSLError, a timeout, a reset, a closed transport
             self.server.warn(
                 "tls-failed",
                 "TLS handshake failed peer=%s conn=%d: %s",
@@ -725,12 +725,12 @@ class NbdConnection(asyncio.Protocol):
         self.transport = tls_transport
         self.tls = True
         self.handshake.tls_started()
-        version = tls_transport.get_extra_info("ssl_object")
+        ssl_object = tls_transport.get_extra_info("ssl_object")
         log.debug(
             "TLS up peer=%s conn=%d version=%s",
             self.peer,
             self.id,
-            version.version() if version is not None else "?",
+            ssl_object.version() if ssl_object is not None else "?",
         )
 
     def _resume_stash(self) -> None:
