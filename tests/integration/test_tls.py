@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ from typing import Any
 import nbd
 import pytest
 
+from portalbd.nbd import protocol as p
 from tests.conftest import DaemonFactory
 from tests.support import BIN, RunningDaemon, start_daemon
+from tests.support.rawnbd import raw, recv_exactly
 from tests.support.tls import Certificates
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,3 +227,30 @@ def test_secrets_stay_out_of_logs_status_and_traces(
         assert secret not in shown and "hidden-key-id" not in shown
         assert "PRIVATE KEY" not in shown and not any(line in shown for line in key_lines)
     assert str(certs.server_key) not in status  # status says the mode, not the files
+
+
+def _starttls(daemon: RunningDaemon) -> socket.socket:
+    """A raw connection that sent STARTTLS and read the ACK: TLS is next."""
+    s = raw(daemon)
+    recv_exactly(s, p.SERVER_GREETING.size)
+    s.sendall(p.CLIENT_FLAGS.pack(p.CLIENT_FIXED_NEWSTYLE) + p.option_request(p.Opt.STARTTLS))
+    header = recv_exactly(s, p.OPTION_REPLY_HEADER.size)
+    assert p.OPTION_REPLY_HEADER.unpack(header)[1:] == (p.Opt.STARTTLS, p.Rep.ACK, 0)
+    return s
+
+
+def test_garbage_or_silence_instead_of_a_tls_hello_is_dropped(
+    required: RunningDaemon, certs: Certificates
+) -> None:
+    start = len(required.log())
+    with _starttls(required) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 20)
+        assert s.recv(100) == b""  # closed, nothing in plain text
+    assert "TLS handshake failed" in logged_after(required, start, "TLS handshake failed")
+    # A client that stops after the ACK is dropped by the handshake deadline (3 s).
+    began = time.monotonic()
+    with _starttls(required) as s:
+        s.settimeout(10)
+        assert s.recv(100) == b""
+    assert time.monotonic() - began < 6
+    no_clients(required)
