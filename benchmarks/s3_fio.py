@@ -31,8 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core_fio import JOBS, MiB, Server, fio
-
+from benchmarks.core_fio import JOBS, MiB, Server, fio
 from portalbd.launch import LaunchError, MotoServer, free_port, serving, start
 
 DISK_GIB = 1

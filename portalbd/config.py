@@ -100,12 +100,33 @@ class StorageConfig:
     s3: S3Config = field(default_factory=S3Config)
 
 
+TLS_MODES = ("require", "allow", "off")
+
+
+@dataclass(slots=True)
+class TlsConfig:
+    """``[nbd.tls]``: x509 certificates for NBD_OPT_STARTTLS (portalbd/nbd/tls.py)."""
+
+    # require: only TLS clients; allow: TLS or plain; off: no STARTTLS.
+    # Unset: require when a certificate is configured, else off.
+    mode: str | None = None
+    certificate: str | None = None  # PEM; the chain may follow the server's certificate
+    key: str | None = None  # PEM private key (read by the ssl module, never logged)
+    ca: str | None = None  # when set, clients must present a certificate it signed
+
+    def effective_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode.lower()
+        return "require" if self.certificate else "off"
+
+
 @dataclass(slots=True)
 class NbdConfig:
     address: str = "127.0.0.1:10809"
     socket: str | None = None
     export_name: str = "portalbd"
     max_connections: int = 64
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 @dataclass(slots=True)
@@ -342,6 +363,7 @@ def validate(config: Config) -> None:
         parse_address(config.nbd.address, "nbd.address")
     if config.metrics.address:
         parse_address(config.metrics.address, "metrics.address")
+    validate_tls(config.nbd.tls)
     lsm = config.lsm
     if lsm.compression_codec is not None and lsm.compression_codec.lower() not in (
         COMPRESSION_CODECS
@@ -393,6 +415,27 @@ def validate(config: Config) -> None:
             parse_storage_url(config.storage.url)
         except ValueError as exc:
             raise ConfigError(f"storage.url: {exc}") from None
+
+
+def validate_tls(tls: TlsConfig) -> None:
+    """Which ``[nbd.tls]`` keys go together (the files are read at start)."""
+    if tls.mode is not None and tls.mode.lower() not in TLS_MODES:
+        raise ConfigError(f"nbd.tls.mode: must be one of {', '.join(TLS_MODES)}, got {tls.mode!r}")
+    if tls.key and not tls.certificate:
+        raise ConfigError("nbd.tls.key: set without nbd.tls.certificate (the key's certificate)")
+    if tls.ca and not tls.certificate:
+        raise ConfigError(
+            "nbd.tls.ca: checking client certificates needs the server's own "
+            "nbd.tls.certificate and nbd.tls.key"
+        )
+    if tls.certificate and not tls.key:
+        raise ConfigError("nbd.tls.certificate: set without nbd.tls.key (its private key)")
+    mode = tls.effective_mode()
+    if mode != "off" and not tls.certificate:
+        raise ConfigError(
+            f"nbd.tls.mode = {mode!r} needs nbd.tls.certificate and nbd.tls.key "
+            "(--tls-certificate, --tls-key)"
+        )
 
 
 def parse_address(text: str, where: str = "address") -> tuple[str, int]:

@@ -16,16 +16,18 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
-from portalbd import __version__, allocator
+from portalbd import __version__, allocator, private
 from portalbd import config as cfgmod
 from portalbd import log as logsetup
 from portalbd.config import Config, ConfigError
 from portalbd.control.server import ControlServer, SocketInUse
 from portalbd.instance import Instance, StartupError
+from portalbd.nbd.tls import server_context
 from portalbd.paths import ORIGINAL_CONTROL_SOCKET, control_socket_path, original_control_socket
 
 log = logging.getLogger("portalbd")
@@ -41,6 +43,8 @@ examples:
   portalbd --disk-size-gb 10 --storage-url file:///var/lib/portalbd/disk0
   portalbd -c /etc/portalbd/disk0.toml --nbd-address 0.0.0.0:10809
   nbdinfo nbd://127.0.0.1:10809
+  portalbd --tls-certificate server-cert.pem --tls-key server-key.pem   (TLS required)
+  nbdinfo 'nbds://127.0.0.1:10809/?tls-certificates=DIR'   (DIR/ca-cert.pem; docs/security.md)
 """
 
 
@@ -98,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--trace", metavar="FILE", help="record every NBD request to this trace file")
     add("--workload", metavar="NAME", help="workload name written into the trace")
     add("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    add("--tls-certificate", metavar="FILE", help="PEM certificate for NBD over TLS (STARTTLS)")
+    add("--tls-key", metavar="FILE", help="PEM private key of --tls-certificate")
+    add(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM CA: clients must present a certificate it signed",
+    )
+    add(
+        "--tls",
+        choices=cfgmod.TLS_MODES,
+        help="require (default with a certificate), allow (TLS or plain) or off",
+    )
     add("--print-config", action="store_true", help="print the effective config and exit")
     add("--profile", action="store_true", help="write a CPU flame graph when stopping")
     add(
@@ -134,6 +150,10 @@ OVERRIDES = {
     "trace": "record.path",
     "workload": "record.workload",
     "metrics_address": "metrics.address",
+    "tls_certificate": "nbd.tls.certificate",
+    "tls_key": "nbd.tls.key",
+    "tls_ca": "nbd.tls.ca",
+    "tls": "nbd.tls.mode",
 }
 
 
@@ -206,7 +226,7 @@ def log_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
-async def run(config: Config) -> int:
+async def run(config: Config, tls_context: ssl.SSLContext | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -214,7 +234,7 @@ async def run(config: Config) -> int:
     loop.add_signal_handler(signal.SIGUSR1, log_tasks)
 
     assert config.socket is not None
-    instance = Instance(config, Path(config.socket))
+    instance = Instance(config, Path(config.socket), tls_context)
     control = ControlServer(Path(config.socket), instance.handle)
     metrics_server: asyncio.AbstractServer | None = None
     try:
@@ -279,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup(config.log_level, config.instance.name)
     for note in notes:
         log.info("%s", note)
+    # Before storage opens: SlateDB's files are created with this umask.
+    private.make_private()
+    try:
+        tls_context = server_context(config.nbd.tls)
+    except ConfigError as exc:
+        print(f"portalbd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     allocator.limit_arenas()
     try:
         import uvloop
@@ -293,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler = Profiler(args.profile_output)
         profiler.start()
     try:
-        code: int = runner(run(config))
+        code: int = runner(run(config, tls_context))
     finally:
         if profiler is not None:
             profiler.stop()

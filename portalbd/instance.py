@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from portalbd.control.dispatch import dispatch
 from portalbd.control.requests import AnyRequest
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
+from portalbd.nbd.handshake import TlsMode
 from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
+from portalbd.nbd.tls import tls_mode
 from portalbd.paths import object_cache_root
+from portalbd.private import check_secret_file
 from portalbd.stats import ServerStats
 from portalbd.status import status_document
 from portalbd.store.instance import InstanceStore
@@ -58,11 +62,17 @@ class StartupError(Exception):
 
 class Instance:
     def __init__(
-        self, config: Config, control_socket: Path, *, encryption_key: bytes | None = None
+        self,
+        config: Config,
+        control_socket: Path,
+        tls_context: ssl.SSLContext | None = None,
+        *,
+        encryption_key: bytes | None = None,
     ) -> None:
         """``encryption_key`` beats ``[storage] encryption_key_file``: for the
         simulation, which runs without files."""
         self.config = config
+        self.tls_context = tls_context  # from [nbd.tls] (nbd/tls.py), None with TLS off
         self._encryption_key = encryption_key
         self.sealer: Sealer | None = None
         self.name = config.instance.name
@@ -113,6 +123,7 @@ class Instance:
         path = self.config.storage.encryption_key_file
         if self._encryption_key is not None or path is None:
             return self._encryption_key
+        await asyncio.to_thread(check_secret_file, Path(path), "encryption key file")
         try:
             return await asyncio.to_thread(read_key_file, Path(path))
         except KeyFileError as exc:
@@ -187,6 +198,8 @@ class Instance:
             stats=self.stats,
             max_connections=cfg.nbd.max_connections,
             read_only=cfg.device.read_only,
+            tls_context=self.tls_context,
+            tls_mode=TlsMode.OFF if self.tls_context is None else tls_mode(cfg.nbd.tls),
         )
         if cfg.record.path:
             self.start_trace(Path(cfg.record.path), cfg.record.workload)
@@ -326,7 +339,12 @@ class Instance:
                     f"cannot listen for NBD on {cfg.nbd.address}: {exc.strerror}"
                 ) from exc
             self.nbd_address = f"{bound_host}:{bound_port}"
-            log.info("NBD listening address=%s export=%s", self.nbd_address, cfg.nbd.export_name)
+            log.info(
+                "NBD listening address=%s export=%s tls=%s",
+                self.nbd_address,
+                cfg.nbd.export_name,
+                self.server.tls_mode.value,
+            )
 
     async def _watch_fencing(self, interval: float = 1.0) -> None:
         """Stop serving as soon as a newer daemon takes this storage over.

@@ -169,6 +169,14 @@ def print_snapshot_list(snaps: list[dict[str, Any]], out: TextIO) -> None:
         print(f"{line}  {row[3]:>9}".rstrip(), file=out)
 
 
+def tls_text(mode: str, client_certificates: bool) -> str:
+    """How ``status`` says whether plain-text NBD clients are served."""
+    text = {"require": "required", "allow": "allowed (plain text too)"}.get(mode, mode)
+    if client_certificates:
+        text += ", client certificates checked"
+    return text
+
+
 def print_status(status: dict[str, Any], out: TextIO) -> None:
     stats: dict[str, Any] = status.get("stats") or {}
     lines: list[tuple[str, str]] = []
@@ -207,6 +215,8 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if status.get("nbd_socket"):
         nbd = f"{nbd} unix:{status['nbd_socket']}".strip()
     add("NBD", nbd or "-")
+    if "nbd_tls" in status:
+        add("TLS", tls_text(status["nbd_tls"], bool(status.get("nbd_tls_client_certificates"))))
     if "connections" in stats:
         add(
             "Clients",

@@ -37,12 +37,16 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "cache_hits": device.counters.cache_hits,
         "cache_misses": device.counters.cache_misses,
     }
+    tls = instance.server.tls_mode.value if instance.server is not None else "off"
     return {
         "size_bytes": device.size,
         "block_count": -(-device.size // device.block_size),
         "snapshot_count": len(instance.store.catalog.snapshots),
         "nbd_address": instance.nbd_address,
         "nbd_socket": instance.config.nbd.socket,
+        # "require", "allow" or "off": whether a plain-text client is served
+        "nbd_tls": tls,
+        "nbd_tls_client_certificates": tls != "off" and bool(instance.config.nbd.tls.ca),
         "instance": instance.name,
         "version": __version__,
         "pid": os.getpid(),

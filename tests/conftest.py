@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.support import RunningDaemon, start_daemon
+from tests.support.tls import Certificates, make_certificates
 
 DaemonFactory = Callable[..., RunningDaemon]
 
@@ -40,3 +41,9 @@ def daemon(daemon_factory: DaemonFactory) -> RunningDaemon:
 def file_daemon(daemon_factory: DaemonFactory, tmp_path: Path) -> RunningDaemon:
     """One daemon on file storage under tmp_path/data."""
     return daemon_factory(storage_url=f"file://{tmp_path}/data")
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA, a server and client certificates, and a stranger CA (tests/support/tls.py)."""
+    return make_certificates(tmp_path_factory.mktemp("certs"))

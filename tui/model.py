@@ -88,6 +88,9 @@ class Status:
     storage_state: str = "ok"
     # a --read-only daemon: what it serves ("following the writer ...", "snapshot NAME")
     replica: str | None = None
+    # "require", "allow" or "off"; None from a daemon that does not say
+    nbd_tls: str | None = None
+    nbd_tls_client_certificates: bool = False
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Status:
@@ -137,6 +140,8 @@ class Status:
             client_peers=_peers(d.get("clients", stats.get("clients"))),
             storage_state=str(stats.get("storage_state") or "ok"),
             replica=_replica(d.get("replica")),
+            nbd_tls=d.get("nbd_tls") if isinstance(d.get("nbd_tls"), str) else None,
+            nbd_tls_client_certificates=d.get("nbd_tls_client_certificates") is True,
         )
 
 

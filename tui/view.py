@@ -226,10 +226,15 @@ def summary_lines(inst: Instance) -> list[Text]:
             ("pid", DASH if st.pid is None else str(st.pid)),
         )
     )
+    tls: tuple[tuple[str, str], ...] = ()
+    if st.nbd_tls is not None:
+        shown = {"require": "required", "allow": "allowed"}.get(st.nbd_tls, st.nbd_tls)
+        tls = (("tls", shown + (" +client certs" if st.nbd_tls_client_certificates else "")),)
     lines.append(
         _facts(
             ("storage", st.storage_url or DASH),
             ("nbd", st.nbd_address or DASH),
+            *tls,
             ("version", st.version or DASH),
         )
     )

@@ -51,6 +51,31 @@ let
   metricsPort =
     inst: if inst.settings.metrics.address == null then null else addressPort inst.settings.metrics.address;
 
+  # TLS files reach the daemon as systemd credentials, under the unit's
+  # credentials directory, and as flags (which beat the rendered settings).
+  tlsFiles =
+    inst:
+    lib.filterAttrs (_: file: file != null) {
+      tls-certificate = inst.tls.certificateFile;
+      tls-key = inst.tls.keyFile;
+      tls-ca = inst.tls.caFile;
+    };
+  tlsCredentials = inst: lib.mapAttrsToList (id: file: "${id}:${file}") (tlsFiles inst);
+  tlsArgs =
+    name: inst:
+    lib.concatLists (
+      lib.mapAttrsToList (id: _: [
+        "--${id}"
+        "/run/credentials/portalbd-${name}.service/${id}"
+      ]) (tlsFiles inst)
+    )
+    ++ lib.optionals (inst.tls.mode != null) [
+      "--tls"
+      inst.tls.mode
+    ];
+  tlsRequired =
+    inst: (if inst.tls.mode != null then inst.tls.mode else if inst.tls.certificateFile != null then "require" else "off") == "require";
+
   isS3 = inst: lib.hasPrefix "s3://" (toString inst.settings.storage.url);
   needsInet =
     inst: nbdPort inst != null || metricsPort inst != null || isS3 inst;
@@ -200,6 +225,50 @@ let
             "debug"
           ];
           description = "Extra command-line arguments for the daemon (they override the config file).";
+        };
+
+        tls = {
+          certificateFile = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/run/secrets/portalbd/server-cert.pem";
+            description = ''
+              PEM certificate for NBD over TLS. Given to the daemon as a
+              systemd credential (`LoadCredential=`), so the file may be
+              readable by root alone and never enters the Nix store; give an
+              absolute path string. Setting it makes TLS required unless
+              {option}`tls.mode` says otherwise (docs/security.md).
+            '';
+          };
+
+          keyFile = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/run/secrets/portalbd/server-key.pem";
+            description = "PEM private key of {option}`tls.certificateFile`, as a credential too.";
+          };
+
+          caFile = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/etc/portalbd/clients-ca.pem";
+            description = "When set, NBD clients must present a certificate this CA signed.";
+          };
+
+          mode = mkOption {
+            type = types.nullOr (
+              types.enum [
+                "require"
+                "allow"
+                "off"
+              ]
+            );
+            default = null;
+            description = ''
+              `require`: only TLS clients; `allow`: TLS or plain text; `off`.
+              `null`: `require` with a certificate, `off` without.
+            '';
+          };
         };
 
         attach = {
@@ -409,6 +478,7 @@ let
             "--config"
             (configFile name inst)
           ]
+          ++ tlsArgs name inst
           ++ inst.extraArgs
         );
         # SIGTERM makes the daemon drain its connections and flush every
@@ -439,6 +509,11 @@ let
       )
       // lib.optionalAttrs (inst.environmentFile != null) {
         EnvironmentFile = toString inst.environmentFile;
+      }
+      // lib.optionalAttrs (tlsCredentials inst != [ ]) {
+        # systemd copies them to /run/credentials/<unit>/, readable by the
+        # service alone, whatever the modes of the originals.
+        LoadCredential = tlsCredentials inst;
       };
     };
 
@@ -516,6 +591,18 @@ let
       {
         assertion = s.nbd.address != "" || s.nbd.socket != null;
         message = "${opt} has no NBD listener: set settings.nbd.address or settings.nbd.socket.";
+      }
+      {
+        assertion = lib.all (file: lib.hasPrefix "/" file) (lib.attrValues (tlsFiles inst));
+        message = "${opt}.tls: certificateFile, keyFile and caFile must be absolute paths.";
+      }
+      {
+        assertion = (inst.tls.certificateFile != null) == (inst.tls.keyFile != null);
+        message = "${opt}.tls: certificateFile and keyFile go together.";
+      }
+      {
+        assertion = inst.attach.enable -> !tlsRequired inst;
+        message = "${opt}.attach does not speak TLS yet: set ${opt}.tls.mode = \"allow\" (the local attach stays on plain text) or turn attach off.";
       }
       {
         assertion = inst.user != null -> inst.group != null;

@@ -14,6 +14,7 @@ from typing import Any
 
 from portalbd.control import protocol
 from portalbd.control.requests import AnyRequest
+from portalbd.private import make_shared_dirs
 
 log = logging.getLogger("portalbd.control")
 
@@ -38,7 +39,7 @@ def _socket_is_live(path: Path) -> bool:
 
 def prepare_socket_path(path: Path) -> None:
     """Create the directory; replace a stale socket, refuse a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_shared_dirs(path.parent)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

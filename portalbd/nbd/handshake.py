@@ -70,6 +70,12 @@ class TransmissionReady:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StartTls:
+    """STARTTLS was acknowledged: the caller runs the TLS handshake, then
+    calls :meth:`ServerHandshake.tls_started` and feeds the decrypted bytes."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HandshakeClosed:
     """The client aborted or the handshake failed; close after sending output."""
 
@@ -82,8 +88,21 @@ _NEED_DATA = object()
 class HandshakeState(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    STARTING_TLS = "starting-tls"  # ACK sent; no bytes until the caller says TLS is up
     TRANSMISSION = "transmission"
     CLOSED = "closed"
+
+
+class TlsMode(enum.Enum):
+    """What the server asks of a connection's TLS (the spec's NOTLS,
+    SELECTIVETLS with every export open, and FORCEDTLS)."""
+
+    OFF = "off"
+    ALLOW = "allow"
+    REQUIRE = "require"
+
+
+HandshakeEvent = TransmissionReady | HandshakeClosed | StartTls
 
 
 def _u32(value: int) -> bytes:
@@ -151,11 +170,20 @@ class ServerHandshake:
     and, when the handshake ends, a :class:`TransmissionReady` or
     :class:`HandshakeClosed` event. Bytes that arrive after the handshake
     (the first requests, pipelined) are kept in :attr:`leftover`.
+
+    With :attr:`tls` on, STARTTLS is acknowledged with a :class:`StartTls`
+    event; the caller upgrades the socket and calls :meth:`tls_started`.
+    In ``REQUIRE`` mode every option but STARTTLS and ABORT is refused with
+    ERR_TLS_REQD until then, and EXPORT_NAME (which cannot be refused)
+    closes the connection.
     """
 
     exports: Sequence[ExportInfo]
     default_export: str
     refusal: str | None = None  # when set, no export is served: say why
+    tls: TlsMode = TlsMode.OFF
+    tls_active: bool = False  # the caller finished a TLS handshake on this connection
+    tls_refused: int = 0  # options answered ERR_TLS_REQD (or EXPORT_NAME closed) for want of TLS
     refused: int = 0  # how many GO/EXPORT_NAME were answered with the refusal
     state: HandshakeState = HandshakeState.CLIENT_FLAGS
     no_zeroes: bool = False
@@ -167,10 +195,16 @@ class ServerHandshake:
     def greeting(self) -> bytes:
         return SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
-    def receive_data(self, data: bytes) -> tuple[bytes, TransmissionReady | HandshakeClosed | None]:
-        """Consume bytes; return (bytes to send, final event or None)."""
+    def receive_data(self, data: bytes) -> tuple[bytes, HandshakeEvent | None]:
+        """Consume bytes; return (bytes to send, event or None).
+
+        :class:`StartTls` is the one event after which the handshake goes on
+        (once :meth:`tls_started` is called); the others end it.
+        """
         if self.state in (HandshakeState.TRANSMISSION, HandshakeState.CLOSED):
             raise ProtocolError("handshake already finished")
+        if self.state is HandshakeState.STARTING_TLS:
+            raise ProtocolError("bytes fed while the TLS handshake runs")
         self._buffer += data
         out: list[bytes] = []
         while True:
@@ -178,10 +212,23 @@ class ServerHandshake:
             if event is _NEED_DATA:
                 return b"".join(out), None
             if event is not None:
-                assert isinstance(event, TransmissionReady | HandshakeClosed)
+                assert isinstance(event, TransmissionReady | HandshakeClosed | StartTls)
                 return b"".join(out), event
 
-    def _step(self, out: list[bytes]) -> TransmissionReady | HandshakeClosed | object | None:
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: options go on, over TLS, from scratch.
+
+        The spec has a client renegotiate structured replies and meta
+        contexts after STARTTLS, so what was agreed in plain text is dropped.
+        """
+        if self.state is not HandshakeState.STARTING_TLS:
+            raise ProtocolError("tls_started without an acknowledged STARTTLS")
+        self.state = HandshakeState.OPTIONS
+        self.tls_active = True
+        self.structured_replies = False
+        self.meta_contexts = ()
+
+    def _step(self, out: list[bytes]) -> HandshakeEvent | object | None:
         buf = self._buffer
         if self.state is HandshakeState.CLIENT_FLAGS:
             if len(buf) < CLIENT_FLAGS.size:
@@ -228,17 +275,28 @@ class ServerHandshake:
             meta_contexts=self.meta_contexts,
         )
 
-    def _option(
-        self, option: int, payload: bytes, out: list[bytes]
-    ) -> TransmissionReady | HandshakeClosed | None:
+    def _option(self, option: int, payload: bytes, out: list[bytes]) -> HandshakeEvent | None:
+        tls_wanted = self.tls is TlsMode.REQUIRE and not self.tls_active
         try:
             if option == Opt.EXPORT_NAME:
+                if tls_wanted:
+                    # EXPORT_NAME has no error reply: the spec says close.
+                    self.tls_refused += 1
+                    self.state = HandshakeState.CLOSED
+                    return HandshakeClosed(reason="EXPORT_NAME without TLS, which is required")
                 return self._export_name(payload, out)
             if option == Opt.ABORT:
                 out.append(option_reply(option, Rep.ACK))
                 self.state = HandshakeState.CLOSED
                 return HandshakeClosed(reason="client aborted the handshake")
-            if option == Opt.LIST:
+            if option == Opt.STARTTLS and self.tls is not TlsMode.OFF:
+                return self._starttls(payload, out)
+            if tls_wanted:
+                self.tls_refused += 1
+                out.append(
+                    _error_reply(option, Rep.ERR_TLS_REQD, "TLS is required: STARTTLS first")
+                )
+            elif option == Opt.LIST:
                 self._list(option, payload, out)
             elif option in (Opt.INFO, Opt.GO):
                 return self._info(option, payload, out)
@@ -256,6 +314,20 @@ class ServerHandshake:
         except _TooBig as exc:
             out.append(_error_reply(option, Rep.ERR_TOO_BIG, str(exc)))
         return None
+
+    def _starttls(self, payload: bytes, out: list[bytes]) -> StartTls | HandshakeClosed | None:
+        if self.tls_active:
+            raise _InvalidOption("TLS is already on")
+        if payload:
+            raise _InvalidOption("STARTTLS takes no payload")
+        if self._buffer:
+            # The client must wait for the reply: bytes after STARTTLS would
+            # be read as plain text or TLS depending on when they arrived.
+            self.state = HandshakeState.CLOSED
+            return HandshakeClosed(reason="client sent bytes after STARTTLS before its reply")
+        out.append(option_reply(Opt.STARTTLS, Rep.ACK))
+        self.state = HandshakeState.STARTING_TLS
+        return StartTls()
 
     def _export_name(self, payload: bytes, out: list[bytes]) -> TransmissionReady | HandshakeClosed:
         if self.refusal is not None:

@@ -34,6 +34,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ from typing import Protocol
 
 from portalbd.device import Device, DeviceError
 from portalbd.nbd import protocol as p
+from portalbd.private import make_shared_dirs
 from portalbd.stats import ServerStats
 
 log = logging.getLogger("portalbd.nbd")
@@ -200,7 +202,7 @@ class RequestObserver(Protocol):
 
 
 def _prepare_unix_path(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_shared_dirs(path.parent)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -218,8 +220,14 @@ class NbdServer:
         max_connections: int,
         read_only: bool = False,
         limits: NbdLimits | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        tls_mode: p.TlsMode = p.TlsMode.OFF,
     ) -> None:
+        if (tls_context is None) != (tls_mode is p.TlsMode.OFF):
+            raise ValueError("a TLS context goes with TLS mode allow or require, and only then")
         self.device = device
+        self.tls_context = tls_context
+        self.tls_mode = tls_mode
         self.export_name = export_name
         self.description = description
         self.stats = stats
@@ -246,6 +254,7 @@ class NbdServer:
                 "peer": conn.peer,
                 "connected_at": round(conn.connected_at, 3),
                 "attached": conn.handshake is None,
+                "tls": conn.tls,
                 "inflight": len(conn._tasks),
             }
             for conn in sorted(self.connections, key=lambda c: c.id)
@@ -366,6 +375,8 @@ class NbdConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.handshake: p.ServerHandshake | None = None
+        self.tls = False  # the connection runs over TLS (after STARTTLS)
+        self._tls_task: asyncio.Future[None] | None = None  # the upgrade (kept referenced)
         self.structured = False
         self.block_status_ok = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -423,7 +434,7 @@ class NbdConnection(asyncio.Protocol):
         server.stats.connections_total += 1
         self._counted = True
         self.handshake = p.ServerHandshake(
-            exports=[server.export()], default_export=server.export_name
+            exports=[server.export()], default_export=server.export_name, tls=server.tls_mode
         )
         transport.write(self.handshake.greeting())  # type: ignore[attr-defined]
         server._ensure_sweeper()
@@ -621,6 +632,7 @@ class NbdConnection(asyncio.Protocol):
             return
         handshake.refusal = self.server.admission_refusal()
         refused = handshake.refused
+        tls_refused = handshake.tls_refused
         try:
             out, event = handshake.receive_data(data)
         except p.ProtocolError as exc:
@@ -638,7 +650,17 @@ class NbdConnection(asyncio.Protocol):
                 self.id,
                 handshake.refusal,
             )
-        if isinstance(event, p.HandshakeClosed):
+        if tls_refused == 0 and handshake.tls_refused:
+            self.server.warn(
+                "tls-required",
+                "plain-text client refused peer=%s conn=%d: TLS is required "
+                "(nbd.tls.mode = require); it must send STARTTLS",
+                self.peer,
+                self.id,
+            )
+        if isinstance(event, p.StartTls):
+            self._start_tls()
+        elif isinstance(event, p.HandshakeClosed):
             log.info("handshake ended peer=%s conn=%d: %s", self.peer, self.id, event.reason)
             self._leave_handshake()
             self.transport.close()
@@ -651,15 +673,65 @@ class NbdConnection(asyncio.Protocol):
                 export_size=event.export.size, read_only=self.server.read_only
             )
             log.info(
-                "client connected peer=%s conn=%d export=%s structured=%s",
+                "client connected peer=%s conn=%d export=%s structured=%s tls=%s",
                 self.peer,
                 self.id,
                 event.export.name,
                 self.structured,
+                self.tls,
             )
             if handshake.leftover:
                 self._decoder.receive_data(handshake.leftover)
                 self._pump()
+
+    def _start_tls(self) -> None:
+        """The ACK is queued: wrap the socket in TLS, then let options go on.
+
+        Reading stops at once so no byte of the client's TLS hello reaches
+        the plain-text codec before ``start_tls`` takes the transport over.
+        """
+        transport = self.transport
+        context = self.server.tls_context
+        assert transport is not None and context is not None
+        transport.pause_reading()
+        self._tls_task = asyncio.ensure_future(self._upgrade(transport, context))
+
+    async def _upgrade(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls_transport = await loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.limits.handshake_timeout,
+            )
+        except Exception as exc:  # ssl.SSLError, a timeout, a reset, a closed transport
+            self.server.warn(
+                "tls-failed",
+                "TLS handshake failed peer=%s conn=%d: %s",
+                self.peer,
+                self.id,
+                exc,
+            )
+            self._drop()
+            # asyncio does not tell a protocol whose TLS never came up that
+            # its connection is gone: count it out here (a second call is harmless).
+            if not self._lost:
+                self.connection_lost(exc)
+            return
+        if tls_transport is None or self._lost or self.handshake is None:
+            return
+        self.transport = tls_transport
+        self.tls = True
+        self.handshake.tls_started()
+        ssl_object = tls_transport.get_extra_info("ssl_object")
+        log.debug(
+            "TLS up peer=%s conn=%d version=%s",
+            self.peer,
+            self.id,
+            ssl_object.version() if ssl_object is not None else "?",
+        )
 
     def _resume_stash(self) -> None:
         """Parse what waits in the decoder, once nothing holds parsing back."""

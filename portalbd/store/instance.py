@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from portalbd.config import LsmConfig
 from portalbd.faults import crash_point
+from portalbd.private import make_private_dir
 from portalbd.store.location import StorageLocation
 from portalbd.store.object_metrics import ObjectStoreCounters
 from portalbd.store.original import OriginalLayoutError, find_original, has_database, refusal
@@ -43,12 +44,6 @@ if TYPE_CHECKING:
     from portalbd.store.s3 import S3Settings
 
 log = logging.getLogger("portalbd.store")
-
-
-def _private_directory(path: Path) -> None:
-    """Make ``path`` (and missing parents) readable by this user only: it holds disk data."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)
 
 
 CATALOG_KEY = b"catalog"
@@ -175,8 +170,10 @@ class InstanceStore:
         s3: S3Settings | None = None,
     ) -> InstanceStore:
         if location.kind == "file":
+            # The daemon's umask keeps what SlateDB creates private (private.py);
+            # the root is made 0700 for what was there before.
             directory = Path("/" + location.prefix)
-            await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(make_private_dir, directory)
         object_store = resolve_object_store(location.store_url, s3)
         if location.kind != "memory" and not await has_database(
             object_store, location.path("catalog")
@@ -207,7 +204,7 @@ class InstanceStore:
         if lsm.object_cache_dir is not None:
             if lsm.object_cache_bytes > 0:
                 cache = Path(lsm.object_cache_dir) / catalog.disk_id
-                await asyncio.to_thread(_private_directory, cache)
+                await asyncio.to_thread(make_private_dir, cache)
                 lsm = dataclasses.replace(lsm, object_cache_dir=str(cache))
             else:
                 lsm = dataclasses.replace(lsm, object_cache_dir=None)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from portalbd.config import S3Config
+from portalbd.private import check_secret_file
 from portalbd.store.location import StorageLocation
 
 DEFAULT_REGION = "us-east-1"
@@ -148,6 +149,7 @@ def resolve_settings(
     env: dict[str, str] = dict(os.environ if environ is None else environ)
     source = "environment"
     if config.environment_file:
+        check_secret_file(Path(config.environment_file), "storage.s3.environment_file")
         env.update(read_environment_file(Path(config.environment_file)))
         source = f"environment file {config.environment_file}"
 

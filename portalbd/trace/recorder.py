@@ -25,6 +25,7 @@ from typing import IO, cast
 
 import zstandard
 
+from portalbd.private import shared_mode
 from portalbd.trace.format import (
     OP_NAMES,
     TraceFooter,
@@ -109,6 +110,8 @@ def _open_trace_dir(trace_dir: Path) -> int:
         raise TracePathError(
             f"cannot create trace directory {str(trace_dir)!r}: {exc.strerror}"
         ) from None
+    else:
+        os.chmod(trace_dir, shared_mode(0o750))
     try:
         return os.open(trace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -180,6 +183,7 @@ class TraceRecorder:
         Raises OSError (TracePathError for a symlink) if it cannot.
         """
         path = Path(path)
+        created = not os.path.lexists(path)
         try:
             fd = os.open(path, _WRITE_FLAGS | os.O_TRUNC, 0o666)
         except OSError as exc:
@@ -189,6 +193,8 @@ class TraceRecorder:
                     "portalbd does not follow one"
                 ) from None
             raise
+        if created:  # the mode the operator's umask gives, not the daemon's private one
+            os.fchmod(fd, shared_mode(0o666))
         return cls._start(fd, path, workload, device_size_bytes)
 
     @classmethod
@@ -209,6 +215,7 @@ class TraceRecorder:
         try:
             try:
                 fd = os.open(name, _WRITE_FLAGS | os.O_EXCL, 0o640, dir_fd=dir_fd)
+                os.fchmod(fd, shared_mode(0o640))
             except FileExistsError:
                 raise TracePathError(
                     f"trace file {str(path)!r} already exists; "

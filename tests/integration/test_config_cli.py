@@ -10,6 +10,7 @@ import tomlkit
 
 from tests.conftest import DaemonFactory
 from tests.support import nbd_handle, run_portalbd
+from tests.support.tls import Certificates
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -33,6 +34,10 @@ FLAGS = [
     "--trace",
     "--workload",
     "--metrics-address",
+    "--tls-certificate",
+    "--tls-key",
+    "--tls-ca",
+    "--tls",
     "--print-config",
     "--profile",
     "--profile-output",
@@ -98,6 +103,33 @@ def test_print_config_shows_defaults_file_and_overrides(tmp_path: Path) -> None:
     again = run_portalbd("-c", str(write(tmp_path / "again.toml", printed)), "--print-config")
     assert again.returncode == 0, again.stderr
     assert again.stdout == printed
+
+
+def test_tls_flags_are_checked_and_print_config_shows_paths_never_secrets(
+    tmp_path: Path, certs: Certificates, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert config_error("--tls-key", "/k.pem") == (
+        "portalbd: command line: nbd.tls.key: set without nbd.tls.certificate "
+        "(the key's certificate)"
+    )
+    missing = tmp_path / "gone.pem"
+    key = str(certs.server_key)
+    message = config_error("--tls-certificate", str(missing), "--tls-key", key)
+    assert (
+        message
+        == f"portalbd: nbd.tls.certificate: cannot read {missing}: No such file or directory"
+    )
+    assert "invalid choice: 'maybe'" in run_portalbd("--tls", "maybe").stderr
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "print-config-must-not-show-this")
+    result = run_portalbd(
+        "--tls-certificate", str(certs.server_cert), "--tls-key", key, "--tls", "allow",
+        "--storage-url", "s3://bucket/disk", "--print-config",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tls = tomlkit.parse(result.stdout).unwrap()["nbd"]["tls"]
+    assert tls == {"mode": "allow", "certificate": str(certs.server_cert), "key": key}
+    assert "print-config-must-not-show-this" not in result.stdout
+    assert "PRIVATE KEY" not in result.stdout
 
 
 def test_original_portalbd_config_file_is_accepted(tmp_path: Path) -> None:

@@ -165,3 +165,19 @@ def test_snapshot_and_restore_of_an_encrypted_disk(
         (0, len(first)),
         (8 * BLOCK, 4096),
     ]
+
+
+def test_a_key_file_others_can_read_gets_a_warning(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    key_file = write_key(tmp_path / "open.key", os.urandom(32))
+    key_file.chmod(0o644)
+    daemon = encrypted(daemon_factory, tmp_path / "data", key_file)
+    assert (
+        f"encryption key file {key_file} is readable by other users (mode 644): chmod o-r it"
+        in daemon.log()
+    )
+    assert daemon.stop() == 0
+    key_file.chmod(0o600)
+    again = encrypted(daemon_factory, tmp_path / "data", key_file)
+    assert "readable by other users" not in again.log()

@@ -96,6 +96,7 @@ def test_status_human_output(daemon: RunningDaemon) -> None:
     assert fields["Blocks"] == "16384 x 64.0 KiB"
     assert fields["Snapshots"] == "0"
     assert fields["NBD"] == f"127.0.0.1:{daemon.port}"
+    assert fields["TLS"] == "off"
     assert fields["Storage"].startswith("memory") and fields["Storage"].endswith("(generation 1)")
     # The total also counts the readiness probe of start_daemon.
     assert fields["Clients"].startswith("1 connected, ")

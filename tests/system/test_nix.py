@@ -545,3 +545,35 @@ def test_static_user_and_firewall(tmp_path: Path) -> None:
     assert "DynamicUser" not in service
     assert result["users"] == ["portalbd-x"] and result["groups"] == ["portalbd-x"]
     assert result["firewall"] == [10900]
+
+
+@needs_lib
+def test_tls_files_are_credentials_not_store_paths(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{ services.portalbd.instances.t = { enable = true; settings.storage.url = "memory://";
+             tls = { certificateFile = "/run/secrets/cert.pem"; keyFile = "/run/secrets/key.pem";
+                     caFile = "/etc/portalbd/ca.pem"; }; };
+           services.portalbd.instances.u = { enable = true; settings.storage.url = "memory://";
+             settings.nbd.address = "127.0.0.1:10810"; attach.enable = true;
+             tls = { certificateFile = "relative.pem"; }; }; }""",
+    )
+    service = result["services"]["portalbd-t"]["serviceConfig"]
+    assert service["LoadCredential"] == [
+        "tls-ca:/etc/portalbd/ca.pem",
+        "tls-certificate:/run/secrets/cert.pem",
+        "tls-key:/run/secrets/key.pem",
+    ]
+    credentials = "/run/credentials/portalbd-t.service"
+    assert service["ExecStart"][3:] == [
+        "--tls-ca", f"{credentials}/tls-ca",
+        "--tls-certificate", f"{credentials}/tls-certificate",
+        "--tls-key", f"{credentials}/tls-key",
+    ]  # fmt: skip
+    opt = "services.portalbd.instances.u"
+    assert result["failed"] == [
+        f"{opt}.tls: certificateFile, keyFile and caFile must be absolute paths.",
+        f"{opt}.tls: certificateFile and keyFile go together.",
+        f'{opt}.attach does not speak TLS yet: set {opt}.tls.mode = "allow" (the local attach '
+        "stays on plain text) or turn attach off.",
+    ]

@@ -147,6 +147,56 @@ def test_refusing_server_never_serves(data: bytes) -> None:
     assert not isinstance(event, p.TransmissionReady)
 
 
+tls_options = st.lists(
+    st.one_of(valid_options, finishers, st.just(option(p.Opt.STARTTLS)), st.binary(max_size=12)),
+    max_size=6,
+)
+
+
+def _option_replies(data: bytes) -> list[int]:
+    kinds = []
+    while len(data) >= p.OPTION_REPLY_HEADER.size:
+        _magic, _opt, reply, length = p.OPTION_REPLY_HEADER.unpack_from(data)
+        kinds.append(reply)
+        data = data[p.OPTION_REPLY_HEADER.size + length :]
+    return kinds
+
+
+@FUZZ
+@given(tls_options, st.sampled_from([p.TlsMode.ALLOW, p.TlsMode.REQUIRE]))
+def test_tls_server_fails_cleanly_and_never_serves_plain_text_when_required(
+    parts: list[bytes], mode: p.TlsMode
+) -> None:
+    """Options (STARTTLS among them) and junk against a TLS server: only
+    ProtocolError escapes, and in REQUIRE mode nothing but STARTTLS and ABORT
+    is answered (ERR_TLS_REQD for the rest) and transmission is never reached
+    before TLS is up."""
+    stream = FLAGS + b"".join(parts)
+    events = []
+    for bytewise in (False, True):
+        hs = p.ServerHandshake(exports=EXPORTS, default_export="disk", tls=mode)
+        chunks = [stream[i : i + 1] for i in range(len(stream))] if bytewise else [stream]
+        out, event = bytearray(), None
+        with contextlib.suppress(p.ProtocolError):
+            for chunk in chunks:
+                sent, event = hs.receive_data(chunk)
+                out += sent
+                if event is not None:
+                    break
+        events.append(type(event))
+        if mode is p.TlsMode.REQUIRE:
+            assert not isinstance(event, p.TransmissionReady)
+            assert set(_option_replies(bytes(out))) <= {
+                p.Rep.ERR_TLS_REQD,
+                p.Rep.ACK,
+                p.Rep.ERR_TOO_BIG,
+            }
+    # Bytes behind a STARTTLS close the connection when they come with it
+    # and cannot be seen when they come after it: the one allowed difference.
+    if events[0] is not events[1]:
+        assert set(events) == {p.HandshakeClosed, p.StartTls}
+
+
 def test_feeding_after_the_end_is_a_protocol_error() -> None:
     hs = _server()
     _out, event = hs.receive_data(FLAGS + option(p.Opt.ABORT))

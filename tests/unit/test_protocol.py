@@ -186,6 +186,76 @@ def test_refusal_reports_policy() -> None:
     assert replies(out)[0][1] == p.Rep.ERR_POLICY and b"too many" in replies(out)[0][2]
 
 
+def tls_machine(mode: p.TlsMode) -> p.ServerHandshake:
+    return p.ServerHandshake(exports=[EXPORT], default_export="portalbd", tls=mode)
+
+
+def test_starttls_is_acknowledged_then_options_go_on_over_tls_from_scratch() -> None:
+    m = tls_machine(p.TlsMode.REQUIRE)
+    out, event = m.receive_data(FLAGS + option(p.Opt.STRUCTURED_REPLY) + option(p.Opt.STARTTLS))
+    # Structured replies asked for in plain text are refused, then forgotten.
+    assert [r for _, r, _ in replies(out)] == [p.Rep.ERR_TLS_REQD, p.Rep.ACK]
+    assert b"TLS is required" in replies(out)[0][2]
+    assert isinstance(event, p.StartTls) and m.state is p.HandshakeState.STARTING_TLS
+    with pytest.raises(p.ProtocolError, match="TLS handshake runs"):
+        m.receive_data(b"x")
+    m.tls_started()
+    assert m.tls_active and not m.structured_replies
+    out, event = m.receive_data(option(p.Opt.STARTTLS) + option(p.Opt.GO, info_payload("")))
+    got = replies(out)
+    assert got[0][1] == p.Rep.ERR_INVALID and b"already on" in got[0][2]
+    assert got[-1][1] == p.Rep.ACK
+    assert isinstance(event, p.TransmissionReady) and not event.structured_replies
+
+
+def test_require_mode_refuses_every_option_but_starttls_and_abort() -> None:
+    m = tls_machine(p.TlsMode.REQUIRE)
+    out, event = m.receive_data(
+        FLAGS
+        + option(p.Opt.LIST)
+        + option(p.Opt.INFO, info_payload(""))
+        + option(p.Opt.GO, info_payload(""))
+        + option(99)
+        + option(p.Opt.ABORT)
+    )
+    assert [r for _, r, _ in replies(out)] == [p.Rep.ERR_TLS_REQD] * 4 + [p.Rep.ACK]
+    assert isinstance(event, p.HandshakeClosed) and m.tls_refused == 4
+
+
+def test_require_mode_closes_on_export_name_without_tls() -> None:
+    out, event = tls_machine(p.TlsMode.REQUIRE).receive_data(
+        FLAGS + option(p.Opt.EXPORT_NAME, b"portalbd")
+    )
+    assert out == b""
+    assert isinstance(event, p.HandshakeClosed) and "TLS, which is required" in event.reason
+
+
+def test_allow_mode_serves_plain_and_tls_alike() -> None:
+    _, event = tls_machine(p.TlsMode.ALLOW).receive_data(FLAGS + option(p.Opt.GO, info_payload("")))
+    assert isinstance(event, p.TransmissionReady)
+    m = tls_machine(p.TlsMode.ALLOW)
+    out, event = m.receive_data(FLAGS + option(p.Opt.STARTTLS))
+    assert replies(out) == [(p.Opt.STARTTLS, p.Rep.ACK, b"")] and isinstance(event, p.StartTls)
+    m.tls_started()
+    _, event = m.receive_data(option(p.Opt.EXPORT_NAME, b"portalbd"))
+    assert isinstance(event, p.TransmissionReady)
+
+
+def test_starttls_with_a_payload_or_bytes_behind_it_is_refused() -> None:
+    m = tls_machine(p.TlsMode.REQUIRE)
+    out, event = m.receive_data(FLAGS + option(p.Opt.STARTTLS, b"junk"))
+    assert event is None and replies(out)[0][1] == p.Rep.ERR_INVALID
+    # A client must wait for the ACK; one that does not is dropped unanswered.
+    out, event = m.receive_data(option(p.Opt.STARTTLS) + b"\x16\x03\x01")
+    assert out == b""
+    assert isinstance(event, p.HandshakeClosed) and "after STARTTLS" in event.reason
+
+
+def test_tls_started_without_starttls_is_a_protocol_error() -> None:
+    with pytest.raises(p.ProtocolError, match="without an acknowledged STARTTLS"):
+        tls_machine(p.TlsMode.ALLOW).tls_started()
+
+
 @pytest.mark.parametrize(
     ("command", "flags", "offset", "length", "expected"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,21 @@ def test_environment_file_beats_process_environment(tmp_path: Path) -> None:
     s = resolve_settings(LOCATION, S3Config(environment_file=str(path)), env)
     assert s.access_key_id == "from-file"
     assert s.describe()["credentials"] == f"environment file {path}"
+
+
+def test_environment_file_readable_by_others_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s3.env"
+    path.write_text("AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=never-in-a-log\n")
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="portalbd"):
+        resolve_settings(LOCATION, S3Config(environment_file=str(path)), {})
+    assert caplog.messages == [
+        f"storage.s3.environment_file {path} is readable by other users (mode 644): "
+        "chmod o-r it (0600 or 0640)"
+    ]
+    assert "never-in-a-log" not in caplog.text
 
 
 @pytest.mark.parametrize(

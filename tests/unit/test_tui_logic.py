@@ -484,3 +484,17 @@ def test_a_failing_store_is_shown_with_its_reason() -> None:
     healthy, _ = Fleet().add(Path("/run/portalbd/ok/control.sock"))
     healthy.record_status(0.0, 0.0, Status.from_json({"stats": {"storage_state": "ok"}}))
     assert "storage failing" not in "\n".join(line.plain for line in summary_lines(healthy))
+
+
+def test_whether_tls_is_required_is_shown() -> None:
+    def shown(status: dict[str, object]) -> str:
+        inst, _ = Fleet().add(Path("/run/portalbd/db/control.sock"))
+        inst.record_status(0.0, 0.0, Status.from_json(status))
+        return "\n".join(line.plain for line in summary_lines(inst))
+
+    assert "tls required +client certs" in shown(
+        {"nbd_tls": "require", "nbd_tls_client_certificates": True}
+    )
+    assert "tls allowed" in shown({"nbd_tls": "allow"})
+    assert "tls off" in shown({"nbd_tls": "off"})
+    assert "tls" not in shown({})  # an older daemon says nothing: nothing is claimed
