@@ -427,6 +427,53 @@ needs_lib = pytest.mark.skipif(
 )
 
 
+def _dev_nixpkgs_lib(
+    tmp_path: Path, tarball_members: dict[str, str] | None
+) -> subprocess.CompletedProcess[str]:
+    """Run `./dev nixpkgs-lib` from a copy of the repository's dev script, with
+    a ../shared/nixpkgs-lib.tar.gz made of `tarball_members` (None: no tarball)."""
+    repo = tmp_path / "repo"
+    repo.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dev", repo / "dev")
+    if tarball_members is not None:
+        src = tmp_path / "src"
+        for name, text in tarball_members.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(text)
+        (tmp_path / "shared").mkdir(exist_ok=True)
+        subprocess.run(
+            ["tar", "-czf", str(tmp_path / "shared" / "nixpkgs-lib.tar.gz"), "-C", str(src), "."],
+            check=True,
+        )
+    env = {k: v for k, v in os.environ.items() if k != "PORTALBD_NIXPKGS_LIB"}
+    return subprocess.run(
+        [str(repo / "dev"), "nixpkgs-lib"], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_dev_unpacks_the_shared_lib_once(tmp_path: Path) -> None:
+    first = _dev_nixpkgs_lib(tmp_path, {"lib/default.nix": "{ }"})
+    assert first.returncode == 0, first.stderr
+    lib = Path(first.stdout.strip())
+    assert lib == tmp_path / "repo" / ".venv" / "nixpkgs-lib" / "lib"
+    assert (lib / "default.nix").read_text() == "{ }"
+    (lib / "marker").write_text("kept")
+    again = _dev_nixpkgs_lib(tmp_path, None)  # same tarball, not newer: no unpacking
+    assert again.stdout == first.stdout and (lib / "marker").exists()
+
+
+def test_dev_without_the_shared_lib_says_the_module_tests_skip(tmp_path: Path) -> None:
+    p = _dev_nixpkgs_lib(tmp_path, None)
+    assert p.returncode == 1
+    assert "dev: no ../shared/nixpkgs-lib.tar.gz; the NixOS module tests will skip" in p.stderr
+
+
+def test_dev_rejects_a_tarball_without_lib(tmp_path: Path) -> None:
+    p = _dev_nixpkgs_lib(tmp_path, {"nixpkgs.lib-main/lib/default.nix": "{ }"})
+    assert p.returncode == 1
+    assert "dev: ../shared/nixpkgs-lib.tar.gz has no lib/default.nix" in p.stderr
+
+
 def evaluate_module(tmp_path: Path, configuration: str) -> dict[str, Any]:
     cfg = tmp_path / "configuration.nix"
     cfg.write_text(configuration)
