@@ -147,11 +147,11 @@
             fuse3
             e2fsprogs
             xfsprogs
-            (pkgs.nixfmt-rfc-style or pkgs.nixfmt)
+            nixfmt
           ];
         };
       });
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-rfc-style or pkgs.nixfmt);
+      formatter = forAllSystems (pkgs: pkgs.nixfmt);
     };
 }

@@ -32,6 +32,7 @@ import pytest
 import tomlkit
 
 from portalbd import config as portalbd_config
+from portalbd.instance import memory_budgets
 from portalbd.launch import free_port, portalbd_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -592,3 +593,100 @@ def test_static_user_and_firewall(tmp_path: Path) -> None:
     assert "DynamicUser" not in service
     assert result["users"] == ["portalbd-x"] and result["groups"] == ["portalbd-x"]
     assert result["firewall"] == [10900]
+
+
+@needs_lib
+def test_module_refuses_bad_names_and_unwritable_stores(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{
+          services.portalbd.instances = {
+            "../etc" = { enable = true; settings.nbd.address = "127.0.0.1:10801"; };
+            srv = { enable = true; settings.storage.url = "file:///srv/portalbd";
+                    settings.nbd.address = "127.0.0.1:10802"; };
+            owned = { enable = true; user = "portalbd-owned"; settings.storage.url = "file:///srv/owned";
+                      settings.nbd.address = "127.0.0.1:10803"; };
+            "ok-1.x" = { enable = true; settings.nbd.address = "127.0.0.1:10804"; };
+          };
+        }""",
+    )
+    assert result["failed"] == [
+        'services.portalbd.instances."../etc": the name becomes unit names and paths '
+        "(portalbd-../etc.service, /run/portalbd/../etc), so it must be letters, digits, "
+        "'-', '_' or '.' (not leading).",
+        "services.portalbd.instances.srv.settings.storage.url is file:///srv/portalbd, outside "
+        "/var/lib: the transient user (DynamicUser) cannot write there. Keep the store under "
+        "/var/lib (the default is file:///var/lib/portalbd/srv/store), or set "
+        "services.portalbd.instances.srv.user and create the directory owned by that user "
+        "(systemd.tmpfiles.rules).",
+    ], result["failed"]
+    # A named user may own a store elsewhere: it is opened up, not refused.
+    assert result["services"]["portalbd-owned"]["serviceConfig"]["ReadWritePaths"] == [
+        "-/srv/owned"
+    ]
+
+
+def _expected_memory_max(rendered: dict[str, Any], extra: int = 0) -> int:
+    loaded = portalbd_config.parse(tomlkit.dumps(rendered), "rendered")
+    return sum(memory_budgets(loaded).values()) + 256 * 2**20 + extra
+
+
+@needs_lib
+def test_units_follow_storage_budgets_and_devices(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{
+          services.portalbd.instances = {
+            local = { enable = true; attach = { enable = true; device = "/dev/nbd20"; }; };
+            ram = { enable = true; settings = { storage.url = "memory://"; device.disk_size_gb = 2;
+                    device.cache_bytes = 268435456; lsm.block_cache_size_bytes = 67108864;
+                    nbd.address = "127.0.0.1:10810"; }; };
+            bucket = { enable = true; settings.storage.url = "s3://b/p";
+                       settings.nbd.address = "127.0.0.1:10811"; memoryMax = null; };
+            public = { enable = true; settings.nbd.address = "192.0.2.7:10812"; };
+          };
+        }""",
+    )
+    assert result["failed"] == []
+    services = result["services"]
+    online = {n: "network-online.target" in s.get("wants", []) for n, s in services.items()}
+    assert online == {
+        "portalbd-local": False,
+        "portalbd-local-attach": False,
+        "portalbd-ram": False,
+        "portalbd-bucket": True,  # S3
+        "portalbd-public": True,  # binds an address the network has to bring up
+    }
+    assert services["portalbd-local"]["after"] == ["network.target"]
+    assert "network-online.target" in services["portalbd-bucket"]["after"]
+    # nbd20 exists only with nbds_max of at least 21.
+    assert result["modprobe"] == "options nbd nbds_max=21"
+
+    def memory_max(name: str) -> int:
+        return int(services[f"portalbd-{name}"]["serviceConfig"]["MemoryMax"])
+
+    def rendered(name: str) -> dict[str, Any]:
+        config: dict[str, Any] = services[f"portalbd-{name}"]["serviceConfig"]["ExecStart"][2][
+            "config"
+        ]
+        return config
+
+    assert memory_max("local") == _expected_memory_max(rendered("local")) == 736 * 2**20
+    # memory:// holds the disk itself on top of the budgets.
+    assert memory_max("ram") == _expected_memory_max(rendered("ram"), extra=2 * 2**30)
+    assert "MemoryMax" not in services["portalbd-bucket"]["serviceConfig"]
+
+
+@needs_lib
+def test_devices_up_to_nbd15_leave_the_module_options_alone(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{ services.portalbd.instances.a = { enable = true;
+             attach = { enable = true; device = "/dev/nbd15"; }; }; }""",
+    )
+    assert result["failed"] == [] and result["modprobe"] == ""
+
+
+def test_flake_uses_no_deprecated_nixfmt_alias() -> None:
+    """nixfmt-rfc-style is a deprecated alias of nixfmt in nixpkgs 25.05 and later."""
+    assert "nixfmt-rfc-style" not in (ROOT / "flake.nix").read_text()
