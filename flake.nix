@@ -127,7 +127,12 @@
           packages = with pkgs; [
             (python3.withPackages (
               ps:
-              lib.mapAttrsToList (_: attr: ps.${attr}) (import ./overlays/python-deps.nix).python
+              let
+                deps = import ./overlays/python-deps.nix;
+              in
+              lib.mapAttrsToList (_: attr: ps.${attr}) (
+                deps.python // deps.extras.trace // deps.extras.csi
+              )
               ++ (ps.moto.optional-dependencies.server or [ ])
               ++ (with ps; [
                 pytest

@@ -260,22 +260,28 @@ def _normalise(requirement: str) -> str:
 
 
 def test_nix_dependencies_match_pyproject() -> None:
-    """The Nix package is the full install: the run-time dependencies and
-    the [trace] and [csi] extras (the VM tests trace, the CSI driver ships)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    project = pyproject["project"]
-    requirements = [
-        *project["dependencies"],
-        *project["optional-dependencies"]["trace"],
-        *project["optional-dependencies"]["csi"],
-    ]
-    wanted = {_normalise(r) for r in requirements}
+    """overlays/python-deps.nix groups the requirements as pyproject.toml does:
+    the run-time dependencies, then each extra the package can include."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = nix_eval("import ./overlays/python-deps.nix")
-    listed = set(deps["python"]) | set(deps["programs"])
-    assert listed == wanted, (
-        f"overlays/python-deps.nix is missing {sorted(wanted - listed)} "
-        f"and has extra {sorted(listed - wanted)}"
-    )
+    programs = {name: p["extra"] for name, p in deps["programs"].items()}
+    groups = {
+        "dependencies": (project["dependencies"], set(deps["python"])),
+        **{
+            extra: (
+                project["optional-dependencies"][extra],
+                set(deps["extras"][extra]) | {n for n, e in programs.items() if e == extra},
+            )
+            for extra in ("trace", "csi")
+        },
+    }
+    for group, (requirements, listed) in groups.items():
+        wanted = {_normalise(r) for r in requirements}
+        assert listed == wanted, (
+            f"overlays/python-deps.nix: {group} is missing {sorted(wanted - listed)} "
+            f"and has extra {sorted(listed - wanted)}"
+        )
+    assert set(deps["extras"]) == {"trace", "csi"}
 
 
 def test_slatedb_pin_matches_pyproject() -> None:
@@ -690,3 +696,25 @@ def test_devices_up_to_nbd15_leave_the_module_options_alone(tmp_path: Path) -> N
 def test_flake_uses_no_deprecated_nixfmt_alias() -> None:
     """nixfmt-rfc-style is a deprecated alias of nixfmt in nixpkgs 25.05 and later."""
     assert "nixfmt-rfc-style" not in (ROOT / "flake.nix").read_text()
+
+
+def _package(**flags: bool) -> dict[str, Any]:
+    args = " ".join(f"{k} = {str(v).lower()};" for k, v in flags.items())
+    result: dict[str, Any] = nix_eval(
+        f"import ./tests/system/nix/eval-package.nix {{ nixpkgsLib = {nixpkgs_lib()}; {args} }}"
+    )
+    return result
+
+
+@needs_lib
+def test_package_leaves_out_the_heavy_extras_on_request() -> None:
+    full = _package()
+    assert {"grpcio", "protobuf", "matplotlib", "numpy", "slatedb"} <= set(full["dependencies"])
+    assert any("py-spy" in arg for arg in full["makeWrapperArgs"])
+    assert full["pythonRemoveDeps"] == ["py-spy"]
+    lean = _package(withTrace=False, withCsi=False)
+    deps = nix_eval("import ./overlays/python-deps.nix")
+    assert sorted(lean["dependencies"]) == sorted(deps["python"].values())
+    assert not any("py-spy" in arg for arg in lean["makeWrapperArgs"])
+    csi_only = _package(withTrace=False)
+    assert set(csi_only["dependencies"]) - set(lean["dependencies"]) == {"grpcio", "protobuf"}
