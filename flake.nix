@@ -41,6 +41,16 @@
         "trace-minecraft"
       ];
 
+      # The tests this platform runs (a test's meta.platforms may narrow it).
+      testsFor =
+        pkgs:
+        lib.filter (
+          name:
+          (import ./nixos/tests/lib.nix).runsOn pkgs.stdenv.hostPlatform.system (
+            ./nixos/tests + "/${name}.nix"
+          )
+        ) vmTests;
+
       mkTest =
         pkgs: name:
         pkgs.testers.runNixOSTest {
@@ -90,7 +100,7 @@
 
       checks = forAllSystems (
         pkgs:
-        lib.genAttrs vmTests (mkTest pkgs)
+        lib.genAttrs (testsFor pkgs) (mkTest pkgs)
         // {
           inherit (pkgs) portalbd;
         }
@@ -117,7 +127,7 @@
               program = "${script}";
               meta.description = "Run the ${name} NixOS VM test";
             }
-          ) vmTests
+          ) (testsFor pkgs)
         )
       );
 

@@ -718,3 +718,50 @@ def test_package_leaves_out_the_heavy_extras_on_request() -> None:
     assert not any("py-spy" in arg for arg in lean["makeWrapperArgs"])
     csi_only = _package(withTrace=False)
     assert set(csi_only["dependencies"]) - set(lean["dependencies"]) == {"grpcio", "protobuf"}
+
+
+def test_only_platforms_with_image_hashes_run_csi_k3s() -> None:
+    runs = nix_eval(
+        """let l = import ./nixos/tests/lib.nix; in map (s: [ (l.runsOn s ./nixos/tests/csi-k3s.nix)
+           (l.runsOn s ./nixos/tests/basic.nix) ]) [ "x86_64-linux" "aarch64-linux" ]"""
+    )
+    assert runs == [[True, True], [False, True]]
+
+
+def _containers(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every container spec in a List, DaemonSet or Pod document."""
+    for item in document.get("items", [document]):
+        spec = item.get("spec", {})
+        spec = spec.get("template", {}).get("spec", spec)
+        yield from spec.get("containers", [])
+
+
+def test_csi_k3s_starts_pods_from_the_store_alone() -> None:
+    """Every image a pod runs, the sandbox included, is one k3s imports from
+    services.k3s.images; nothing may be pulled; the sidecars are amd64's."""
+    node = nix_eval('import ./tests/system/nix/eval-csi-k3s.nix { system = "x86_64-linux"; }')
+    provided = {f"{i['name']}:{i['tag']}": i for i in node["images"]}
+    pause = next(f.split()[1] for f in node["extraFlags"] if f.startswith("--pause-image "))
+    assert pause in provided and provided[pause]["kind"] == "layered"
+    containers = [
+        *_containers(json.loads(node["manifests"])),
+        *_containers(json.loads(node["pod"])),
+    ]
+    assert {c["image"] for c in containers} | {pause} == set(provided)
+    assert {c["imagePullPolicy"] for c in containers} == {"Never"}
+    pulled = [i for i in node["images"] if i["kind"] == "pull"]
+    assert len(pulled) == 2 and all(i["arch"] == "amd64" and i["hash"] for i in pulled)
+    assert node["platforms"] == ["x86_64-linux"]
+
+
+def test_csi_k3s_names_the_missing_hashes_on_other_platforms() -> None:
+    p = subprocess.run(
+        [_need("nix-instantiate"), "--eval", "--strict", "--json", "-E",
+         'import ./tests/system/nix/eval-csi-k3s.nix { system = "aarch64-linux"; }'],
+        capture_output=True, text=True, cwd=ROOT, env=NIX_ENV, timeout=60,
+    )  # fmt: skip
+    assert p.returncode != 0
+    assert (
+        "csi-k3s: no sidecar image hashes for aarch64-linux "
+        "(nixos/tests/csi-k3s.nix, sidecarHashes)" in p.stderr
+    ), p.stderr
