@@ -33,6 +33,8 @@
         "trace-pgbench"
         "trace-minecraft"
         "csi-k3s"
+        "resource-exhaustion"
+        "pjdfstest"
       ];
       # These copy the traces they record to the test's output directory.
       traceTests = [
