@@ -765,3 +765,19 @@ def test_csi_k3s_names_the_missing_hashes_on_other_platforms() -> None:
         "csi-k3s: no sidecar image hashes for aarch64-linux "
         "(nixos/tests/csi-k3s.nix, sidecarHashes)" in p.stderr
     ), p.stderr
+
+
+def test_flake_lock_pins_nixpkgs_or_the_docs_say_it_is_missing() -> None:
+    """A checked-in lock pins one nixpkgs commit from 2026 on with its NAR hash;
+    without one, docs/nixos.md says so and how to make it."""
+    lock = ROOT / "flake.lock"
+    docs = (ROOT / "docs" / "nixos.md").read_text()
+    if not lock.exists():
+        assert "**no `flake.lock` is checked in**" in docs
+        assert "nix flake lock --override-input nixpkgs github:NixOS/nixpkgs/<commit>" in docs
+        return
+    locked = json.loads(lock.read_text())["nodes"]["nixpkgs"]["locked"]
+    assert locked["type"] == "github" and locked["repo"] == "nixpkgs"
+    assert re.fullmatch(r"[0-9a-f]{40}", locked["rev"]), locked
+    assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", locked["narHash"]), locked
+    assert locked["lastModified"] >= 1767225600, "nixpkgs pinned before 2026"  # 2026-01-01
