@@ -781,3 +781,25 @@ def test_flake_lock_pins_nixpkgs_or_the_docs_say_it_is_missing() -> None:
     assert re.fullmatch(r"[0-9a-f]{40}", locked["rev"]), locked
     assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", locked["narHash"]), locked
     assert locked["lastModified"] >= 1767225600, "nixpkgs pinned before 2026"  # 2026-01-01
+
+
+@needs_lib
+def test_every_vm_test_configures_portalbd_the_module_and_daemon_accept() -> None:
+    """The portalbd instances of every VM test node pass the module's
+    assertions without warnings, and the daemon accepts each rendered config."""
+    evaluated = nix_eval(
+        f"import ./tests/system/nix/eval-vm-nodes.nix {{ nixpkgsLib = {nixpkgs_lib()}; }}"
+    )
+    daemons = 0
+    for test, nodes in evaluated.items():
+        for node, result in nodes.items():
+            assert result["failed"] == [] and result["warnings"] == [], (test, node, result)
+            for unit, service in result["services"].items():
+                exec_start = service["serviceConfig"]["ExecStart"]
+                if unit.endswith("-attach"):
+                    continue
+                rendered = exec_start[2]["config"]
+                portalbd_config.parse(tomlkit.dumps(rendered), f"{test}/{node}/{unit}")
+                daemons += 1
+    assert {"basic", "resource-exhaustion", "pjdfstest"} <= set(evaluated)
+    assert daemons >= 10, daemons
