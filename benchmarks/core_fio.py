@@ -33,6 +33,8 @@ from portalbd.launch import LaunchError, free_port, serving, start
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 REGION = 512 * MiB
+# --baseline: a checkout whose daemon the baseline-* targets run
+BASELINE: list[Path | None] = [None]
 
 # name, fio rw, block size, iodepth, reported as
 JOBS = [
@@ -54,16 +56,23 @@ class Server:
 def serve(name: str, workdir: Path) -> Iterator[Server]:
     """Start one target on a free port; stop it (SIGTERM, then SIGKILL) afterwards."""
     port = free_port()
-    if name.startswith("portalbd"):
-        # portalbd-memory, portalbd-file, and either with -encrypted (at rest)
+    if name.startswith(("portalbd", "baseline")):
+        # portalbd-memory, portalbd-file, and either with -encrypted (at rest);
+        # baseline-memory and baseline-file: the daemon of another checkout
         kind = name.removesuffix("-encrypted")
-        storage = f"file://{workdir}/data-{port}" if kind == "portalbd-file" else None
+        storage = f"file://{workdir}/data-{port}" if kind.endswith("-file") else None
         extra: list[str] = []
         if name.endswith("-encrypted"):
             key_file = workdir / f"{name}.key"
             key_file.write_text(os.urandom(32).hex())
             extra = ["--encryption-key-file", str(key_file)]
-        daemon = start(workdir, *extra, storage_url=storage, instance=name, port=port)
+        env = None
+        if name.startswith("baseline"):
+            assert BASELINE[0] is not None, "baseline targets need --baseline DIR"
+            env = {
+                "PORTALBD_BIN": f"env PYTHONPATH={BASELINE[0]} {sys.executable} -m portalbd.daemon"
+            }
+        daemon = start(workdir, *extra, storage_url=storage, instance=name, port=port, env=env)
         try:
             yield Server(name, daemon.process, daemon.uri)
         finally:
@@ -268,10 +277,24 @@ def main() -> int:
         metavar="PERCENT",
         help="also run the jobs on data this compressible (0 skips that table)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a checkout of an earlier portalbd (e.g. git worktree add /tmp/before REV): "
+        "targets baseline-memory and baseline-file run its daemon, for a before/after "
+        "table in one run",
+    )
     parser.add_argument("--skip-slatedb", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--rss-gib", type=int, default=2, help="GiB to write for the RSS figures")
     args = parser.parse_args()
+    if args.baseline is not None:
+        if not (args.baseline / "portalbd" / "daemon.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a portalbd checkout")
+        BASELINE[0] = args.baseline.resolve()
+    elif "baseline" in args.only:
+        parser.error("baseline-* targets need --baseline DIR")
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed", file=sys.stderr)

@@ -395,6 +395,8 @@ class NbdConnection(asyncio.Protocol):
         # budget is given back then, not byte by byte.
         self._unsent_replies: deque[tuple[int, int]] = deque()
         self._written = 0  # bytes handed to the transport, in total
+        # replies gathered during one pass over received bytes (_pump)
+        self._cork: list[bytes | memoryview] | None = None
         self._sent_seen = 0  # of those, how many had left at the last look
         self._last_rx = time.monotonic()  # the last time bytes arrived
         self._last_tx = self._last_rx  # the last time unsent replies shrank
@@ -561,6 +563,7 @@ class NbdConnection(asyncio.Protocol):
         requests), and close once the client closes its side or after
         CLOSE_LINGER.
         """
+        self._flush_cork()  # replies of this pass go before the FIN
         try:
             can_write_eof = transport.can_write_eof()
         except NotImplementedError:  # in-process transports (the simulation)
@@ -748,6 +751,16 @@ class NbdConnection(asyncio.Protocol):
         spent); the rest stays in the decoder and reading pauses. A payload
         under way is still taken in, as its budget is held already.
         """
+        if self._cork is not None:  # re-entered: the outer pass uncorks
+            self._pump_requests()
+            return
+        self._cork = []
+        try:
+            self._pump_requests()
+        finally:
+            self._uncork()
+
+    def _pump_requests(self) -> None:
         decoder = self._decoder
         assert decoder is not None
         transport = self.transport
@@ -1015,15 +1028,24 @@ class NbdConnection(asyncio.Protocol):
         except DeviceError as exc:
             log.error("flush on disconnect failed conn=%d: %s", self.id, exc)
         if self.transport is not None:
+            self._flush_cork()
             self.transport.close()
 
     # --- bytes out --------------------------------------------------------------
 
+    def _flush_cork(self) -> None:
+        """Write the replies gathered so far now (before a close), still corked after."""
+        cork = self._cork
+        transport = self.transport
+        if cork and transport is not None and not transport.is_closing():
+            self._cork = []
+            transport.writelines(cork)
+
     def _settle_unsent(self) -> None:
         """Give back the budget of replies the transport has wholly sent."""
         replies = self._unsent_replies
-        if not replies:
-            return
+        if not replies or self._cork is not None:
+            return  # corked replies are not in the transport yet
         transport = self.transport
         sent = self._written
         if transport is not None and not transport.is_closing():
@@ -1042,7 +1064,27 @@ class NbdConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self._written += len(data)
-            transport.write(data)
+            if self._cork is not None:
+                self._cork.append(data)
+            else:
+                transport.write(data)
+
+    def _uncork(self) -> None:
+        """Hand the replies gathered in one pass to the transport in one write.
+
+        Replies served from memory complete while the request bytes of one
+        ``data_received`` are parsed; written one by one, half the loop's
+        time went to one send() each (4 KiB reads served from the cache).
+        """
+        cork, self._cork = self._cork, None
+        transport = self.transport
+        if not cork or transport is None or transport.is_closing():
+            return
+        if len(cork) == 1:
+            transport.write(cork[0])
+        else:
+            transport.writelines(cork)
+        self._settle_unsent()
 
     def _reply_ok(self, request: p.Request, arrival: int) -> None:
         self._send(p.simple_reply(request.handle, 0))
@@ -1065,7 +1107,11 @@ class NbdConnection(asyncio.Protocol):
                 header = p.structured_read_header(request.handle, request.offset, len(data))
             else:
                 header = p.simple_reply(request.handle, 0)
-            if len(data) <= 4096:
+            cork = self._cork
+            if cork is not None:
+                cork.append(header)
+                cork.append(data)
+            elif len(data) <= 4096:
                 transport.write(header + bytes(data))
             else:
                 transport.writelines((header, data))
