@@ -24,7 +24,7 @@ from portalbd.control.requests import AnyRequest
 from portalbd.device import Device, DeviceError
 from portalbd.faults import crash_point
 from portalbd.nbd.handshake import TlsMode
-from portalbd.nbd.server import NbdLimits, NbdServer, RequestObserver
+from portalbd.nbd.server import NbdLimits, NbdServer, PauseTimeout, RequestObserver
 from portalbd.nbd.tls import tls_mode
 from portalbd.paths import object_cache_root
 from portalbd.private import check_secret_file
@@ -525,67 +525,107 @@ class Instance:
         )
 
     async def restore(self, name: str, *, force: bool) -> None:
-        """Make the disk what it was at the snapshot; keep every snapshot."""
+        """Make the disk what it was at the snapshot; keep every snapshot.
+
+        Attached clients stay attached with their I/O paused for the swap,
+        as the original's write lock does; ``force`` disconnects them first
+        instead, for filesystems that should notice.
+        """
         assert self.store is not None and self.device is not None and self.server is not None
         self._refuse_on_replica("a restore")
         async with self._admin_lock:
             if self.store.catalog.find(name) is None:
                 raise cp.BadRequest(f"snapshot {name!r} not found")
-            clients = self.server.attached_clients()
-            if clients and not force:
-                raise cp.BadRequest(
-                    f"{clients} NBD client{'s are' if clients != 1 else ' is'} connected; "
-                    "disconnect them first or restore with --force"
-                )
             started = time.monotonic()
             self.server.refusal = "a snapshot restore is in progress"
+            disconnected = paused = 0
+            paused_at: float | None = None
             try:
-                if clients:
-                    await self.server.disconnect_all(f"restoring snapshot {name}")
-                await self.device.flush()
-                try:
-                    generation, handle = await self.store.prepare_restore(name)
+                if force:
+                    disconnected = await self.server.disconnect_all(f"restoring snapshot {name}")
+                else:
+                    paused_at = time.monotonic()
+                    timeout = self.config.storage.timeout_ms / 1000 or None
                     try:
-                        # The clone carries the snapshot's epoch; writes after
-                        # the restore use the device's, which is newer. Record
-                        # it before the clone goes live, so sequences keep growing.
-                        await self._carry_metadata(handle)
-                        crash_point("restore:before-commit")
-                        old = await self.store.commit_restore(generation, handle)
-                    except StoreError:
-                        # Never live: left open, its tasks would outlive it.
-                        with contextlib.suppress(StoreError):
-                            await handle.close()
-                        raise
-                except StoreError as exc:
-                    raise cp.BadRequest(f"restore failed, disk unchanged: {exc}") from exc
-                self.device.swap_store(handle)
-                crash_point("restore:after-swap")
-                handle.on_reopen = self.device.forget_clean_cache
-                try:
-                    await old.close()
-                except StoreError as exc:
-                    log.warning("closing the previous generation failed: %s", exc)
-                try:
-                    removed = await self.store.collect_garbage()
-                except StoreError as exc:
-                    log.warning("garbage collection failed: %s", exc)
-                    removed = []
+                        paused = await self.server.pause_io(timeout)
+                    except PauseTimeout as exc:
+                        raise cp.BadRequest(
+                            f"restore failed, disk unchanged: could not pause I/O: {exc}"
+                        ) from exc
+                generation, old = await self._swap_to(name)
             finally:
                 self.server.refusal = None
+                self.server.resume_io()
+            pause_ms = 0.0 if paused_at is None else (time.monotonic() - paused_at) * 1000
+            removed = await self._retire(old)
             self.last_restore = {
                 "name": name,
                 "generation": generation,
-                "disconnected": clients,
+                "disconnected": disconnected,
+                "paused": paused,
+                "paused_ms": round(pause_ms, 1),
                 "removed_generations": removed,
                 "duration_ms": round((time.monotonic() - started) * 1000, 1),
                 "finished_at": round(time.time(), 3),
             }
+            if paused:
+                log.info(
+                    "restore paused I/O of %d client%s for %.1f ms",
+                    paused,
+                    "" if paused == 1 else "s",
+                    pause_ms,
+                )
             log.info(
-                "snapshot restored name=%s generation=%d disconnected=%d removed=%s in %.1f ms",
+                "snapshot restored name=%s generation=%d disconnected=%d paused=%d removed=%s "
+                "in %.1f ms",
                 name,
                 generation,
-                clients,
+                disconnected,
+                paused,
                 removed,
                 (time.monotonic() - started) * 1000,
             )
+
+    async def _swap_to(self, name: str) -> tuple[int, SlateHandle]:
+        """Flush, make the snapshot's clone the live generation, serve from it.
+
+        No request may run meanwhile (the caller paused or disconnected
+        them). Returns the new generation and the previous one's handle.
+        """
+        assert self.store is not None and self.device is not None
+        await self.device.flush()
+        try:
+            generation, handle = await self.store.prepare_restore(name)
+            try:
+                # The clone carries the snapshot's epoch; writes after
+                # the restore use the device's, which is newer. Record
+                # it before the clone goes live, so sequences keep growing.
+                await self._carry_metadata(handle)
+                crash_point("restore:before-commit")
+                old = await self.store.commit_restore(generation, handle)
+            except StoreError:
+                # Never live: left open, its tasks would outlive it.
+                with contextlib.suppress(StoreError):
+                    await handle.close()
+                raise
+        except StoreError as exc:
+            raise cp.BadRequest(f"restore failed, disk unchanged: {exc}") from exc
+        self.device.swap_store(handle)
+        crash_point("restore:after-swap")
+        handle.on_reopen = self.device.forget_clean_cache
+        return generation, old
+
+    async def _retire(self, old: SlateHandle) -> list[int]:
+        """Close the previous generation and collect garbage: after the
+        swap, with I/O running again, as clients need neither."""
+        assert self.store is not None
+        try:
+            await old.close()
+        except StoreError as exc:
+            log.warning("closing the previous generation failed: %s", exc)
+        try:
+            removed = await self.store.collect_garbage()
+        except StoreError as exc:
+            log.warning("garbage collection failed: %s", exc)
+            removed = []
+        return removed

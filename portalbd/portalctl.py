@@ -314,11 +314,15 @@ def restore_report(client: ControlClient, name: str) -> str | None:
     last = status.get("Status", {}).get("last_restore") if isinstance(status, dict) else None
     if not isinstance(last, dict) or last.get("name") != name:
         return None  # an older daemon, or another restore came between
+    head = f"Restored {name}: now generation {last.get('generation')}, "
+    paused = int(last.get("paused", 0))
+    if paused:
+        return (
+            f"{head}I/O of {paused} client{'' if paused == 1 else 's'} paused for "
+            f"{float(last.get('paused_ms', 0)):.1f} ms"
+        )
     clients = int(last.get("disconnected", 0))
-    return (
-        f"Restored {name}: now generation {last.get('generation')}, "
-        f"{clients} client{'' if clients == 1 else 's'} disconnected"
-    )
+    return f"{head}{clients} client{'' if clients == 1 else 's'} disconnected"
 
 
 def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:

@@ -298,9 +298,11 @@ class PortalbdApp(App[None]):
         body = Text.assemble(
             ("The daemon refused: ", "bold"),
             reason,
-            "\n\nForcing swaps the disk's contents under the attached clients. A mounted "
-            "filesystem or running database on it will see its data change without "
-            "warning and may be corrupted. Unmount or disconnect first if you can.",
+            "\n\nWithout force, the daemon pauses the attached clients' I/O while it swaps "
+            "the disk and keeps them connected: they then read the snapshot's data. "
+            "Forcing disconnects them first, so their devices fail rather than change "
+            "silently. Either way a mounted filesystem or running database will see its "
+            "data change under its cache and may be corrupted: unmount first.",
         )
 
         def answered(yes: bool | None) -> None:

@@ -25,6 +25,11 @@ client may lock others out (issue 20):
 - Handshaking connections have their own limit and a short deadline; when
   the limit is reached the oldest handshake is dropped, and attached clients
   count against ``max_connections`` alone.
+
+A restore pauses I/O rather than disconnecting clients (as the original
+does with its write lock): :meth:`NbdServer.pause_io` closes a gate that
+requests reach before they touch the device, waits for those already
+running, and :meth:`NbdServer.resume_io` lets the waiting ones through.
 """
 
 from __future__ import annotations
@@ -207,6 +212,10 @@ def _prepare_unix_path(path: Path) -> None:
         path.unlink()
 
 
+class PauseTimeout(Exception):
+    """Requests already running did not finish in time; I/O runs again."""
+
+
 class NbdServer:
     """Listeners, connections and the rules shared by all of them."""
 
@@ -238,6 +247,9 @@ class NbdServer:
         # Still in the handshake, oldest first (dicts keep insertion order).
         self.handshaking: dict[NbdConnection, None] = {}
         self.refusal: str | None = None  # set while a restore runs
+        # Closed gate while a restore runs (None when open: one check per request).
+        self.paused: asyncio.Event | None = None
+        self._gated: set[asyncio.Task[None]] = set()  # requests waiting at the gate
         self.limits = limits or NbdLimits()
         self.budget = PayloadBudget(self.limits.budget)
         self.limited_log = LogLimiter(self.limits.log_burst, self.limits.log_interval)
@@ -341,6 +353,36 @@ class NbdServer:
         for conn in connections:
             await conn.closed
         return len(connections)
+
+    async def pause_io(self, limit_s: float | None) -> int:
+        """Hold new requests at the gate and wait for the running ones to finish.
+
+        Returns how many attached clients were paused. Requests that do not
+        finish within ``limit_s`` seconds (None: no bound) open the gate again
+        and raise :class:`PauseTimeout`, so a stuck store cannot hold every
+        client's I/O forever.
+        """
+        if self.paused is not None:
+            raise RuntimeError("I/O is paused already")
+        self.paused = asyncio.Event()
+        running = [
+            task for conn in self.connections for task in conn._tasks if task not in self._gated
+        ]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=limit_s)
+            if pending:
+                self.resume_io()
+                raise PauseTimeout(
+                    f"{len(pending)} NBD request{'s' if len(pending) != 1 else ''} still "
+                    f"running after {limit_s:g}s"
+                )
+        return self.attached_clients()
+
+    def resume_io(self) -> None:
+        """Open the gate: waiting requests run, in the order they came."""
+        gate, self.paused = self.paused, None
+        if gate is not None:
+            gate.set()
 
     def notify(
         self,
@@ -862,6 +904,9 @@ class NbdConnection(asyncio.Protocol):
             )
             self._reply_error(request, arrival, error, "invalid request")
             return
+        if self.server.paused is not None:
+            self._hold(request, arrival, charge)
+            return
         device = self.server.device
         command = request.command
         if command == p.Cmd.READ:
@@ -921,6 +966,29 @@ class NbdConnection(asyncio.Protocol):
         else:  # unreachable: check_request rejects unknown commands
             self._reply_error(request, arrival, p.Err.EINVAL, "unknown command")
 
+    def _hold(self, request: p.Request, arrival: int, charge: int) -> None:
+        """Park a request at the closed gate; it counts as in flight meanwhile,
+        so a client with many waiting stops being read (MAX_INFLIGHT)."""
+        task = self._spawn(
+            request, arrival, self._after_gate(request, arrival, charge), reply=False, notify=False
+        )
+        gated = self.server._gated
+        gated.add(task)
+        task.add_done_callback(gated.discard)
+
+    async def _after_gate(self, request: p.Request, arrival: int, charge: int) -> None:
+        gate = self.server.paused
+        try:
+            if gate is not None:
+                await gate.wait()
+        except BaseException:
+            self._release(charge)
+            raise
+        if self._lost:
+            self._release(charge)
+            return
+        self._dispatch(request, arrival, charge)
+
     def _spawn(
         self,
         request: p.Request,
@@ -930,7 +998,7 @@ class NbdConnection(asyncio.Protocol):
         reply: bool = True,
         notify: bool = True,
         charge: int = 0,
-    ) -> None:
+    ) -> asyncio.Task[None]:
         task = asyncio.ensure_future(self._run(request, arrival, work, reply, notify, charge))
         self._tasks.add(task)
         stats = self.server.stats
@@ -940,6 +1008,7 @@ class NbdConnection(asyncio.Protocol):
         task.add_done_callback(self._task_done)
         if len(self._tasks) >= MAX_INFLIGHT:
             self._update_reading()
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -143,23 +143,30 @@ def test_daemon_refusals(daemon: RunningDaemon, args: list[str], message: str) -
     assert (result.returncode, result.stdout, result.stderr) == (1, "", message)
 
 
-def test_restore_refused_with_a_client_then_forced(daemon: RunningDaemon) -> None:
+def test_restore_pauses_a_client_then_forced(daemon: RunningDaemon) -> None:
     ctl(*sock(daemon), "snapshot", "create", "s")
-    with connected(daemon.uri):
-        refused = ctl(*sock(daemon), "snapshot", "restore", "s")
-        assert refused.returncode == 1
-        assert refused.stderr == (
-            "Error: 1 NBD client is connected; disconnect them first or restore with --force\n"
-        )
+    with connected(daemon.uri) as handle:
+        paused = ctl(*sock(daemon), "snapshot", "restore", "s")
+        assert (paused.returncode, paused.stderr) == (0, "")
+        assert re.fullmatch(
+            r"OK\nRestored s: now generation 2, I/O of 1 client paused for \d+\.\d ms\n",
+            paused.stdout,
+        ), paused.stdout
+        handle.pread(4096, 0)  # still attached
         forced = ctl(*sock(daemon), "snapshot", "restore", "s", "--force")
         assert (forced.returncode, forced.stdout) == (
             0,
-            "OK\nRestored s: now generation 2, 1 client disconnected\n",
+            "OK\nRestored s: now generation 3, 1 client disconnected\n",
         )
     # --json keeps the reply as the daemon sent it; status tells the rest
     assert ctl(*sock(daemon), "snapshot", "restore", "s", "--json").stdout == '"Ok"\n'
     last = json.loads(ctl(*sock(daemon), "status", "--json").stdout)["Status"]["last_restore"]
-    assert (last["name"], last["generation"], last["disconnected"]) == ("s", 3, 0)
+    assert (last["name"], last["generation"], last["disconnected"], last["paused"]) == (
+        "s",
+        4,
+        0,
+        0,
+    )
 
 
 def test_global_flags_anywhere(daemon: RunningDaemon) -> None:

@@ -155,27 +155,107 @@ def test_snapshot_metadata(daemon_factory: DaemonFactory, tmp_path: Path) -> Non
     assert daemon.status()["snapshot_count"] == 2
 
 
-def test_restore_refused_with_clients_then_forced(
+def test_restore_pauses_attached_clients_then_forced_disconnects(
     daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
+    """Without force the clients stay attached (I/O paused for the swap, as the
+    original's write lock does) and read the snapshot on the same connection;
+    --force still sends them away."""
     daemon = file_daemon_at(daemon_factory, tmp_path / "data")
     write_a(daemon)
     state_a = disk_digest(daemon)
     daemon.control({"SnapshotCreate": {"name": "s1"}})
     write_b(daemon)
     with connected(daemon.uri) as one, connected(daemon.uri) as two:
-        assert restore(daemon, "s1") == {
-            "Error": "2 NBD clients are connected; disconnect them first or restore with --force"
-        }
-        # Refused means untouched: the clients still work and see B.
+        assert two.pread(BLOCK, 2 * MiB) == fill(1001, 3 * MiB)[:BLOCK]  # B, cached
+        assert restore(daemon, "s1") == "Ok"
+        digest = [hashlib.sha256(two.pread(MiB, off)).hexdigest() for off in range(0, SIZE, MiB)]
+        assert digest == state_a
         one.pwrite(b"\x42" * BLOCK, 0)
         assert two.pread(BLOCK, 0) == b"\x42" * BLOCK
+        last = daemon.status()["last_restore"]
+        assert (last["name"], last["paused"], last["disconnected"]) == ("s1", 2, 0)
+        assert "restore paused I/O of 2 clients for " in daemon.log()
         assert restore(daemon, "s1", force=True) == "Ok"
         for handle in (one, two):
             with pytest.raises(Exception):  # noqa: B017 - libnbd raises nbd.Error
                 handle.pread(BLOCK, 0)
+    last = daemon.status()["last_restore"]
+    assert (last["paused"], last["disconnected"]) == (0, 2)
     assert daemon.status()["stats"]["connections"] == 0
     assert disk_digest(daemon) == state_a
+
+
+def test_requests_in_flight_through_a_restore(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A client keeps 32 requests in flight while a restore runs: every one is
+    answered, reads with the old data or the snapshot's, never an error."""
+    import nbd
+
+    daemon = file_daemon_at(daemon_factory, tmp_path / "data")
+    reads_at, writes_at = range(0, 4 * MiB, BLOCK), range(8 * MiB, 12 * MiB, BLOCK)
+    snap, live = fill(1, 4 * MiB), fill(2, 4 * MiB)
+    with connected(daemon.uri) as handle:
+        handle.pwrite(snap, 0)
+        handle.flush()
+        daemon.control({"SnapshotCreate": {"name": "s"}})
+        handle.pwrite(live, 0)
+        handle.flush()
+    reply: dict[str, Any] = {}
+    restorer = threading.Thread(target=lambda: reply.update(r=restore(daemon, "s")))
+    # cookie -> (issued while the restore ran or before, offset, read buffer or payload)
+    pending: dict[int, tuple[bool, int, Any]] = {}
+    reads: list[tuple[bool, int, bytes]] = []
+    written: dict[int, list[bytes]] = {}
+    last_write_after: dict[int, bytes] = {}
+    issued = after = 0
+    with connected(daemon.uri) as h:
+        while after < 200 or pending:
+            if restorer.ident is None and issued == 100:
+                restorer.start()
+            done = restorer.ident is not None and not restorer.is_alive()
+            while len(pending) < 32 and after < 200:
+                if issued % 2:
+                    offset = reads_at[issued // 2 % len(reads_at)]
+                    buf = nbd.Buffer(BLOCK)
+                    pending[h.aio_pread(buf, offset)] = (not done, offset, buf)
+                else:
+                    offset = writes_at[issued // 2 % len(writes_at)]
+                    data = random.Random(issued).randbytes(BLOCK)
+                    pending[h.aio_pwrite(data, offset)] = (not done, offset, data)
+                    written.setdefault(offset, []).append(data)
+                    if done:
+                        last_write_after[offset] = data
+                    else:
+                        last_write_after.pop(offset, None)
+                issued += 1
+                after += done
+            h.poll(100)
+            for cookie in [c for c in pending if h.aio_command_completed(c)]:
+                early, offset, what = pending.pop(cookie)
+                if isinstance(what, nbd.Buffer):
+                    reads.append((early, offset, bytes(what.to_bytearray())))
+        restorer.join(30)
+        assert reply == {"r": "Ok"}
+        last = daemon.status()["last_restore"]
+        assert (last["paused"], last["disconnected"]) == (1, 0)
+        for early, offset, data in reads:
+            allowed = [snap[offset : offset + BLOCK]]
+            if early:
+                allowed.append(live[offset : offset + BLOCK])
+            assert data in allowed, f"read at {offset} (early={early}) has other data"
+        early_new = sum(early and data == snap[o : o + BLOCK] for early, o, data in reads)
+        early_old = sum(early and data == live[o : o + BLOCK] for early, o, data in reads)
+        print(f"reads: {early_old} old, {early_new} sent during the restore and answered new")
+        assert early_old and early_new, "no request was in flight across the swap"
+        assert any(not early for early, _, _ in reads)
+        for offset, versions in written.items():
+            data = h.pread(BLOCK, offset)
+            if offset in last_write_after:
+                assert data == last_write_after[offset], offset
+            else:
+                assert data == bytes(BLOCK) or data in versions, offset
 
 
 def test_old_generations_are_collected(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
