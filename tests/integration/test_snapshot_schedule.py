@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import logging
+import os
 import re
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import pytest
 
 from portalbd.config import Config
 from portalbd.instance import Instance
@@ -51,8 +56,10 @@ class Clock:
         raise AssertionError("the scheduler did not come back to sleep")
 
 
-async def with_instance(body: Callable[[Instance], Awaitable[None]]) -> None:
-    config = Config()
+async def with_instance(
+    body: Callable[[Instance], Awaitable[None]], config: Config | None = None
+) -> None:
+    config = config or Config()
     config.device.size_bytes = 16 << 20
     instance = Instance(config, Path("/nonexistent/schedule-test.sock"))
     await instance.open()
@@ -119,6 +126,52 @@ def test_restore_skips_a_slot_and_the_restored_snapshot_is_kept() -> None:
         await scheduler.stop()
 
     asyncio.run(with_instance(body))
+
+
+async def mount(*args: str) -> None:
+    await asyncio.to_thread(subprocess.run, ["mount", *args], check=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_failed_snapshot_is_logged_shown_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    config = Config()
+    config.storage.url = f"file://{store}"
+    config.storage.timeout_ms = 1000
+
+    async def body(instance: Instance) -> None:
+        assert instance.device is not None
+        clock = Clock(START)
+        scheduler = SnapshotScheduler(
+            instance, Schedule("15m", 900, RetentionPolicy(keep=1)), clock=clock, sleep=clock.sleep
+        )
+        scheduler.start()
+        await asyncio.sleep(0.01)
+        await clock.next_slot()
+        assert names(instance) == ["auto-20261202T031500Z"]
+        await mount("--bind", str(store), str(store))
+        try:
+            await mount("-o", "remount,bind,ro", str(store))
+            await instance.device.write(0, memoryview(b"x" * 65536))
+            await clock.next_slot()
+            error = scheduler.public()["last_error"]
+            assert error.startswith("snapshot auto-20261202T033000Z: "), error
+            assert "is read-only" in error
+            assert names(instance) == ["auto-20261202T031500Z"]  # nothing pruned after it
+            await mount("-o", "remount,bind,rw", str(store))
+        finally:
+            await asyncio.to_thread(subprocess.run, ["umount", "-l", str(store)], timeout=30)
+        await clock.next_slot()
+        assert scheduler.public()["last_error"] is None
+        assert names(instance) == ["auto-20261202T034500Z"]
+        await scheduler.stop()
+
+    with caplog.at_level(logging.WARNING, "portalbd.schedule"):
+        asyncio.run(with_instance(body, config))
+    assert "scheduled snapshot auto-20261202T033000Z failed (next slot retries): " in caplog.text
 
 
 def test_a_daemon_takes_and_prunes_on_schedule(
