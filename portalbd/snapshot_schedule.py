@@ -106,7 +106,11 @@ class SnapshotScheduler:
             while (left := slot - self._clock()) > 0:
                 await self._sleep(left)
             self._tick = asyncio.ensure_future(self.tick(slot))
-            await asyncio.shield(self._tick)
+            try:
+                await asyncio.shield(self._tick)
+            except Exception as exc:  # a bug, not a storage error: keep the schedule going
+                self.last_error = f"slot {snapshot_name(slot)}: {exc!r}"
+                log.exception("scheduled snapshot slot failed unexpectedly")
 
     async def tick(self, slot: float) -> None:
         """Take the slot's snapshot, then prune; never raises."""
