@@ -25,6 +25,7 @@ from portalbd.paths import (
     original_control_socket,
 )
 from portalbd.retention import is_scheduled
+from portalbd.snapshot_schedule import schedule_text
 from portalbd.units import human_duration, human_latency, human_size, human_time
 
 EXIT_OK = 0
@@ -170,20 +171,6 @@ def print_snapshot_list(snaps: list[dict[str, Any]], out: TextIO) -> None:
         # the scheduler's own snapshots, the only ones retention may prune
         mark = "  scheduled" if is_scheduled(row[0]) else ""
         print(f"{line}  {row[3]:>9}{mark}".rstrip(), file=out)
-
-
-def schedule_text(schedule: dict[str, Any]) -> str:
-    """``[snapshots]`` as status shows it: the policy, the next slot, the last error."""
-    text = f"every {schedule.get('every')}, keep {schedule.get('keep')}"
-    if schedule.get("keep_daily"):
-        text += f" + {schedule['keep_daily']} daily"
-    if schedule.get("keep_weekly"):
-        text += f" + {schedule['keep_weekly']} weekly"
-    if schedule.get("next_at") is not None:
-        text += f"; next {human_time(float(schedule['next_at']))}"
-    if schedule.get("last_error"):
-        text += f"; last attempt failed: {schedule['last_error']}"
-    return text
 
 
 def tls_text(mode: str, client_certificates: bool) -> str:

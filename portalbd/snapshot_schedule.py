@@ -30,6 +30,7 @@ from portalbd.retention import (
     snapshot_name,
     to_prune,
 )
+from portalbd.units import human_time
 
 log = logging.getLogger("portalbd.schedule")
 
@@ -167,3 +168,17 @@ class SnapshotScheduler:
             "pruned": self.pruned,
             "skipped": self.skipped,
         }
+
+
+def schedule_text(schedule: dict[str, Any]) -> str:
+    """A status document's ``snapshot_schedule`` in one line, for portalctl and the TUI."""
+    text = f"every {schedule.get('every')}, keep {schedule.get('keep')}"
+    if schedule.get("keep_daily"):
+        text += f" + {schedule['keep_daily']} daily"
+    if schedule.get("keep_weekly"):
+        text += f" + {schedule['keep_weekly']} weekly"
+    if schedule.get("next_at") is not None:
+        text += f"; next {human_time(float(schedule['next_at']))}"
+    if schedule.get("last_error"):
+        text += f"; last attempt failed: {schedule['last_error']}"
+    return text
