@@ -33,6 +33,8 @@
         "trace-pgbench"
         "trace-minecraft"
         "csi-k3s"
+        "resource-exhaustion"
+        "pjdfstest"
       ];
       # These copy the traces they record to the test's output directory.
       traceTests = [
@@ -40,6 +42,16 @@
         "trace-pgbench"
         "trace-minecraft"
       ];
+
+      # The tests this platform runs (a test's meta.platforms may narrow it).
+      testsFor =
+        pkgs:
+        lib.filter (
+          name:
+          (import ./nixos/tests/lib.nix).runsOn pkgs.stdenv.hostPlatform.system (
+            ./nixos/tests + "/${name}.nix"
+          )
+        ) vmTests;
 
       mkTest =
         pkgs: name:
@@ -90,7 +102,7 @@
 
       checks = forAllSystems (
         pkgs:
-        lib.genAttrs vmTests (mkTest pkgs)
+        lib.genAttrs (testsFor pkgs) (mkTest pkgs)
         // {
           inherit (pkgs) portalbd;
         }
@@ -117,7 +129,7 @@
               program = "${script}";
               meta.description = "Run the ${name} NixOS VM test";
             }
-          ) vmTests
+          ) (testsFor pkgs)
         )
       );
 
@@ -127,7 +139,12 @@
           packages = with pkgs; [
             (python3.withPackages (
               ps:
-              lib.mapAttrsToList (_: attr: ps.${attr}) (import ./overlays/python-deps.nix).python
+              let
+                deps = import ./overlays/python-deps.nix;
+              in
+              lib.mapAttrsToList (_: attr: ps.${attr}) (
+                deps.python // deps.extras.trace // deps.extras.csi
+              )
               ++ (ps.moto.optional-dependencies.server or [ ])
               ++ (with ps; [
                 pytest
@@ -147,11 +164,11 @@
             fuse3
             e2fsprogs
             xfsprogs
-            (pkgs.nixfmt-rfc-style or pkgs.nixfmt)
+            nixfmt
           ];
         };
       });
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-rfc-style or pkgs.nixfmt);
+      formatter = forAllSystems (pkgs: pkgs.nixfmt);
     };
 }

@@ -1,6 +1,9 @@
 # portalbd built from its pyproject.toml with nixpkgs' Python tooling.
 #
-# The run-time dependencies are listed once, in ./python-deps.nix.
+# The run-time dependencies are listed once, in ./python-deps.nix. The
+# package is the full install; the optional parts can be left out, e.g.
+# `portalbd.override { withTrace = false; withCsi = false; }` for a daemon
+# without matplotlib, numpy, py-spy, grpcio and protobuf.
 {
   lib,
   pkgs,
@@ -12,13 +15,21 @@
   nbd,
   util-linux,
   xfsprogs,
+  # the [trace] extra: portalbd-trace's charts, statistics and profiles
+  withTrace ? true,
+  # the [csi] extra: portalbd-csi, the Kubernetes CSI driver
+  withCsi ? true,
 }:
 
 let
   root = ../.;
   pyproject = lib.importTOML (root + "/pyproject.toml");
   deps = import ./python-deps.nix;
-  programs = lib.mapAttrsToList (_: attr: pkgs.${attr}) deps.programs;
+  extras = lib.optional withTrace "trace" ++ lib.optional withCsi "csi";
+  pythonDeps = lib.foldl' (acc: extra: acc // deps.extras.${extra}) deps.python extras;
+  programs = lib.mapAttrsToList (_: p: pkgs.${p.attr}) (
+    lib.filterAttrs (_: p: lib.elem p.extra extras) deps.programs
+  );
 in
 buildPythonApplication {
   pname = "portalbd";
@@ -43,7 +54,7 @@ buildPythonApplication {
     wheel
   ];
 
-  dependencies = lib.mapAttrsToList (_: attr: python.pkgs.${attr}) deps.python;
+  dependencies = lib.mapAttrsToList (_: attr: python.pkgs.${attr}) pythonDeps;
   pythonRemoveDeps = lib.attrNames deps.programs;
 
   # The CSI node plugin formats, mounts and attaches volumes with the first

@@ -1,18 +1,16 @@
-# portalbd's run-time requirements, in one place: the package is the full
-# install, so this is `[project].dependencies` plus the `trace` and `csi`
-# extras of pyproject.toml. tests/system/test_nix.py fails when they drift apart.
+# portalbd's run-time requirements, in one place, grouped like pyproject.toml:
+# `python` is `[project].dependencies`, `extras.<name>` the optional
+# dependencies of that extra. The package is the full install by default
+# (overlays/portalbd.nix: withTrace, withCsi). tests/system/test_nix.py fails
+# when these drift apart from pyproject.toml.
 {
   # PyPI name = attribute in the nixpkgs Python package set.
   python = {
     boto3 = "boto3";
-    grpcio = "grpcio";
-    jsonschema = "jsonschema";
+    cryptography = "cryptography";
     lz4 = "lz4";
-    matplotlib = "matplotlib";
     msgspec = "msgspec";
-    numpy = "numpy";
     prometheus-client = "prometheus-client";
-    protobuf = "protobuf";
     sh = "sh";
     slatedb = "slatedb";
     textual = "textual";
@@ -21,10 +19,28 @@
     zstandard = "zstandard";
   };
 
-  # PyPI name = top-level nixpkgs package. These are programs portalbd runs
-  # (nixpkgs does not ship them as Python packages): they are dropped from
-  # the wheel's requirement check and put on PATH instead.
+  extras = {
+    # trace analysis: charts, statistics, result schemas (and py-spy below)
+    trace = {
+      jsonschema = "jsonschema";
+      matplotlib = "matplotlib";
+      numpy = "numpy";
+    };
+    # the Kubernetes CSI driver
+    csi = {
+      grpcio = "grpcio";
+      protobuf = "protobuf";
+    };
+  };
+
+  # PyPI name = top-level nixpkgs package, with the extra that wants it.
+  # These are programs portalbd runs (nixpkgs does not ship them as Python
+  # packages): they are dropped from the wheel's requirements and put on
+  # PATH instead.
   programs = {
-    py-spy = "py-spy";
+    py-spy = {
+      attr = "py-spy";
+      extra = "trace";
+    };
   };
 }

@@ -58,6 +58,22 @@ from portalbd.store.usage import UsageSampler
 log = logging.getLogger("portalbd")
 
 
+def memory_budgets(cfg: Config) -> dict[str, int]:
+    """The bounded parts of the daemon's memory, in bytes, as logged at start.
+
+    One function so the NixOS module's MemoryMax (tests/system/test_nix.py)
+    and the log line add up the same things.
+    """
+    lsm = cfg.lsm
+    return {
+        "cache": cfg.device.cache_bytes,
+        "dirty": cfg.device.dirty_bytes,
+        "slatedb_unflushed": lsm.max_unflushed_bytes or 0,
+        "slatedb_block_cache": lsm.block_cache_size_bytes or 0,
+        "nbd_payloads": NbdLimits().budget,
+    }
+
+
 class StartupError(Exception):
     """The instance cannot start; the message tells the operator why."""
 
@@ -154,14 +170,7 @@ class Instance:
             cfg.device.io_threads,
             "no" if meta.encryption is None else meta.encryption.cipher,
         )
-        lsm = cfg.lsm
-        budgets = {
-            "cache": cfg.device.cache_bytes,
-            "dirty": cfg.device.dirty_bytes,
-            "slatedb_unflushed": lsm.max_unflushed_bytes or 0,
-            "slatedb_block_cache": lsm.block_cache_size_bytes or 0,
-            "nbd_payloads": NbdLimits().budget,
-        }
+        budgets = memory_budgets(cfg)
         log.info(
             "memory budgets %s total=%dMiB (RSS runs some 100 MiB above: "
             "interpreter, SlateDB compaction, allocator)",

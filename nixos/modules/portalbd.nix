@@ -86,6 +86,71 @@ let
   needsInet =
     inst: nbdPort inst != null || metricsPort inst != null || isS3 inst;
 
+  # network-online.target only when the daemon needs the network up to
+  # start: an S3 bucket, or a listener on an address other than loopback or
+  # the wildcard (binding one fails until it is configured).
+  bindsSpecificAddress =
+    address:
+    address != null
+    && address != ""
+    && !(lib.elem (addressHost address) [
+      "0.0.0.0"
+      "::"
+      "::1"
+      "localhost"
+    ])
+    && !(lib.hasPrefix "127." (addressHost address));
+  needsNetworkOnline =
+    inst:
+    isS3 inst
+    || bindsSpecificAddress inst.settings.nbd.address
+    || bindsSpecificAddress inst.settings.metrics.address;
+
+  # Instance names become unit names (portalbd-<name>.service) and paths
+  # (/run/portalbd/<name>): the daemon's rule for instance.name, in ASCII.
+  validName = name: builtins.match "[A-Za-z0-9_-][A-Za-z0-9_.-]*" name != null;
+
+  fileStoreDir =
+    inst:
+    let
+      url = toString inst.settings.storage.url;
+    in
+    if lib.hasPrefix "file://" url then lib.removePrefix "file://" url else null;
+
+  # The kernel makes 16 NBD devices (nbd0..nbd15) unless nbds_max says more.
+  nbdIndex = device: lib.toInt (lib.removePrefix "/dev/nbd" device);
+  defaultNbdsMax = 16;
+
+  # The daemon's memory budgets (portalbd/instance.py logs them at start),
+  # with the daemon's defaults where the settings leave a value out;
+  # tests/system/test_nix.py checks these defaults against portalbd/config.py.
+  MiB = 1024 * 1024;
+  GiB = 1024 * MiB;
+  memoryBudget =
+    s:
+    let
+      get =
+        set: key: default:
+        if set != null && (set.${key} or null) != null then set.${key} else default;
+      device = s.device or { };
+      diskBytes =
+        if (device.size_bytes or null) != null then
+          device.size_bytes
+        else
+          (if device.disk_size_gb != null then device.disk_size_gb else 1) * GiB;
+    in
+    get device "cache_bytes" (128 * MiB)
+    + get device "dirty_bytes" (64 * MiB)
+    + get s.lsm "max_unflushed_bytes" (128 * MiB)
+    + get s.lsm "block_cache_size_bytes" (32 * MiB)
+    # NBD payloads in flight (NbdLimits().budget)
+    + 128 * MiB
+    # memory:// keeps the whole disk in the daemon
+    + (if lib.hasPrefix "memory://" (toString s.storage.url) then diskBytes else 0);
+  # The interpreter, SlateDB's compaction and the allocator run some 100 MiB
+  # above the budgets; leave room for that and more.
+  memoryHeadroom = 256 * MiB;
+
   # Everything the daemon writes, so ProtectSystem=strict can stay on: paths
   # under /run and /var/lib become extra RuntimeDirectory / StateDirectory
   # entries (systemd creates them, owned by the service user); anything else
@@ -178,6 +243,22 @@ let
           default = cfg.package;
           defaultText = literalExpression "config.services.portalbd.package";
           description = "The portalbd package this instance runs.";
+        };
+
+        memoryMax = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = memoryBudget config.settings + memoryHeadroom;
+          defaultText = lib.literalMD "the instance's memory budgets plus 256 MiB";
+          example = 2 * GiB;
+          description = ''
+            `MemoryMax=` of the daemon's unit, in bytes. The default adds up
+            the budgets the daemon logs at start (`device.cache_bytes`,
+            `device.dirty_bytes`, `lsm.max_unflushed_bytes`,
+            `lsm.block_cache_size_bytes`, 128 MiB of NBD payloads, the disk
+            itself for `memory://`) and 256 MiB of headroom, so a runaway
+            daemon is stopped before it takes the host's memory. `null`: no
+            limit.
+          '';
         };
 
         environmentFile = mkOption {
@@ -506,8 +587,10 @@ let
     lib.nameValuePair "portalbd-${name}" {
       description = "portalbd network block device (${name})";
       wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ] ++ lib.optional inst.attach.enable "portalbd-${name}-attach.service";
-      after = [ "network-online.target" ];
+      wants =
+        lib.optional (needsNetworkOnline inst) "network-online.target"
+        ++ lib.optional inst.attach.enable "portalbd-${name}-attach.service";
+      after = [ "network.target" ] ++ lib.optional (needsNetworkOnline inst) "network-online.target";
 
       serviceConfig = hardening // {
         # The daemon sends READY=1 once its listeners accept connections.
@@ -537,6 +620,9 @@ let
         CacheDirectory = "portalbd/${name}";
         CacheDirectoryMode = "0700";
         ReadWritePaths = map (d: "-${d}") (otherDirs inst);
+      }
+      // lib.optionalAttrs (inst.memoryMax != null) {
+        MemoryMax = toString inst.memoryMax;
       }
       // (
         if inst.user == null then
@@ -621,6 +707,15 @@ let
       s = inst.settings;
     in
     [
+      {
+        assertion = validName name;
+        message = "services.portalbd.instances.\"${name}\": the name becomes unit names and paths (portalbd-${name}.service, /run/portalbd/${name}), so it must be letters, digits, '-', '_' or '.' (not leading).";
+      }
+      {
+        assertion =
+          inst.user != null || fileStoreDir inst == null || underDir "/var/lib/" (fileStoreDir inst);
+        message = "${opt}.settings.storage.url is ${toString s.storage.url}, outside /var/lib: the transient user (DynamicUser) cannot write there. Keep the store under /var/lib (the default is file:///var/lib/portalbd/${name}/store), or set ${opt}.user and create the directory owned by that user (systemd.tmpfiles.rules).";
+      }
       {
         assertion = s.storage.url != null;
         message = ''${opt}.settings.storage.url must be set (use "memory://" for a disk that lives in RAM).'';
@@ -731,6 +826,13 @@ in
     environment.systemPackages = lib.unique (lib.mapAttrsToList (_: inst: inst.package) enabled);
 
     boot.kernelModules = lib.optional (lib.any (inst: inst.attach.enable) (lib.attrValues enabled)) "nbd";
+    # Attach devices past nbd15 exist only when the module is loaded with
+    # enough of them.
+    boot.extraModprobeConfig =
+      let
+        highest = lib.foldl' lib.max (-1) (map (d: nbdIndex d.value) attachDevices);
+      in
+      lib.mkIf (highest >= defaultNbdsMax) "options nbd nbds_max=${toString (highest + 1)}";
 
     networking.firewall.allowedTCPPorts = lib.concatLists (
       lib.mapAttrsToList (

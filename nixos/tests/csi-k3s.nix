@@ -2,8 +2,11 @@
 # class is provisioned, mounted into a pod, keeps its data across pods and
 # is deleted with the claim.
 #
-# The sidecars come from registry.k8s.io pinned by digest; portalbd-csi
-# runs from an image built from this flake's package.
+# Offline: every image k3s runs is in the Nix store and imported by k3s at
+# start (services.k3s.images), the pod sandbox included (--pause-image), so
+# nothing is pulled. The sidecars come from registry.k8s.io pinned by digest
+# and architecture; portalbd-csi runs from an image built from this flake's
+# package.
 { pkgs, lib, ... }:
 let
   params = {
@@ -12,23 +15,67 @@ let
     MANIFESTS = "/etc/portalbd-csi/manifests.json";
     CLAIM = "/etc/portalbd-csi/claim.json";
     POD = "/etc/portalbd-csi/pod.json";
-    IMAGES = "/etc/portalbd-csi/images";
-    STREAMED_IMAGES = "/etc/portalbd-csi/streamed";
+    PAUSE_IMAGE = "test.local/pause:local";
+    # in what containerd lists once k3s has imported services.k3s.images
+    IMAGES = [
+      "test.local/pause:local"
+      "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.12.0"
+      "registry.k8s.io/sig-storage/csi-provisioner:v5.1.0"
+      "portalbd-csi:test" # docker.io/library/ in front, as containerd names it
+      "test.local/busybox:test"
+    ];
   };
+
+  # pullImage takes one architecture's image out of the multi-arch digest,
+  # so each platform has its own hash. Only x86_64-linux's are known: for
+  # another platform, add its entry with the hashes `nix-prefetch-docker
+  # --image-name ... --image-digest ... --arch arm64` prints (the flake
+  # offers the test on the platforms listed here, see meta.platforms).
+  sidecarHashes = {
+    x86_64-linux = {
+      arch = "amd64";
+      registrar = "sha256-+6Tu0QA+Yp6I9M2FuHqEYKa0S3sfx5NGcJ0lvU4D6LE=";
+      provisioner = "sha256-YbYFgVf2EAniSFVa9jlocva5k2wYQfflBOtdAc80vQ0=";
+    };
+  };
+  system = pkgs.stdenv.hostPlatform.system;
+  sidecars =
+    sidecarHashes.${system}
+      or (throw "csi-k3s: no sidecar image hashes for ${system} (nixos/tests/csi-k3s.nix, sidecarHashes)");
 
   registrar = pkgs.dockerTools.pullImage {
     imageName = "registry.k8s.io/sig-storage/csi-node-driver-registrar";
     imageDigest = "sha256:0d23a6fd60c421054deec5e6d0405dc3498095a5a597e175236c0692f4adee0f";
-    hash = "sha256-+6Tu0QA+Yp6I9M2FuHqEYKa0S3sfx5NGcJ0lvU4D6LE=";
+    hash = sidecars.registrar;
+    inherit (sidecars) arch;
+    os = "linux";
     finalImageTag = "v2.12.0";
   };
   provisioner = pkgs.dockerTools.pullImage {
     imageName = "registry.k8s.io/sig-storage/csi-provisioner";
     imageDigest = "sha256:672e45d6a55678abc1d102de665b5cbd63848e75dc7896f238c8eaaf3c7d322f";
-    hash = "sha256-YbYFgVf2EAniSFVa9jlocva5k2wYQfflBOtdAc80vQ0=";
+    hash = sidecars.provisioner;
+    inherit (sidecars) arch;
+    os = "linux";
     finalImageTag = "v5.1.0";
   };
-  csiImage = pkgs.dockerTools.streamLayeredImage {
+  # The pod sandbox: k3s would pull rancher/mirrored-pause otherwise. tini
+  # reaps what the pod's containers leave behind, sleep holds the namespaces.
+  pause = pkgs.dockerTools.buildLayeredImage {
+    name = "test.local/pause";
+    tag = "local";
+    contents = with pkgs; [
+      tini
+      coreutils
+    ];
+    config.Entrypoint = [
+      "/bin/tini"
+      "--"
+      "/bin/sleep"
+      "infinity"
+    ];
+  };
+  csiImage = pkgs.dockerTools.buildLayeredImage {
     name = "portalbd-csi";
     tag = "test";
     contents = with pkgs; [
@@ -41,7 +88,7 @@ let
     ];
     config.Entrypoint = [ "/bin/portalbd-csi" ];
   };
-  busybox = pkgs.dockerTools.streamLayeredImage {
+  busybox = pkgs.dockerTools.buildLayeredImage {
     name = "test.local/busybox";
     tag = "test";
     contents = [ pkgs.busybox ];
@@ -221,6 +268,7 @@ let
 in
 {
   name = "portalbd-csi-k3s";
+  meta.platforms = builtins.attrNames sidecarHashes;
 
   nodes.machine = {
     virtualisation = {
@@ -233,9 +281,22 @@ in
     services.k3s = {
       enable = true;
       role = "server";
+      images = [
+        pause
+        registrar
+        provisioner
+        csiImage
+        busybox
+      ];
+      # Components whose images would come from a registry stay off; the
+      # provisioner reaches the API server by its service IP, without DNS.
       extraFlags = [
-        "--disable traefik"
+        "--pause-image ${params.PAUSE_IMAGE}"
+        "--disable coredns"
+        "--disable local-storage"
         "--disable metrics-server"
+        "--disable servicelb"
+        "--disable traefik"
       ];
     };
 
@@ -243,10 +304,6 @@ in
       "portalbd-csi/manifests.json".text = builtins.toJSON manifests;
       "portalbd-csi/claim.json".text = builtins.toJSON claim;
       "portalbd-csi/pod.json".text = builtins.toJSON pod;
-      "portalbd-csi/images/registrar.tar".source = registrar;
-      "portalbd-csi/images/provisioner.tar".source = provisioner;
-      "portalbd-csi/streamed/portalbd-csi".source = csiImage;
-      "portalbd-csi/streamed/busybox".source = busybox;
     };
 
     environment.systemPackages = [ pkgs.k3s ];

@@ -40,4 +40,18 @@ rec {
         (builtins.readFile file)
       ]
     );
+
+  # Whether the VM test in `file` runs on `system`: the platforms its
+  # meta.platforms lists (csi-k3s: those its registry images have hashes
+  # for), every platform when it lists none. Read without nixpkgs, as the
+  # script is, so the flake can leave a test out before evaluating it.
+  runsOn =
+    system: file:
+    let
+      test = import file {
+        pkgs = throw "pkgs";
+        lib = throw "lib";
+      };
+    in
+    builtins.elem system (test.meta.platforms or [ system ]);
 }

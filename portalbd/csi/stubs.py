@@ -6,6 +6,13 @@ checked-in copy cannot drift from the proto. mypy-protobuf writes the
 ``.pyi`` files that keep the servicers and clients type-checked. Run after editing the proto::
 
     python -m portalbd.csi.stubs
+
+The generator writes its own version into the stubs as the oldest runtime
+they load with, although what it generates does not change between
+releases (``normalised`` drops only those lines, and a fresh generation
+matches). The stubs declare ``RUNTIME_MINIMUMS`` instead, the ``[csi]``
+minimums in pyproject.toml: the grpcio and protobuf that nixpkgs builds, so
+the Nix package's CSI driver starts with them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,17 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # holds portalbd/
 PROTO = "portalbd/csi/proto/csi.proto"
 OUTPUTS = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py", "csi_pb2_grpc.pyi")
+
+# The oldest runtimes the stubs accept (pyproject.toml's [csi] extra says the
+# same; tests/unit/test_csi_stubs.py holds them together).
+RUNTIME_MINIMUMS = {"grpcio": "1.78.0", "protobuf": "6.31.1"}
+
+_PROTOBUF_GUARD = re.compile(
+    r"(# Protobuf Python Version: )[\d.]+(\n.*?ValidateProtobufRuntimeVersion\(\n"
+    r"\s+_runtime_version\.Domain\.PUBLIC,\n)\s+\d+,\n\s+\d+,\n\s+\d+,\n",
+    re.DOTALL,
+)
+_GRPC_GUARD = re.compile(r"^GRPC_GENERATED_VERSION = '[\d.]+'$", re.MULTILINE)
 
 # Lines that name the generator's version: they differ between grpcio-tools
 # releases without the stubs meaning anything different.
@@ -64,6 +82,29 @@ def generate(out_root: Path) -> list[Path]:
     return [out_root / "portalbd/csi/proto" / name for name in OUTPUTS]
 
 
+def declare_minimums(name: str, text: str) -> str:
+    """``text`` of the generated file ``name`` with its version guard set to
+    ``RUNTIME_MINIMUMS``; files without a guard come back unchanged."""
+    if name == "csi_pb2.py":
+        major, minor, patch = RUNTIME_MINIMUMS["protobuf"].split(".")
+        new, count = _PROTOBUF_GUARD.subn(
+            lambda m: (
+                f"{m[1]}{RUNTIME_MINIMUMS['protobuf']}{m[2]}"
+                f"    {major},\n    {minor},\n    {patch},\n"
+            ),
+            text,
+        )
+    elif name == "csi_pb2_grpc.py":
+        new, count = _GRPC_GUARD.subn(
+            f"GRPC_GENERATED_VERSION = '{RUNTIME_MINIMUMS['grpcio']}'", text
+        )
+    else:
+        return text
+    if count != 1:
+        raise ValueError(f"{name}: no version guard where the generator used to write one")
+    return new
+
+
 def normalised(text: str) -> str:
     """The stub text without the generator-version lines."""
     return _VERSION_LINES.sub("", text)
@@ -73,7 +114,7 @@ def main() -> int:
     target = PACKAGE_ROOT / "portalbd/csi/proto"
     with tempfile.TemporaryDirectory() as tmp:
         for path in generate(Path(tmp)):
-            (target / path.name).write_text(path.read_text())
+            (target / path.name).write_text(declare_minimums(path.name, path.read_text()))
             print(f"wrote {target / path.name}")
     return 0
 

@@ -32,6 +32,7 @@ import pytest
 import tomlkit
 
 from portalbd import config as portalbd_config
+from portalbd.instance import memory_budgets
 from portalbd.launch import free_port, portalbd_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,22 +260,28 @@ def _normalise(requirement: str) -> str:
 
 
 def test_nix_dependencies_match_pyproject() -> None:
-    """The Nix package is the full install: the run-time dependencies and
-    the [trace] and [csi] extras (the VM tests trace, the CSI driver ships)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    project = pyproject["project"]
-    requirements = [
-        *project["dependencies"],
-        *project["optional-dependencies"]["trace"],
-        *project["optional-dependencies"]["csi"],
-    ]
-    wanted = {_normalise(r) for r in requirements}
+    """overlays/python-deps.nix groups the requirements as pyproject.toml does:
+    the run-time dependencies, then each extra the package can include."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = nix_eval("import ./overlays/python-deps.nix")
-    listed = set(deps["python"]) | set(deps["programs"])
-    assert listed == wanted, (
-        f"overlays/python-deps.nix is missing {sorted(wanted - listed)} "
-        f"and has extra {sorted(listed - wanted)}"
-    )
+    programs = {name: p["extra"] for name, p in deps["programs"].items()}
+    groups = {
+        "dependencies": (project["dependencies"], set(deps["python"])),
+        **{
+            extra: (
+                project["optional-dependencies"][extra],
+                set(deps["extras"][extra]) | {n for n, e in programs.items() if e == extra},
+            )
+            for extra in ("trace", "csi")
+        },
+    }
+    for group, (requirements, listed) in groups.items():
+        wanted = {_normalise(r) for r in requirements}
+        assert listed == wanted, (
+            f"overlays/python-deps.nix: {group} is missing {sorted(wanted - listed)} "
+            f"and has extra {sorted(listed - wanted)}"
+        )
+    assert set(deps["extras"]) == {"trace", "csi"}
 
 
 def test_slatedb_pin_matches_pyproject() -> None:
@@ -427,6 +434,53 @@ needs_lib = pytest.mark.skipif(
 )
 
 
+def _dev_nixpkgs_lib(
+    tmp_path: Path, tarball_members: dict[str, str] | None
+) -> subprocess.CompletedProcess[str]:
+    """Run `./dev nixpkgs-lib` from a copy of the repository's dev script, with
+    a ../shared/nixpkgs-lib.tar.gz made of `tarball_members` (None: no tarball)."""
+    repo = tmp_path / "repo"
+    repo.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dev", repo / "dev")
+    if tarball_members is not None:
+        src = tmp_path / "src"
+        for name, text in tarball_members.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(text)
+        (tmp_path / "shared").mkdir(exist_ok=True)
+        subprocess.run(
+            ["tar", "-czf", str(tmp_path / "shared" / "nixpkgs-lib.tar.gz"), "-C", str(src), "."],
+            check=True,
+        )
+    env = {k: v for k, v in os.environ.items() if k != "PORTALBD_NIXPKGS_LIB"}
+    return subprocess.run(
+        [str(repo / "dev"), "nixpkgs-lib"], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_dev_unpacks_the_shared_lib_once(tmp_path: Path) -> None:
+    first = _dev_nixpkgs_lib(tmp_path, {"lib/default.nix": "{ }"})
+    assert first.returncode == 0, first.stderr
+    lib = Path(first.stdout.strip())
+    assert lib == tmp_path / "repo" / ".venv" / "nixpkgs-lib" / "lib"
+    assert (lib / "default.nix").read_text() == "{ }"
+    (lib / "marker").write_text("kept")
+    again = _dev_nixpkgs_lib(tmp_path, None)  # same tarball, not newer: no unpacking
+    assert again.stdout == first.stdout and (lib / "marker").exists()
+
+
+def test_dev_without_the_shared_lib_says_the_module_tests_skip(tmp_path: Path) -> None:
+    p = _dev_nixpkgs_lib(tmp_path, None)
+    assert p.returncode == 1
+    assert "dev: no ../shared/nixpkgs-lib.tar.gz; the NixOS module tests will skip" in p.stderr
+
+
+def test_dev_rejects_a_tarball_without_lib(tmp_path: Path) -> None:
+    p = _dev_nixpkgs_lib(tmp_path, {"nixpkgs.lib-main/lib/default.nix": "{ }"})
+    assert p.returncode == 1
+    assert "dev: ../shared/nixpkgs-lib.tar.gz has no lib/default.nix" in p.stderr
+
+
 def evaluate_module(tmp_path: Path, configuration: str) -> dict[str, Any]:
     cfg = tmp_path / "configuration.nix"
     cfg.write_text(configuration)
@@ -577,6 +631,209 @@ def test_tls_files_are_credentials_not_store_paths(tmp_path: Path) -> None:
         f'{opt}.attach does not speak TLS yet: set {opt}.tls.mode = "allow" (the local attach '
         "stays on plain text) or turn attach off.",
     ]
+
+
+def test_module_refuses_bad_names_and_unwritable_stores(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{
+          services.portalbd.instances = {
+            "../etc" = { enable = true; settings.nbd.address = "127.0.0.1:10801"; };
+            srv = { enable = true; settings.storage.url = "file:///srv/portalbd";
+                    settings.nbd.address = "127.0.0.1:10802"; };
+            owned = { enable = true; user = "portalbd-owned"; settings.storage.url = "file:///srv/owned";
+                      settings.nbd.address = "127.0.0.1:10803"; };
+            "ok-1.x" = { enable = true; settings.nbd.address = "127.0.0.1:10804"; };
+          };
+        }""",
+    )
+    assert result["failed"] == [
+        'services.portalbd.instances."../etc": the name becomes unit names and paths '
+        "(portalbd-../etc.service, /run/portalbd/../etc), so it must be letters, digits, "
+        "'-', '_' or '.' (not leading).",
+        "services.portalbd.instances.srv.settings.storage.url is file:///srv/portalbd, outside "
+        "/var/lib: the transient user (DynamicUser) cannot write there. Keep the store under "
+        "/var/lib (the default is file:///var/lib/portalbd/srv/store), or set "
+        "services.portalbd.instances.srv.user and create the directory owned by that user "
+        "(systemd.tmpfiles.rules).",
+    ], result["failed"]
+    # A named user may own a store elsewhere: it is opened up, not refused.
+    assert result["services"]["portalbd-owned"]["serviceConfig"]["ReadWritePaths"] == [
+        "-/srv/owned"
+    ]
+
+
+def _expected_memory_max(rendered: dict[str, Any], extra: int = 0) -> int:
+    loaded = portalbd_config.parse(tomlkit.dumps(rendered), "rendered")
+    return sum(memory_budgets(loaded).values()) + 256 * 2**20 + extra
+
+
+@needs_lib
+def test_units_follow_storage_budgets_and_devices(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{
+          services.portalbd.instances = {
+            local = { enable = true; attach = { enable = true; device = "/dev/nbd20"; }; };
+            ram = { enable = true; settings = { storage.url = "memory://"; device.disk_size_gb = 2;
+                    device.cache_bytes = 268435456; lsm.block_cache_size_bytes = 67108864;
+                    nbd.address = "127.0.0.1:10810"; }; };
+            bucket = { enable = true; settings.storage.url = "s3://b/p";
+                       settings.nbd.address = "127.0.0.1:10811"; memoryMax = null; };
+            public = { enable = true; settings.nbd.address = "192.0.2.7:10812"; };
+          };
+        }""",
+    )
+    assert result["failed"] == []
+    services = result["services"]
+    online = {n: "network-online.target" in s.get("wants", []) for n, s in services.items()}
+    assert online == {
+        "portalbd-local": False,
+        "portalbd-local-attach": False,
+        "portalbd-ram": False,
+        "portalbd-bucket": True,  # S3
+        "portalbd-public": True,  # binds an address the network has to bring up
+    }
+    assert services["portalbd-local"]["after"] == ["network.target"]
+    assert "network-online.target" in services["portalbd-bucket"]["after"]
+    # nbd20 exists only with nbds_max of at least 21.
+    assert result["modprobe"] == "options nbd nbds_max=21"
+
+    def memory_max(name: str) -> int:
+        return int(services[f"portalbd-{name}"]["serviceConfig"]["MemoryMax"])
+
+    def rendered(name: str) -> dict[str, Any]:
+        config: dict[str, Any] = services[f"portalbd-{name}"]["serviceConfig"]["ExecStart"][2][
+            "config"
+        ]
+        return config
+
+    assert memory_max("local") == _expected_memory_max(rendered("local")) == 736 * 2**20
+    # memory:// holds the disk itself on top of the budgets.
+    assert memory_max("ram") == _expected_memory_max(rendered("ram"), extra=2 * 2**30)
+    assert "MemoryMax" not in services["portalbd-bucket"]["serviceConfig"]
+
+
+@needs_lib
+def test_devices_up_to_nbd15_leave_the_module_options_alone(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{ services.portalbd.instances.a = { enable = true;
+             attach = { enable = true; device = "/dev/nbd15"; }; }; }""",
+    )
+    assert result["failed"] == [] and result["modprobe"] == ""
+
+
+def test_flake_uses_no_deprecated_nixfmt_alias() -> None:
+    """nixfmt-rfc-style is a deprecated alias of nixfmt in nixpkgs 25.05 and later."""
+    assert "nixfmt-rfc-style" not in (ROOT / "flake.nix").read_text()
+
+
+def _package(**flags: bool) -> dict[str, Any]:
+    args = " ".join(f"{k} = {str(v).lower()};" for k, v in flags.items())
+    result: dict[str, Any] = nix_eval(
+        f"import ./tests/system/nix/eval-package.nix {{ nixpkgsLib = {nixpkgs_lib()}; {args} }}"
+    )
+    return result
+
+
+@needs_lib
+def test_package_leaves_out_the_heavy_extras_on_request() -> None:
+    full = _package()
+    assert {"grpcio", "protobuf", "matplotlib", "numpy", "slatedb"} <= set(full["dependencies"])
+    assert any("py-spy" in arg for arg in full["makeWrapperArgs"])
+    assert full["pythonRemoveDeps"] == ["py-spy"]
+    lean = _package(withTrace=False, withCsi=False)
+    deps = nix_eval("import ./overlays/python-deps.nix")
+    assert sorted(lean["dependencies"]) == sorted(deps["python"].values())
+    assert not any("py-spy" in arg for arg in lean["makeWrapperArgs"])
+    csi_only = _package(withTrace=False)
+    assert set(csi_only["dependencies"]) - set(lean["dependencies"]) == {"grpcio", "protobuf"}
+
+
+def test_only_platforms_with_image_hashes_run_csi_k3s() -> None:
+    runs = nix_eval(
+        """let l = import ./nixos/tests/lib.nix; in map (s: [ (l.runsOn s ./nixos/tests/csi-k3s.nix)
+           (l.runsOn s ./nixos/tests/basic.nix) ]) [ "x86_64-linux" "aarch64-linux" ]"""
+    )
+    assert runs == [[True, True], [False, True]]
+
+
+def _containers(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every container spec in a List, DaemonSet or Pod document."""
+    for item in document.get("items", [document]):
+        spec = item.get("spec", {})
+        spec = spec.get("template", {}).get("spec", spec)
+        yield from spec.get("containers", [])
+
+
+def test_csi_k3s_starts_pods_from_the_store_alone() -> None:
+    """Every image a pod runs, the sandbox included, is one k3s imports from
+    services.k3s.images; nothing may be pulled; the sidecars are amd64's."""
+    node = nix_eval('import ./tests/system/nix/eval-csi-k3s.nix { system = "x86_64-linux"; }')
+    provided = {f"{i['name']}:{i['tag']}": i for i in node["images"]}
+    pause = next(f.split()[1] for f in node["extraFlags"] if f.startswith("--pause-image "))
+    assert pause in provided and provided[pause]["kind"] == "layered"
+    containers = [
+        *_containers(json.loads(node["manifests"])),
+        *_containers(json.loads(node["pod"])),
+    ]
+    assert {c["image"] for c in containers} | {pause} == set(provided)
+    assert {c["imagePullPolicy"] for c in containers} == {"Never"}
+    pulled = [i for i in node["images"] if i["kind"] == "pull"]
+    assert len(pulled) == 2 and all(i["arch"] == "amd64" and i["hash"] for i in pulled)
+    assert node["platforms"] == ["x86_64-linux"]
+
+
+def test_csi_k3s_names_the_missing_hashes_on_other_platforms() -> None:
+    p = subprocess.run(
+        [_need("nix-instantiate"), "--eval", "--strict", "--json", "-E",
+         'import ./tests/system/nix/eval-csi-k3s.nix { system = "aarch64-linux"; }'],
+        capture_output=True, text=True, cwd=ROOT, env=NIX_ENV, timeout=60,
+    )  # fmt: skip
+    assert p.returncode != 0
+    assert (
+        "csi-k3s: no sidecar image hashes for aarch64-linux "
+        "(nixos/tests/csi-k3s.nix, sidecarHashes)" in p.stderr
+    ), p.stderr
+
+
+def test_flake_lock_pins_nixpkgs_or_the_docs_say_it_is_missing() -> None:
+    """A checked-in lock pins one nixpkgs commit from 2026 on with its NAR hash;
+    without one, docs/nixos.md says so and how to make it."""
+    lock = ROOT / "flake.lock"
+    docs = (ROOT / "docs" / "nixos.md").read_text()
+    if not lock.exists():
+        assert "**no `flake.lock` is checked in**" in docs
+        assert "nix flake lock --override-input nixpkgs github:NixOS/nixpkgs/<commit>" in docs
+        return
+    locked = json.loads(lock.read_text())["nodes"]["nixpkgs"]["locked"]
+    assert locked["type"] == "github" and locked["repo"] == "nixpkgs"
+    assert re.fullmatch(r"[0-9a-f]{40}", locked["rev"]), locked
+    assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", locked["narHash"]), locked
+    assert locked["lastModified"] >= 1767225600, "nixpkgs pinned before 2026"  # 2026-01-01
+
+
+@needs_lib
+def test_every_vm_test_configures_portalbd_the_module_and_daemon_accept() -> None:
+    """The portalbd instances of every VM test node pass the module's
+    assertions without warnings, and the daemon accepts each rendered config."""
+    evaluated = nix_eval(
+        f"import ./tests/system/nix/eval-vm-nodes.nix {{ nixpkgsLib = {nixpkgs_lib()}; }}"
+    )
+    daemons = 0
+    for test, nodes in evaluated.items():
+        for node, result in nodes.items():
+            assert result["failed"] == [] and result["warnings"] == [], (test, node, result)
+            for unit, service in result["services"].items():
+                exec_start = service["serviceConfig"]["ExecStart"]
+                if unit.endswith("-attach"):
+                    continue
+                rendered = exec_start[2]["config"]
+                portalbd_config.parse(tomlkit.dumps(rendered), f"{test}/{node}/{unit}")
+                daemons += 1
+    assert {"basic", "resource-exhaustion", "pjdfstest"} <= set(evaluated)
+    assert daemons >= 10, daemons
 
 
 @needs_lib

@@ -5,7 +5,7 @@ import warnings
 
 from portalbd.csi.proto import csi_pb2 as portalbd_dot_csi_dot_proto_dot_csi__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -51,6 +51,10 @@ let
       warnings = listOfAnything;
       environment.systemPackages = listOfAnything;
       boot.kernelModules = listOfAnything;
+      boot.extraModprobeConfig = mkOption {
+        type = types.lines;
+        default = "";
+      };
       networking.firewall.allowedTCPPorts = listOfAnything;
       users.users = mkOption {
         type = types.attrsOf types.anything;
@@ -100,6 +104,7 @@ in
   services = plain c.systemd.services;
   packages = map (p: p.name) c.environment.systemPackages;
   kernelModules = c.boot.kernelModules;
+  modprobe = c.boot.extraModprobeConfig;
   firewall = c.networking.firewall.allowedTCPPorts;
   users = lib.attrNames c.users.users;
   groups = lib.attrNames c.users.groups;
