@@ -20,6 +20,8 @@ from typing import Any
 import tomlkit
 import tomlkit.exceptions
 
+from portalbd.retention import parse_duration
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -167,6 +169,24 @@ class MetricsConfig:
 
 
 @dataclass(slots=True)
+class SnapshotsConfig:
+    """``[snapshots]``: take snapshots on a schedule and prune old ones (docs/snapshots.md).
+
+    Off while ``every`` is unset. Only the scheduler's own snapshots
+    (``auto-...``) are ever pruned (retention.py).
+    """
+
+    every: str | None = None  # "30s", "15m", "1h", "1d": one number, one unit
+    keep: int | None = None  # the newest N scheduled snapshots
+    keep_daily: int | None = None  # plus the newest of each of the last N days
+    keep_weekly: int | None = None  # plus the newest of each of the last N ISO weeks
+
+    def every_seconds(self) -> int | None:
+        """The interval in seconds (validated), or None with no schedule."""
+        return None if self.every is None else parse_duration(self.every)
+
+
+@dataclass(slots=True)
 class Config:
     socket: str | None = None
     log_level: str = "info"
@@ -177,6 +197,7 @@ class Config:
     lsm: LsmConfig = field(default_factory=LsmConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
 
 
 COMPRESSION_CODECS = ("none", "lz4", "snappy", "zlib", "zstd")
@@ -364,6 +385,7 @@ def validate(config: Config) -> None:
     if config.metrics.address:
         parse_address(config.metrics.address, "metrics.address")
     validate_tls(config.nbd.tls)
+    validate_snapshots(config.snapshots, read_only=device.read_only)
     lsm = config.lsm
     if lsm.compression_codec is not None and lsm.compression_codec.lower() not in (
         COMPRESSION_CODECS
@@ -415,6 +437,45 @@ def validate(config: Config) -> None:
             parse_storage_url(config.storage.url)
         except ValueError as exc:
             raise ConfigError(f"storage.url: {exc}") from None
+
+
+def validate_snapshots(snapshots: SnapshotsConfig, *, read_only: bool) -> None:
+    """``[snapshots]``: an interval, how many to keep, and a disk that can take them."""
+    tiers = ("keep", "keep_daily", "keep_weekly")
+    if snapshots.every is None:
+        for key in tiers:
+            if getattr(snapshots, key) is not None:
+                raise ConfigError(
+                    f"snapshots.{key}: set without snapshots.every "
+                    '(how often to take one, e.g. every = "15m")'
+                )
+        return
+    try:
+        every = parse_duration(snapshots.every)
+    except ValueError:
+        raise ConfigError(
+            f"snapshots.every: expected a whole number and a unit, s, m, h or d "
+            f'(e.g. "30s", "15m", "1h", "1d"), got {snapshots.every!r}'
+        ) from None
+    if every > 7 * 86400:
+        raise ConfigError(f"snapshots.every: at most 7d, got {snapshots.every!r}")
+    if snapshots.keep is None:
+        raise ConfigError(
+            "snapshots.keep: missing; say how many scheduled snapshots to keep (e.g. keep = 96)"
+        )
+    if snapshots.keep < 1:
+        raise ConfigError(
+            f"snapshots.keep: must be at least 1 (the newest is always kept), got {snapshots.keep}"
+        )
+    for key in ("keep_daily", "keep_weekly"):
+        value = getattr(snapshots, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"snapshots.{key}: must not be negative, got {value}")
+    if read_only:
+        raise ConfigError(
+            "snapshots.every: a read-only replica cannot take snapshots; "
+            "schedule them on the daemon that writes the disk"
+        )
 
 
 def validate_tls(tls: TlsConfig) -> None:

@@ -28,9 +28,11 @@ from portalbd.nbd.server import NbdLimits, NbdServer, PauseTimeout, RequestObser
 from portalbd.nbd.tls import tls_mode
 from portalbd.paths import object_cache_root
 from portalbd.private import check_secret_file
+from portalbd.retention import RetentionPolicy
+from portalbd.snapshot_schedule import Schedule, SnapshotScheduler
 from portalbd.stats import ServerStats
 from portalbd.status import status_document
-from portalbd.store.instance import InstanceStore
+from portalbd.store.instance import InstanceStore, SnapshotRecord
 from portalbd.store.keyfile import KeyFileError, read_key_file
 from portalbd.store.location import StorageLocation, parse_storage_url
 from portalbd.store.metadata import (
@@ -106,6 +108,8 @@ class Instance:
         self._admin_lock = asyncio.Lock()
         # what the last restore did, for status (its reply stays the original's "Ok")
         self.last_restore: dict[str, Any] | None = None
+        self.restoring = False  # a restore holds the admin lock: scheduled snapshots wait
+        self.scheduler: SnapshotScheduler | None = None  # [snapshots] every = ...
         self.s3: S3Settings | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -212,6 +216,28 @@ class Instance:
         )
         if cfg.record.path:
             self.start_trace(Path(cfg.record.path), cfg.record.workload)
+        self.start_schedule()
+
+    def start_schedule(self) -> None:
+        """``[snapshots] every``: snapshot on a schedule and prune (snapshot_schedule.py)."""
+        snapshots = self.config.snapshots
+        every_s = snapshots.every_seconds()
+        if every_s is None or snapshots.every is None or self.replica is not None:
+            return
+        policy = RetentionPolicy(
+            keep=snapshots.keep or 1,
+            keep_daily=snapshots.keep_daily or 0,
+            keep_weekly=snapshots.keep_weekly or 0,
+        )
+        self.scheduler = SnapshotScheduler(self, Schedule(snapshots.every, every_s, policy))
+        self.scheduler.start()
+        log.info(
+            "snapshot schedule every=%s keep=%d keep_daily=%d keep_weekly=%d",
+            snapshots.every,
+            policy.keep,
+            policy.keep_daily,
+            policy.keep_weekly,
+        )
 
     async def _open_writer(self, key: bytes | None) -> DeviceMetadata:
         """Open the storage as its one writer (fencing any older one) and its metadata."""
@@ -377,6 +403,8 @@ class Instance:
     async def close(self) -> str:
         """Stop serving, flush everything, close storage; return a summary."""
         result = "ok"
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.usage is not None:
             await self.usage.stop()
         if self._watchdog is not None:
@@ -501,6 +529,26 @@ class Instance:
                 raise cp.BadRequest(str(exc)) from exc
             log.info("snapshot deleted name=%s", name)
 
+    # --- what the snapshot scheduler asks (snapshot_schedule.ScheduleTarget) ----
+
+    def snapshot_records(self) -> list[SnapshotRecord]:
+        assert self.store is not None
+        return list(self.store.catalog.snapshots)
+
+    def protected_snapshots(self) -> set[str]:
+        """Never pruned: the snapshot the disk was last restored from (this run)."""
+        return set() if self.last_restore is None else {str(self.last_restore["name"])}
+
+    async def prune_snapshot(self, name: str) -> bool:
+        """Delete a scheduled snapshot, unless by the time the lock is ours it is
+        protected or gone (a restore may have run meanwhile); True if deleted."""
+        assert self.store is not None
+        async with self._admin_lock:
+            if name in self.protected_snapshots() or self.store.catalog.find(name) is None:
+                return False
+            await self.store.delete_snapshot(name)
+        return True
+
     async def _carry_metadata(self, handle: SlateHandle) -> None:
         assert self.device is not None
         restored = await read_metadata(handle)
@@ -540,6 +588,7 @@ class Instance:
             self.server.refusal = "a snapshot restore is in progress"
             disconnected = paused = 0
             paused_at: float | None = None
+            self.restoring = True
             try:
                 if force:
                     disconnected = await self.server.disconnect_all(f"restoring snapshot {name}")
@@ -556,6 +605,7 @@ class Instance:
             finally:
                 self.server.refusal = None
                 self.server.resume_io()
+                self.restoring = False
             pause_ms = 0.0 if paused_at is None else (time.monotonic() - paused_at) * 1000
             removed = await self._retire(old)
             self.last_restore = {

@@ -24,6 +24,8 @@ from portalbd.paths import (
     is_socket,
     original_control_socket,
 )
+from portalbd.retention import is_scheduled
+from portalbd.snapshot_schedule import schedule_text
 from portalbd.units import human_duration, human_latency, human_size, human_time
 
 EXIT_OK = 0
@@ -166,7 +168,9 @@ def print_snapshot_list(snaps: list[dict[str, Any]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-        print(f"{line}  {row[3]:>9}".rstrip(), file=out)
+        # the scheduler's own snapshots, the only ones retention may prune
+        mark = "  scheduled" if is_scheduled(row[0]) else ""
+        print(f"{line}  {row[3]:>9}{mark}".rstrip(), file=out)
 
 
 def tls_text(mode: str, client_certificates: bool) -> str:
@@ -211,6 +215,9 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "used_bytes" in stats:
         add("Used", human_size(stats["used_bytes"]))
     add("Snapshots", status.get("snapshot_count"))
+    schedule = status.get("snapshot_schedule")
+    if isinstance(schedule, dict):
+        add("Schedule", schedule_text(schedule))
     nbd = status.get("nbd_address") or ""
     if status.get("nbd_socket"):
         nbd = f"{nbd} unix:{status['nbd_socket']}".strip()

@@ -66,5 +66,7 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "read_only": instance.config.device.read_only,
         # --read-only: what it serves (follow the writer, or one snapshot) and its lag
         "replica": instance.replica.public() if instance.replica is not None else None,
+        # [snapshots] every = ...: the policy, the next slot and how it went; None when off
+        "snapshot_schedule": None if instance.scheduler is None else instance.scheduler.public(),
         "stats": stats,
     }

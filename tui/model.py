@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portalbd.snapshot_schedule import schedule_text
+
 HISTORY_POINTS = 300  # five minutes at the default one-second refresh
 EVENT_LINES = 200
 
@@ -91,6 +93,8 @@ class Status:
     # "require", "allow" or "off"; None from a daemon that does not say
     nbd_tls: str | None = None
     nbd_tls_client_certificates: bool = False
+    # [snapshots] every = ...: the policy and the next slot in one line; None when off
+    snapshot_schedule: str | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Status:
@@ -142,6 +146,11 @@ class Status:
             replica=_replica(d.get("replica")),
             nbd_tls=d.get("nbd_tls") if isinstance(d.get("nbd_tls"), str) else None,
             nbd_tls_client_certificates=d.get("nbd_tls_client_certificates") is True,
+            snapshot_schedule=(
+                schedule_text(d["snapshot_schedule"])
+                if isinstance(d.get("snapshot_schedule"), dict)
+                else None
+            ),
         )
 
 

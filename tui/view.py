@@ -207,6 +207,8 @@ def summary_lines(inst: Instance) -> list[Text]:
         lines.append(Text(f"storage failing: {st.storage_state}", style="bold red"))
     if st.replica is not None:
         lines.append(Text(st.replica, style="cyan"))
+    if st.snapshot_schedule is not None:
+        lines.append(Text(f"scheduled snapshots {st.snapshot_schedule}", style="dim"))
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),

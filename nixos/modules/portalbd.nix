@@ -38,8 +38,14 @@ let
     else
       value;
 
+  # The instance's snapshots option becomes the file's [snapshots] table.
+  renderedSettings =
+    inst:
+    inst.settings
+    // lib.optionalAttrs (inst.snapshots.every != null) { snapshots = inst.snapshots; };
+
   configFile =
-    name: inst: settingsFormat.generate "portalbd-${name}.toml" (dropNulls inst.settings);
+    name: inst: settingsFormat.generate "portalbd-${name}.toml" (dropNulls (renderedSettings inst));
 
   # "127.0.0.1:10809" / "[::1]:10809" / "" (listener off).
   addressPort = address: if address == "" then null else lib.toInt (lib.last (lib.splitString ":" address));
@@ -349,6 +355,41 @@ let
               `require`: only TLS clients; `allow`: TLS or plain text; `off`.
               `null`: `require` with a certificate, `off` without.
             '';
+          };
+        };
+
+        snapshots = {
+          every = mkOption {
+            type = types.nullOr (types.strMatching "[1-9][0-9]*[smhd]");
+            default = null;
+            example = "15m";
+            description = ''
+              Take a snapshot this often (`30s`, `15m`, `1h`, `1d`), named
+              `auto-<UTC time>`, and prune the old scheduled ones
+              (docs/snapshots.md). Manual snapshots are never pruned.
+              `null`: no schedule.
+            '';
+          };
+
+          keep = mkOption {
+            type = types.nullOr types.ints.positive;
+            default = null;
+            example = 96;
+            description = "How many of the newest scheduled snapshots to keep; needed with {option}`snapshots.every`.";
+          };
+
+          keep_daily = mkOption {
+            type = types.nullOr types.ints.unsigned;
+            default = null;
+            example = 7;
+            description = "Also keep the newest scheduled snapshot of each of the last N days that have one.";
+          };
+
+          keep_weekly = mkOption {
+            type = types.nullOr types.ints.unsigned;
+            default = null;
+            example = 4;
+            description = "Also keep the newest scheduled snapshot of each of the last N ISO weeks that have one.";
           };
         };
 
@@ -698,6 +739,20 @@ let
       {
         assertion = inst.attach.enable -> !tlsRequired inst;
         message = "${opt}.attach does not speak TLS yet: set ${opt}.tls.mode = \"allow\" (the local attach stays on plain text) or turn attach off.";
+      }
+      {
+        assertion = inst.snapshots.every != null -> inst.snapshots.keep != null;
+        message = "${opt}.snapshots.keep must be set with snapshots.every: how many scheduled snapshots to keep.";
+      }
+      {
+        assertion =
+          inst.snapshots.every == null
+          -> lib.all (v: v == null) [ inst.snapshots.keep inst.snapshots.keep_daily inst.snapshots.keep_weekly ];
+        message = "${opt}.snapshots: keep, keep_daily and keep_weekly do nothing without snapshots.every (how often to take one, e.g. \"15m\").";
+      }
+      {
+        assertion = inst.snapshots.every != null -> !(s ? snapshots);
+        message = "${opt}: set the schedule in ${opt}.snapshots or in settings.snapshots, not both.";
       }
       {
         assertion = inst.user != null -> inst.group != null;

@@ -834,3 +834,44 @@ def test_every_vm_test_configures_portalbd_the_module_and_daemon_accept() -> Non
                 daemons += 1
     assert {"basic", "resource-exhaustion", "pjdfstest"} <= set(evaluated)
     assert daemons >= 10, daemons
+
+
+@needs_lib
+def test_snapshot_schedule_is_rendered_and_checked(tmp_path: Path) -> None:
+    result = evaluate_module(
+        tmp_path,
+        """{ services.portalbd.instances = {
+             s = { enable = true; snapshots = { every = "15m"; keep = 96; keep_daily = 7; }; };
+             n = { enable = true; settings.nbd.address = "127.0.0.1:10811"; };
+             k = { enable = true; settings.nbd.address = "127.0.0.1:10812";
+                   snapshots.every = "1h"; };
+             w = { enable = true; settings.nbd.address = "127.0.0.1:10813";
+                   snapshots.keep_weekly = 4; };
+             b = { enable = true; settings.nbd.address = "127.0.0.1:10814";
+                   snapshots = { every = "1d"; keep = 3; }; settings.snapshots.every = "1h"; };
+           }; }""",
+    )
+    rendered = result["services"]["portalbd-s"]["serviceConfig"]["ExecStart"][2]["config"]
+    assert rendered["snapshots"] == {"every": "15m", "keep": 96, "keep_daily": 7}
+    loaded = portalbd_config.parse(tomlkit.dumps(rendered), "rendered")
+    assert (loaded.snapshots.every_seconds(), loaded.snapshots.keep) == (900, 96)
+    no_schedule = result["services"]["portalbd-n"]["serviceConfig"]["ExecStart"][2]["config"]
+    assert "snapshots" not in no_schedule
+    opt = "services.portalbd.instances"
+    assert sorted(result["failed"]) == [
+        f"{opt}.b: set the schedule in {opt}.b.snapshots or in settings.snapshots, not both.",
+        f"{opt}.k.snapshots.keep must be set with snapshots.every: "
+        "how many scheduled snapshots to keep.",
+        f"{opt}.w.snapshots: keep, keep_daily and keep_weekly do nothing without "
+        'snapshots.every (how often to take one, e.g. "15m").',
+    ]
+
+
+@needs_lib
+def test_snapshot_interval_type_refuses_a_bad_duration(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match=r"snapshots\.every' is not of type"):
+        evaluate_module(
+            tmp_path,
+            "{ services.portalbd.instances.s = { enable = true; "
+            'snapshots = { every = "15 min"; keep = 1; }; }; }',
+        )
