@@ -194,6 +194,8 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "storage_url" in status:
         generation = f" (generation {status['generation']})" if "generation" in status else ""
         add("Storage", f"{status['storage_url']}{generation}")
+    if status.get("ephemeral"):
+        add("Warning", "memory storage: everything on the disk is lost when the daemon exits")
     replica = status.get("replica")
     if isinstance(replica, dict):
         if replica.get("mode") == "snapshot":

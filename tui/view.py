@@ -205,6 +205,13 @@ def summary_lines(inst: Instance) -> list[Text]:
         return lines
     if st.storage_state != "ok":
         lines.append(Text(f"storage failing: {st.storage_state}", style="bold red"))
+    if st.ephemeral:
+        lines.append(
+            Text(
+                "memory storage: everything on this disk is lost when the daemon exits",
+                style="bold yellow",
+            )
+        )
     if st.replica is not None:
         lines.append(Text(st.replica, style="cyan"))
     lines.append(

@@ -106,6 +106,31 @@ def test_status_human_output(daemon: RunningDaemon) -> None:
     assert "Latency write" in fields
 
 
+def test_memory_storage_warns_it_is_ephemeral(
+    daemon: RunningDaemon, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A memory disk says, in the log, status and portalctl, that it dies with the daemon."""
+    assert (
+        "warning instance=t portalbd: storage is memory://: the disk lives only in "
+        "this process's RAM and everything written to it is lost when portalbd exits; "
+        "give --storage-url file:///abs/dir or s3://bucket/prefix to keep it"
+    ) in daemon.log()
+    assert daemon.status()["ephemeral"] is True
+    warning = [
+        " ".join(line.split())
+        for line in ctl(*sock(daemon), "status").stdout.splitlines()
+        if line.lstrip().startswith("Warning:")
+    ]
+    assert warning == [
+        "Warning: memory storage: everything on the disk is lost when the daemon exits"
+    ]
+    # A disk that persists says none of it.
+    file_daemon = daemon_factory(storage_url=f"file://{tmp_path}/data", instance="f")
+    assert file_daemon.status()["ephemeral"] is False
+    assert "storage is memory://" not in file_daemon.log()
+    assert "Warning:" not in ctl(*sock(file_daemon), "status").stdout
+
+
 def test_json_prints_the_raw_response(daemon: RunningDaemon) -> None:
     created = ctl("--json", *sock(daemon), "snapshot", "create", "j1")
     assert created.returncode == 0

@@ -498,3 +498,15 @@ def test_whether_tls_is_required_is_shown() -> None:
     assert "tls allowed" in shown({"nbd_tls": "allow"})
     assert "tls off" in shown({"nbd_tls": "off"})
     assert "tls" not in shown({})  # an older daemon says nothing: nothing is claimed
+
+
+def test_a_memory_disk_says_it_dies_with_the_daemon() -> None:
+    def shown(status: dict[str, object]) -> list[str]:
+        inst, _ = Fleet().add(Path("/run/portalbd/m/control.sock"))
+        inst.record_status(0.0, 0.0, Status.from_json(status))
+        return [line.plain for line in summary_lines(inst)]
+
+    warning = "memory storage: everything on this disk is lost when the daemon exits"
+    assert warning in shown({"storage_url": "memory://", "ephemeral": True})
+    assert warning not in shown({"storage_url": "file:///d", "ephemeral": False})
+    assert warning not in shown({})  # an older daemon says nothing: nothing is claimed
