@@ -11,12 +11,16 @@ import time
 
 
 def human_size(n: float) -> str:
-    """Binary units with one decimal, as operators read disk sizes."""
+    """Binary units with one decimal, as operators read disk sizes.
+
+    Up to EiB: a 1 EiB disk (the largest NBD sizes people try) reads
+    ``1.0 EiB``, not ``1024.0 PiB``.
+    """
     if n < 1024:
         return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         n /= 1024
-        if n < 1024 or unit == "PiB":
+        if n < 1024 or unit == "EiB":
             break
     return f"{n:.1f} {unit}"
 

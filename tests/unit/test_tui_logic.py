@@ -55,7 +55,7 @@ from tui.view import (
         (1024**3, "1.0 GiB"),
         (int(23.7 * 1024**3), "23.7 GiB"),
         (640 * 1024**2, "640.0 MiB"),
-        (5 * 1024**6, "5120.0 PiB"),
+        (5 * 1024**6, "5.0 EiB"),  # the TUI and portalctl share one formatter
     ],
 )
 def test_fmt_bytes(n: int | None, text: str) -> None:

@@ -20,7 +20,11 @@ from portalbd.units import human_duration, human_latency, human_size, human_time
         (1536, "1.5 KiB"),
         (1 << 30, "1.0 GiB"),
         (int(23.7 * (1 << 30)), "23.7 GiB"),
-        (5 * 1024**6, "5120.0 PiB"),
+        (1023 * 1024**5, "1023.0 PiB"),
+        (1024**6, "1.0 EiB"),  # not 1024.0 PiB (issue 18)
+        (5 * 1024**6, "5.0 EiB"),
+        (2**64 - 1, "16.0 EiB"),  # the largest size NBD can carry
+        (3 * 1024**7, "3072.0 EiB"),  # beyond: EiB stays the largest unit
     ],
 )
 def test_sizes_in_binary_units_with_one_decimal(n: int, text: str) -> None:
