@@ -184,3 +184,78 @@ def test_screenshot_writer_exports_both_screens(tmp_path: Path) -> None:
         svg = (tmp_path / f"tui-{name}.svg").read_text()
         assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
         assert "portalbd-tui:" in svg.replace("&#160;", " ")
+
+
+def test_question_mark_lists_every_key_of_the_screen() -> None:
+    from tui.screens.help import HelpScreen
+
+    def listed(app: PortalbdApp) -> dict[str, str]:
+        assert isinstance(app.screen, HelpScreen)
+        return dict(app.screen.rows)
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "question_mark")
+        await pilot.pause()
+        rows = listed(app)
+        for keys, what in [
+            ("⏎", "Open"),
+            ("c", "Snapshot"),
+            ("r/f5", "Refresh"),
+            ("?", "Help"),
+            ("^q q", "Quit"),
+            ("↓ j", "Cursor down"),  # the footer's hidden keys too
+            ("^p", "Command palette: every action by name, and the theme"),
+        ]:
+            assert rows.get(keys) == what, (keys, rows)
+        assert list(rows)[:3] == ["⏎", "c", "r/f5"]  # the screen's own keys first
+        await pilot.press("escape")
+        assert isinstance(app.screen, OverviewScreen)
+        await pilot.press("enter", "question_mark")
+        await pilot.pause()
+        rows = listed(app)
+        for keys, what in [
+            ("esc", "Back"),
+            ("c", "New snapshot"),
+            ("d", "Delete"),
+            ("r", "Restore"),
+            ("f5", "Refresh"),
+        ]:
+            assert rows.get(keys) == what, (keys, rows)
+        await pilot.press("question_mark")  # ? again closes it
+        assert isinstance(app.screen, InstanceScreen)
+        await pilot.press("c", "question_mark")  # typed into a prompt, it is a character
+        await pilot.pause()
+        assert isinstance(app.screen, SnapshotNameScreen)
+        assert app.screen.query_one(Input).value.endswith("?")
+
+    run(scenario)
+
+
+def test_footer_shows_f5_and_help() -> None:
+    from textual.widgets._footer import FooterKey
+
+    def keys(app: PortalbdApp) -> dict[str, str]:
+        return {k.key: k.description for k in app.screen.query(FooterKey)}
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        assert keys(app)["r"] == "Refresh" and "r/f5" in str(app.screen.active_bindings["r"])
+        assert keys(app)["question_mark"] == "Help"
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert keys(app)["f5"] == "Refresh" and keys(app)["question_mark"] == "Help"
+
+    run(scenario, size=(80, 24))
+
+
+def test_demo_mode_says_so_in_the_header() -> None:
+    from textual.widgets import Header
+
+    async def go() -> None:
+        app = PortalbdApp(Settings(demo=True, discover=False), fleet=demo_fleet(), live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert app.title == "portalbd [DEMO: made-up data]"
+            assert app.screen.query_one(Header).screen_title == app.title
+
+    asyncio.run(go())
+    assert PortalbdApp(Settings(discover=False)).title == "portalbd"

@@ -22,7 +22,7 @@ class OverviewScreen(PortalbdScreen):
     BINDINGS = [
         Binding("enter", "open", "Open", priority=True),
         Binding("c", "create_snapshot", "Snapshot"),
-        Binding("r", "app.refresh", "Refresh"),
+        Binding("r,f5", "app.refresh", "Refresh", key_display="r/f5"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -32,7 +32,7 @@ class OverviewScreen(PortalbdScreen):
         with Vertical(id="details"):
             yield Static(id="facts")
             yield Chart("Throughput (read + write)", id="trend")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
