@@ -259,3 +259,29 @@ def test_demo_mode_says_so_in_the_header() -> None:
 
     asyncio.run(go())
     assert PortalbdApp(Settings(discover=False)).title == "portalbd"
+
+
+def test_events_wrap_at_the_panel_width_and_rewrap_on_resize() -> None:
+    from tui.widgets.event_log import EventLog
+
+    fleet = demo_fleet()
+    db = next(i for i in fleet if i.name == "db")
+    db.log(1_764_000_100.0, "error", "snapshot x failed: " + "word " * 40 + "THE-END")
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        log = app.screen.query_one(EventLog)
+
+        def widest() -> int:
+            assert "".join(line.text for line in log.lines).endswith("word THE-END")
+            return max(line.cell_length for line in log.lines)
+
+        narrow = log.scrollable_content_region.width
+        assert narrow < 78 and widest() <= narrow  # RichLog's default wrapped at 78
+        await pilot.resize_terminal(240, 40)
+        await pilot.pause()
+        wide = log.scrollable_content_region.width
+        assert wide > 78 and 78 < widest() <= wide  # wrapped again, at the new width
+
+    run(scenario, fleet=fleet, size=(120, 40))
