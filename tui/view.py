@@ -305,6 +305,16 @@ def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None
     return None
 
 
+def matches_filter(inst: Instance, text: str) -> bool:
+    """The overview's `/` filter: a case-insensitive part of the name, URL, socket or state."""
+    needle = text.strip().lower()
+    if not needle:
+        return True
+    url = inst.status.storage_url if inst.status else ""
+    haystack = (inst.name, url, str(inst.socket), inst.state.value)
+    return any(needle in value.lower() for value in haystack)
+
+
 def help_rows(bindings: Sequence[tuple[str, str, str, bool]]) -> list[tuple[str, str]]:
     """(keys, what) lines for the help screen from (key shown, action, description, in footer).
 

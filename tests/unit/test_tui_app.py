@@ -285,3 +285,33 @@ def test_events_wrap_at_the_panel_width_and_rewrap_on_resize() -> None:
         assert wide > 78 and 78 < widest() <= wide  # wrapped again, at the new width
 
     run(scenario, fleet=fleet, size=(120, 40))
+
+
+def test_slash_filters_the_overview() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        table = app.screen.query_one(InstanceTable)
+
+        def shown() -> list[str]:
+            return [str(table.get_row(key)[0]) for key in table.rows]
+
+        assert shown() == ["backup", "db", "scratch"]
+        await pilot.press("slash", *"S3:")  # case-insensitive, the storage URL counts
+        await pilot.pause()
+        assert shown() == ["db"] and app.screen.sub_title == "3 instances, 2 up, 1 shown"
+        await pilot.press("enter")  # keeps the filter, back on the table
+        await pilot.pause()
+        assert app.focused is table and shown() == ["db"]
+        await pilot.press("enter")  # now it opens the match
+        await pilot.pause()
+        assert isinstance(app.screen, InstanceScreen)
+        await pilot.press("escape", "slash", *"zz")
+        await pilot.pause()
+        assert "No instance matches 'zz'" in str(app.screen.query_one("#empty").render())
+        await pilot.press("escape")  # clears it
+        await pilot.pause()
+        assert shown() == ["backup", "db", "scratch"] and app.focused is table
+        await pilot.press("slash", *"down")  # the state counts too
+        await pilot.pause()
+        assert shown() == ["backup"]
+
+    run(scenario)
