@@ -40,6 +40,17 @@ def human_duration(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s"
 
 
+def human_elapsed_ns(ns: int) -> str:
+    """A measured span, from nanoseconds: "830 µs", "12.5 ms", "1.25 s", "5m 12s"."""
+    if ns < 1_000_000:
+        return f"{ns / 1000:.0f} µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    if ns < 60_000_000_000:
+        return f"{ns / 1e9:.2f} s"
+    return human_duration(ns / 1e9)
+
+
 def human_time(unix: float) -> str:
     """UTC, so the same snapshot reads the same on every machine."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from portalbd.units import human_duration, human_latency, human_size, human_time
+from portalbd.units import (
+    human_duration,
+    human_elapsed_ns,
+    human_latency,
+    human_size,
+    human_time,
+)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +60,16 @@ def test_latency_and_time() -> None:
         "1.5ms",
     ]
     assert human_time(0) == "1970-01-01 00:00:00 UTC"
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (830_000, "830 µs"),
+        (12_500_000, "12.5 ms"),
+        (1_250_000_000, "1.25 s"),  # portalbd-trace info, not 1250000000
+        (312 * 10**9, "5m 12s"),
+    ],
+)
+def test_elapsed_nanoseconds_for_people(ns: int, text: str) -> None:
+    assert human_elapsed_ns(ns) == text
