@@ -131,6 +131,45 @@ def test_memory_storage_warns_it_is_ephemeral(
     assert "Warning:" not in ctl(*sock(file_daemon), "status").stdout
 
 
+def test_record_start_and_stop(daemon: RunningDaemon) -> None:
+    """portalctl record: TraceStart and TraceStop without hand-written JSON."""
+    from portalbd.trace.format import describe
+
+    started = ctl(*sock(daemon), "record", "start", "t.jsonl.zst", "--workload", "mkfs")
+    assert (started.returncode, started.stderr) == (0, "")
+    assert started.stdout == (
+        "OK\nRecording every NBD request into t.jsonl.zst in the instance's trace "
+        "directory; stop with: portalctl record stop\n"
+    )
+    assert "Recording:" in ctl(*sock(daemon), "status").stdout
+    with connected(daemon.uri) as handle:
+        handle.pwrite(b"r" * 4096, 0)
+        handle.flush()
+    stopped = ctl(*sock(daemon), "record", "stop")
+    assert (stopped.returncode, stopped.stdout) == (
+        0,
+        "OK\nRecording stopped; the trace file is complete\n",
+    )
+    info = describe(daemon.control_socket.parent / "traces" / "t.jsonl.zst")
+    assert info["workload"] == "mkfs" and info["complete"] and info["counts"]["Write"] == 1
+    # What a user gets wrong, said by the daemon.
+    again = ctl(*sock(daemon), "record", "stop")
+    assert (again.returncode, again.stdout, again.stderr) == (
+        1,
+        "",
+        "Error: no trace is being recorded\n",
+    )
+    taken = ctl(*sock(daemon), "record", "start", "t.jsonl.zst")
+    assert taken.returncode == 1 and taken.stderr.startswith("Error: TraceStart: trace file ")
+    assert "already exists; traces are never overwritten" in taken.stderr
+    outside = ctl(*sock(daemon), "record", "start", "../t.jsonl")
+    assert outside.returncode == 1
+    assert "must be a single file name inside" in outside.stderr
+    assert json.loads(ctl("--json", *sock(daemon), "record", "stop").stdout) == {
+        "Error": "no trace is being recorded"
+    }
+
+
 def test_json_prints_the_raw_response(daemon: RunningDaemon) -> None:
     created = ctl("--json", *sock(daemon), "snapshot", "create", "j1")
     assert created.returncode == 0
