@@ -34,7 +34,7 @@ from portalbd.stats import ServerStats
 from portalbd.status import status_document
 from portalbd.store.instance import InstanceStore, SnapshotRecord
 from portalbd.store.keyfile import KeyFileError, read_key_file
-from portalbd.store.location import StorageLocation, parse_storage_url
+from portalbd.store.location import EPHEMERAL_WARNING, StorageLocation, parse_storage_url
 from portalbd.store.metadata import (
     DeviceMetadata,
     MetadataError,
@@ -160,6 +160,8 @@ class Instance:
             meta = await self._open_replica(key)
         else:
             meta = await self._open_writer(key)
+        if self.location.ephemeral:
+            log.warning("%s", EPHEMERAL_WARNING)
         size = meta.size_bytes
         log.info(
             "device format=%d block_size=%d page_size=%d epoch=%d io_threads=%d encrypted=%s",

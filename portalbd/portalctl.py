@@ -87,12 +87,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portalctl",
-        description="Manage a running portalbd: status, snapshots, restore.",
+        description="Manage a running portalbd: status, snapshots, restore, trace recording.",
         epilog=(
             "examples:\n"
             "  portalctl status\n"
             "  portalctl --instance disk0 snapshot create before-upgrade\n"
             "  portalctl snapshot restore before-upgrade --force\n"
+            "  portalctl record start mkfs.jsonl.zst --workload mkfs\n"
             "  portalctl --json snapshot list | jq '.SnapshotList[].name'"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -123,12 +124,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="disconnect connected NBD clients (after flushing) instead of refusing",
     )
+    record = commands.add_parser("record", help="record every NBD request into a trace file")
+    add_global_options(record, top=False)
+    steps = record.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = steps.add_parser(
+        "start",
+        help="start recording into a new file in the instance's trace directory",
+        description=(
+            "Start recording every NBD request into NAME, a new file in the instance's "
+            "trace directory (traces/ next to the control socket, or $STATE_DIRECTORY/traces "
+            "under systemd); an existing file is never overwritten. A recording already "
+            "running is stopped first. Read it with portalbd-trace info."
+        ),
+    )
+    add_global_options(start, top=False)
+    start.add_argument("name", help="file name, e.g. mkfs.jsonl.zst (.zst: compressed)")
+    start.add_argument("--workload", default="unnamed", help="what the trace is of (unnamed)")
+    add_global_options(steps.add_parser("stop", help="stop recording, close the file"), top=False)
     return parser
 
 
 def build_request(args: argparse.Namespace) -> Any:
     if args.command == "status":
         return "Status"
+    if args.command == "record":
+        if args.action == "stop":
+            return "TraceStop"
+        return {"TraceStart": {"path": args.name, "workload": args.workload}}
     action: str = args.action
     if action == "list":
         return "SnapshotList"
@@ -198,6 +220,8 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "storage_url" in status:
         generation = f" (generation {status['generation']})" if "generation" in status else ""
         add("Storage", f"{status['storage_url']}{generation}")
+    if status.get("ephemeral"):
+        add("Warning", "memory storage: everything on the disk is lost when the daemon exits")
     replica = status.get("replica")
     if isinstance(replica, dict):
         if replica.get("mode") == "snapshot":
@@ -359,7 +383,19 @@ def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     print_human(response, out)
     if report is not None:
         print(report, file=out)
+    if args.command == "record" and response == "Ok":
+        print(record_report(args), file=out)
     return EXIT_OK
+
+
+def record_report(args: argparse.Namespace) -> str:
+    """What `record start` / `stop` did, since the daemon's answer is a bare "Ok"."""
+    if args.action == "stop":
+        return "Recording stopped; the trace file is complete"
+    return (
+        f"Recording every NBD request into {args.name} in the instance's trace directory; "
+        "stop with: portalctl record stop"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -52,6 +52,8 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "pid": os.getpid(),
         "uptime_s": round(time.monotonic() - instance.started_at, 3),
         "storage_url": instance.location.display,
+        # memory storage: everything is lost when the daemon exits
+        "ephemeral": instance.location.ephemeral,
         "block_size": device.block_size,
         "control_socket": str(instance.control_socket),
         "generation": instance.store.catalog.live_generation,

@@ -11,12 +11,16 @@ import time
 
 
 def human_size(n: float) -> str:
-    """Binary units with one decimal, as operators read disk sizes."""
+    """Binary units with one decimal, as operators read disk sizes.
+
+    Up to EiB: a 1 EiB disk (the largest NBD sizes people try) reads
+    ``1.0 EiB``, not ``1024.0 PiB``.
+    """
     if n < 1024:
         return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         n /= 1024
-        if n < 1024 or unit == "PiB":
+        if n < 1024 or unit == "EiB":
             break
     return f"{n:.1f} {unit}"
 
@@ -34,6 +38,17 @@ def human_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes:02d}m {secs:02d}s"
     return f"{minutes}m {secs:02d}s"
+
+
+def human_elapsed_ns(ns: int) -> str:
+    """A measured span, from nanoseconds: "830 µs", "12.5 ms", "1.25 s", "5m 12s"."""
+    if ns < 1_000_000:
+        return f"{ns / 1000:.0f} µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    if ns < 60_000_000_000:
+        return f"{ns / 1e9:.2f} s"
+    return human_duration(ns / 1e9)
 
 
 def human_time(unix: float) -> str:

@@ -29,7 +29,7 @@ from tui.discovery import scan
 from tui.format import fmt_time
 from tui.model import Fleet, Instance, Snapshot, State, Status
 from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
-from tui.view import is_client_refusal
+from tui.view import help_rows, is_client_refusal
 
 T = TypeVar("T")
 SNAPSHOT_REREAD_S = 10.0
@@ -47,6 +47,7 @@ class PortalbdApp(App[None]):
     CSS_PATH = "app.tcss"
     BINDINGS = [
         Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
         Binding("f5", "refresh", "Refresh", show=False),
     ]
 
@@ -71,6 +72,8 @@ class PortalbdApp(App[None]):
         self._snapshot_wanted: set[str] = set()
         self._snapshots_fetched: dict[str, float] = {}
         self._render_pending = False
+        if self.settings.demo:  # made-up numbers must never pass for a real fleet
+            self.title = "portalbd [DEMO: made-up data]"
         for socket in self.settings.sockets:
             self.fleet.add(socket, explicit=True)
 
@@ -315,6 +318,28 @@ class PortalbdApp(App[None]):
             ConfirmScreen("Restore refused: clients attached", body, "Force restore", danger=True),
             answered,
         )
+
+    # --- help --------------------------------------------------------------
+
+    def action_help(self) -> None:
+        """Every key of the screen showing (hidden ones too), from its live bindings."""
+        from tui.screens.help import HelpScreen
+
+        screen = self.screen
+        if isinstance(screen, HelpScreen):
+            screen.dismiss(None)
+            return
+        active = [a.binding for a in screen.active_bindings.values() if a.enabled]
+        bindings = [
+            (self.get_key_display(b), b.action, b.description, b.show)
+            for b in active
+            if not b.system
+        ]
+        rows = help_rows(bindings)
+        if self.ENABLE_COMMAND_PALETTE:  # a system binding, so not in the list above
+            palette = self.get_key_display(Binding(self.COMMAND_PALETTE_BINDING, ""))
+            rows.append((palette, "Command palette: every action by name, and the theme"))
+        self.push_screen(HelpScreen(screen.sub_title or self.title, rows))
 
     # --- command palette ---------------------------------------------------
 

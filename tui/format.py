@@ -23,6 +23,17 @@ def fmt_bytes(n: float | None) -> str:
     return DASH if n is None else human_size(n)
 
 
+def ellipsize(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the cut marked with an ellipsis.
+
+    For table cells fed by users (snapshot names up to 128 characters, URLs):
+    one long value must not push every other column off screen.
+    """
+    if width < 1:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def fmt_mib_s(bytes_per_s: float | None) -> str:
     """Throughput in MiB/s: the unit operators compare disks in."""
     if bytes_per_s is None:

@@ -63,6 +63,8 @@ class Status:
     block_size: int | None = None
     snapshot_count: int = 0
     storage_url: str = ""
+    # memory storage: the disk dies with the daemon
+    ephemeral: bool = False
     nbd_address: str | None = None
     control_socket: str | None = None
     uptime_s: float | None = None
@@ -119,6 +121,7 @@ class Status:
             block_size=None if block_size is None else int(block_size),
             snapshot_count=_int(d, "snapshot_count"),
             storage_url=str(d.get("storage_url") or ""),
+            ephemeral=d.get("ephemeral") is True,
             nbd_address=d.get("nbd_address") if isinstance(d.get("nbd_address"), str) else None,
             control_socket=(
                 d.get("control_socket") if isinstance(d.get("control_socket"), str) else None

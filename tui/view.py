@@ -14,6 +14,7 @@ from rich.text import Text
 from portalbd.control.protocol import MAX_SNAPSHOT_NAME, SNAPSHOT_NAME
 from tui.format import (
     DASH,
+    ellipsize,
     fmt_bytes,
     fmt_clock,
     fmt_count,
@@ -116,20 +117,30 @@ def _name(inst: Instance) -> Text:
     return Text(inst.name, style="bold")
 
 
-def _url(inst: Instance) -> str:
-    return inst.status.storage_url if inst.status and inst.status.storage_url else DASH
+def _url(width: int) -> Callable[[Instance], str]:
+    def cell(inst: Instance) -> str:
+        url = inst.status.storage_url if inst.status else ""
+        return ellipsize(url, width) if url else DASH
+
+    return cell
+
+
+# Longer names are cut with an ellipsis in the table (the dialogs say them whole).
+SNAPSHOT_NAME_CELL = 40
 
 
 NAME = Column("name", "Instance", _name, "left")
 STATE = Column("state", "State", state_text, "left")
 SIZE = Column("size", "Size", _size)
-USED = Column("used", "Used", _used)
+# used_bytes: what the instance takes in object storage (every generation,
+# snapshots, WAL), sampled every 30 s; not the disk's allocated blocks.
+USED = Column("used", "Stored", _used)
 CLIENTS = Column("clients", "Clients", _clients)
 FLUSH = Column("flush", "Flush p99", _flush_p99)
 
-# Three layouts by terminal width: pairs of read/write values share a column
-# when space is short, and the long storage URL only gets a column when it fits
-# (otherwise it is in the details panel under the table).
+# Layouts by terminal width: pairs of read/write values share a column when
+# space is short, and the storage URL gets a column once there is room for a
+# useful part of it, cut with an ellipsis (it is whole in the details panel).
 COLUMNS_NARROW: tuple[Column, ...] = (
     NAME,
     STATE,
@@ -167,13 +178,16 @@ COLUMNS_FULL: tuple[Column, ...] = (
     Column("dirty", "Dirty", _dirty),
     Column("snaps", "Snaps", _snaps),
     Column("trend", "Throughput", _trend(16), "left"),
-    Column("url", "Storage", _url, "left"),
+    Column("url", "Storage", _url(48), "left"),
 )
+COLUMNS_WIDE_URL: tuple[Column, ...] = (*COLUMNS_WIDE, Column("url", "Storage", _url(20), "left"))
 
 
 def columns_for_width(width: int) -> tuple[Column, ...]:
     if width >= 170:
         return COLUMNS_FULL
+    if width >= 140:
+        return COLUMNS_WIDE_URL
     if width >= 118:
         return COLUMNS_WIDE
     return COLUMNS_NARROW
@@ -205,6 +219,13 @@ def summary_lines(inst: Instance) -> list[Text]:
         return lines
     if st.storage_state != "ok":
         lines.append(Text(f"storage failing: {st.storage_state}", style="bold red"))
+    if st.ephemeral:
+        lines.append(
+            Text(
+                "memory storage: everything on this disk is lost when the daemon exits",
+                style="bold yellow",
+            )
+        )
     if st.replica is not None:
         lines.append(Text(st.replica, style="cyan"))
     if st.snapshot_schedule is not None:
@@ -212,7 +233,6 @@ def summary_lines(inst: Instance) -> list[Text]:
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),
-            ("used", fmt_bytes(st.used_bytes)),
             ("dirty", fmt_bytes(st.dirty_bytes)),
             ("cached", fmt_bytes(st.cached_bytes)),
             ("snaps", str(st.snapshot_count)),
@@ -232,9 +252,12 @@ def summary_lines(inst: Instance) -> list[Text]:
     if st.nbd_tls is not None:
         shown = {"require": "required", "allow": "allowed"}.get(st.nbd_tls, st.nbd_tls)
         tls = (("tls", shown + (" +client certs" if st.nbd_tls_client_certificates else "")),)
+    stored: tuple[tuple[str, str], ...] = ()
+    if st.used_bytes is not None:  # object storage taken, all generations; absent for memory
+        stored = (("stored", f"{fmt_bytes(st.used_bytes)} (sampled every 30 s)"),)
+    lines.append(_facts(("storage", st.storage_url or DASH), *stored))
     lines.append(
         _facts(
-            ("storage", st.storage_url or DASH),
             ("nbd", st.nbd_address or DASH),
             *tls,
             ("version", st.version or DASH),
@@ -258,7 +281,7 @@ def event_text(event: Event) -> Text:
 
 def snapshot_row(snap: Snapshot) -> list[Text]:
     return [
-        Text(snap.name, style="bold"),
+        Text(ellipsize(snap.name, SNAPSHOT_NAME_CELL), style="bold"),
         Text(fmt_time(snap.created_at)),
         Text(DASH if snap.generation is None else str(snap.generation), justify="right"),
         Text(fmt_bytes(snap.size_bytes), justify="right"),
@@ -282,6 +305,40 @@ def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None
     if name in existing:
         return f"a snapshot named {name!r} already exists"
     return None
+
+
+def matches_filter(inst: Instance, text: str) -> bool:
+    """The overview's `/` filter: a case-insensitive part of the name, URL, socket or state."""
+    needle = text.strip().lower()
+    if not needle:
+        return True
+    url = inst.status.storage_url if inst.status else ""
+    haystack = (inst.name, url, str(inst.socket), inst.state.value)
+    return any(needle in value.lower() for value in haystack)
+
+
+def help_rows(bindings: Sequence[tuple[str, str, str, bool]]) -> list[tuple[str, str]]:
+    """(keys, what) lines for the help screen from (key shown, action, description, in footer).
+
+    The footer's keys come first (what the screen is for), then the rest
+    (moving around). Keys bound to the same action share a line ("↓ j");
+    bindings without a description are internal and left out. The longest
+    description wins, as the most explicit one ("Cursor down" over "Down").
+    """
+    keys: dict[str, list[str]] = {}
+    what: dict[str, str] = {}
+    main: set[str] = set()
+    for key, action, description, shown in bindings:
+        if not description:
+            continue
+        if key not in keys.setdefault(action, []):
+            keys[action].append(key)
+        if len(description) > len(what.get(action, "")):
+            what[action] = description
+        if shown:
+            main.add(action)
+    order = sorted(keys, key=lambda action: action not in main)  # stable: main keys first
+    return [(" ".join(keys[action]), what[action]) for action in order]
 
 
 def is_client_refusal(message: str) -> bool:

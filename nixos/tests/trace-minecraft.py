@@ -24,7 +24,7 @@ with subtest("world generation and save are recorded"):
     control(INSTANCE, "TraceStop")
     machine.succeed(f"test -s {WORLD_DIR}/world/level.dat")
     machine.succeed(f"ls {WORLD_DIR}/world/region/*.mca")
-    info: dict[str, Any] = json.loads(machine.succeed(f"portalbd-trace info {TRACE}"))
+    info: dict[str, Any] = json.loads(machine.succeed(f"portalbd-trace info --json {TRACE}"))
     assert info["workload"] == "minecraft", info
     assert info["complete"] and info["errors"] == 0, info
     assert info["counts"].get("Write", 0) > 0, info

@@ -3,7 +3,7 @@ ATTACH = f"portalbd-{INSTANCE}-attach.service"
 
 
 def trace_info(path: str) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(machine.succeed(f"portalbd-trace info {path}"))
+    info: dict[str, Any] = json.loads(machine.succeed(f"portalbd-trace info --json {path}"))
     return info
 
 

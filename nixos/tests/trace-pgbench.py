@@ -30,7 +30,7 @@ with subtest("pgbench is recorded"):
         timeout=1800,
     )
     control(INSTANCE, "TraceStop")
-    info: dict[str, Any] = json.loads(machine.succeed(f"portalbd-trace info {TRACE}"))
+    info: dict[str, Any] = json.loads(machine.succeed(f"portalbd-trace info --json {TRACE}"))
     assert info["workload"] == "pgbench", info
     assert info["complete"] and info["errors"] == 0, info
     assert info["counts"].get("Write", 0) > 0 and info["counts"].get("Flush", 0) > 0, info

@@ -14,6 +14,14 @@ from urllib.parse import urlsplit
 
 StorageKind = Literal["memory", "file", "s3"]
 
+# Said at start (log), in status and the TUI: a new user's first disk is often
+# a memory one, and nothing else tells them it will be gone after a restart.
+EPHEMERAL_WARNING = (
+    "storage is memory://: the disk lives only in this process's RAM and everything "
+    "written to it is lost when portalbd exits; give --storage-url file:///abs/dir "
+    "or s3://bucket/prefix to keep it"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class StorageLocation:
@@ -21,6 +29,11 @@ class StorageLocation:
     store_url: str  # what ObjectStore.resolve() gets
     prefix: str  # path inside the object store under which the instance lives
     display: str  # the URL as the user wrote it (never carries secrets)
+
+    @property
+    def ephemeral(self) -> bool:
+        """True when nothing outlives the process (memory storage)."""
+        return self.kind == "memory"
 
     def path(self, *parts: str) -> str:
         """A database path inside the store, under the instance prefix."""

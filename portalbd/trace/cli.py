@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="summarise a trace")
     info.add_argument("trace", type=Path)
-    info.add_argument("--json", action="store_true", help="accepted: info always prints JSON")
+    info.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (durations in ns)"
+    )
 
     imp = sub.add_parser("import", help="convert an original portalbd trace JSON to JSON lines")
     imp.add_argument("src", type=Path)
@@ -147,9 +149,34 @@ def _emit_json(doc: Any, args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from portalbd.trace import format
 
-    json.dump(format.describe(_existing(args.trace)), sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    doc = format.describe(_existing(args.trace))
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(info_text(doc))
     return 0
+
+
+def info_text(doc: dict[str, Any]) -> str:
+    """`info` for people: sizes in binary units, the duration in seconds, not ns."""
+    from portalbd.units import human_elapsed_ns, human_size
+
+    state = "complete" if doc["complete"] else "no end record: cut short"
+    conns = doc["connections"]
+    lines = [
+        f"{doc['path']} ({doc['format']}, {state})",
+        f"  workload:   {doc['workload'] or '-'}",
+        f"  disk size:  {human_size(doc['device_size_bytes'])}",
+        f"  started:    {doc['start_time'] or '-'}",
+        f"  duration:   {human_elapsed_ns(doc['duration_ns'])}",
+        f"  requests:   {doc['ops']} on {conns} connection{'s' if conns != 1 else ''}, "
+        f"{doc['errors']} failed, {doc['dropped']} dropped while recording",
+    ]
+    for name, count in sorted(doc["counts"].items(), key=lambda kv: -kv[1]):
+        moved = doc["bytes"].get(name)
+        lines.append(f"    {name:<13}{count:>9}" + (f"  {human_size(moved)}" if moved else ""))
+    return "\n".join(lines) + "\n"
 
 
 def cmd_import(args: argparse.Namespace) -> int:

@@ -106,6 +106,70 @@ def test_status_human_output(daemon: RunningDaemon) -> None:
     assert "Latency write" in fields
 
 
+def test_memory_storage_warns_it_is_ephemeral(
+    daemon: RunningDaemon, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """A memory disk says, in the log, status and portalctl, that it dies with the daemon."""
+    assert (
+        "warning instance=t portalbd: storage is memory://: the disk lives only in "
+        "this process's RAM and everything written to it is lost when portalbd exits; "
+        "give --storage-url file:///abs/dir or s3://bucket/prefix to keep it"
+    ) in daemon.log()
+    assert daemon.status()["ephemeral"] is True
+    warning = [
+        " ".join(line.split())
+        for line in ctl(*sock(daemon), "status").stdout.splitlines()
+        if line.lstrip().startswith("Warning:")
+    ]
+    assert warning == [
+        "Warning: memory storage: everything on the disk is lost when the daemon exits"
+    ]
+    # A disk that persists says none of it.
+    file_daemon = daemon_factory(storage_url=f"file://{tmp_path}/data", instance="f")
+    assert file_daemon.status()["ephemeral"] is False
+    assert "storage is memory://" not in file_daemon.log()
+    assert "Warning:" not in ctl(*sock(file_daemon), "status").stdout
+
+
+def test_record_start_and_stop(daemon: RunningDaemon) -> None:
+    """portalctl record: TraceStart and TraceStop without hand-written JSON."""
+    from portalbd.trace.format import describe
+
+    started = ctl(*sock(daemon), "record", "start", "t.jsonl.zst", "--workload", "mkfs")
+    assert (started.returncode, started.stderr) == (0, "")
+    assert started.stdout == (
+        "OK\nRecording every NBD request into t.jsonl.zst in the instance's trace "
+        "directory; stop with: portalctl record stop\n"
+    )
+    assert "Recording:" in ctl(*sock(daemon), "status").stdout
+    with connected(daemon.uri) as handle:
+        handle.pwrite(b"r" * 4096, 0)
+        handle.flush()
+    stopped = ctl(*sock(daemon), "record", "stop")
+    assert (stopped.returncode, stopped.stdout) == (
+        0,
+        "OK\nRecording stopped; the trace file is complete\n",
+    )
+    info = describe(daemon.control_socket.parent / "traces" / "t.jsonl.zst")
+    assert info["workload"] == "mkfs" and info["complete"] and info["counts"]["Write"] == 1
+    # What a user gets wrong, said by the daemon.
+    again = ctl(*sock(daemon), "record", "stop")
+    assert (again.returncode, again.stdout, again.stderr) == (
+        1,
+        "",
+        "Error: no trace is being recorded\n",
+    )
+    taken = ctl(*sock(daemon), "record", "start", "t.jsonl.zst")
+    assert taken.returncode == 1 and taken.stderr.startswith("Error: TraceStart: trace file ")
+    assert "already exists; traces are never overwritten" in taken.stderr
+    outside = ctl(*sock(daemon), "record", "start", "../t.jsonl")
+    assert outside.returncode == 1
+    assert "must be a single file name inside" in outside.stderr
+    assert json.loads(ctl("--json", *sock(daemon), "record", "stop").stdout) == {
+        "Error": "no trace is being recorded"
+    }
+
+
 def test_json_prints_the_raw_response(daemon: RunningDaemon) -> None:
     created = ctl("--json", *sock(daemon), "snapshot", "create", "j1")
     assert created.returncode == 0

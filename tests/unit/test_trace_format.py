@@ -235,6 +235,23 @@ def test_cli_import_export_info(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert json.loads((tmp_path / "back.json").read_text())["workload"] == "mkfs.ext4"
 
 
+def test_cli_info_is_for_people_unless_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    orig = tmp_path / "orig.json"
+    orig.write_text(ORIGINAL)
+    out = tmp_path / "t.jsonl.zst"
+    assert main(["import", str(orig), str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{out} (jsonl, complete)"
+    assert "  duration:   2.5 ms" in lines  # the recorded 2500000 ns
+    assert "  disk size:  1.0 GiB" in lines
+    assert "  workload:   mkfs.ext4" in lines
+    assert any(line.split()[:2] == ["Write", "1"] and line.endswith("4.0 KiB") for line in lines)
+
+
 def test_cli_reports_missing_and_bad_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -184,3 +184,134 @@ def test_screenshot_writer_exports_both_screens(tmp_path: Path) -> None:
         svg = (tmp_path / f"tui-{name}.svg").read_text()
         assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
         assert "portalbd-tui:" in svg.replace("&#160;", " ")
+
+
+def test_question_mark_lists_every_key_of_the_screen() -> None:
+    from tui.screens.help import HelpScreen
+
+    def listed(app: PortalbdApp) -> dict[str, str]:
+        assert isinstance(app.screen, HelpScreen)
+        return dict(app.screen.rows)
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "question_mark")
+        await pilot.pause()
+        rows = listed(app)
+        for keys, what in [
+            ("⏎", "Open"),
+            ("c", "Snapshot"),
+            ("r/f5", "Refresh"),
+            ("?", "Help"),
+            ("^q q", "Quit"),
+            ("↓ j", "Cursor down"),  # the footer's hidden keys too
+            ("^p", "Command palette: every action by name, and the theme"),
+        ]:
+            assert rows.get(keys) == what, (keys, rows)
+        assert list(rows)[:3] == ["⏎", "c", "r/f5"]  # the screen's own keys first
+        await pilot.press("escape")
+        assert isinstance(app.screen, OverviewScreen)
+        await pilot.press("enter", "question_mark")
+        await pilot.pause()
+        rows = listed(app)
+        for keys, what in [
+            ("esc", "Back"),
+            ("c", "New snapshot"),
+            ("d", "Delete"),
+            ("r", "Restore"),
+            ("f5", "Refresh"),
+        ]:
+            assert rows.get(keys) == what, (keys, rows)
+        await pilot.press("question_mark")  # ? again closes it
+        assert isinstance(app.screen, InstanceScreen)
+        await pilot.press("c", "question_mark")  # typed into a prompt, it is a character
+        await pilot.pause()
+        assert isinstance(app.screen, SnapshotNameScreen)
+        assert app.screen.query_one(Input).value.endswith("?")
+
+    run(scenario)
+
+
+def test_footer_shows_f5_and_help() -> None:
+    from textual.widgets._footer import FooterKey
+
+    def keys(app: PortalbdApp) -> dict[str, str]:
+        return {k.key: k.description for k in app.screen.query(FooterKey)}
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        assert keys(app)["r"] == "Refresh" and "r/f5" in str(app.screen.active_bindings["r"])
+        assert keys(app)["question_mark"] == "Help"
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        assert keys(app)["f5"] == "Refresh" and keys(app)["question_mark"] == "Help"
+
+    run(scenario, size=(80, 24))
+
+
+def test_demo_mode_says_so_in_the_header() -> None:
+    from textual.widgets import Header
+
+    async def go() -> None:
+        app = PortalbdApp(Settings(demo=True, discover=False), fleet=demo_fleet(), live=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert app.title == "portalbd [DEMO: made-up data]"
+            assert app.screen.query_one(Header).screen_title == app.title
+
+    asyncio.run(go())
+    assert PortalbdApp(Settings(discover=False)).title == "portalbd"
+
+
+def test_events_wrap_at_the_panel_width_and_rewrap_on_resize() -> None:
+    from tui.widgets.event_log import EventLog
+
+    fleet = demo_fleet()
+    db = next(i for i in fleet if i.name == "db")
+    db.log(1_764_000_100.0, "error", "snapshot x failed: " + "word " * 40 + "THE-END")
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        log = app.screen.query_one(EventLog)
+
+        def widest() -> int:
+            assert "".join(line.text for line in log.lines).endswith("word THE-END")
+            return max(line.cell_length for line in log.lines)
+
+        narrow = log.scrollable_content_region.width
+        assert narrow < 78 and widest() <= narrow  # RichLog's default wrapped at 78
+        await pilot.resize_terminal(240, 40)
+        await pilot.pause()
+        wide = log.scrollable_content_region.width
+        assert wide > 78 and 78 < widest() <= wide  # wrapped again, at the new width
+
+    run(scenario, fleet=fleet, size=(120, 40))
+
+
+def test_slash_filters_the_overview() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        table = app.screen.query_one(InstanceTable)
+
+        def shown() -> list[str]:
+            return [str(table.get_row(key)[0]) for key in table.rows]
+
+        assert shown() == ["backup", "db", "scratch"]
+        await pilot.press("slash", *"S3:")  # case-insensitive, the storage URL counts
+        await pilot.pause()
+        assert shown() == ["db"] and app.screen.sub_title == "3 instances, 2 up, 1 shown"
+        await pilot.press("enter")  # keeps the filter, back on the table
+        await pilot.pause()
+        assert app.focused is table and shown() == ["db"]
+        await pilot.press("enter")  # now it opens the match
+        await pilot.pause()
+        assert isinstance(app.screen, InstanceScreen)
+        await pilot.press("escape", "slash", *"zz")
+        await pilot.pause()
+        assert "No instance matches 'zz'" in str(app.screen.query_one("#empty").render())
+        await pilot.press("escape")  # clears it
+        await pilot.pause()
+        assert shown() == ["backup", "db", "scratch"] and app.focused is table
+        await pilot.press("slash", *"down")  # the state counts too
+        await pilot.pause()
+        assert shown() == ["backup"]
+
+    run(scenario)

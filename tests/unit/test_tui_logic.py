@@ -20,6 +20,7 @@ from tui.demo import demo_fleet, instance
 from tui.discovery import default_roots, scan
 from tui.format import (
     bar_rows,
+    ellipsize,
     fmt_bytes,
     fmt_count,
     fmt_duration,
@@ -28,15 +29,18 @@ from tui.format import (
     resample,
     sparkline,
 )
-from tui.model import Fleet, Rates, State, Status, name_from_socket, rates_between
+from tui.model import Fleet, Rates, Snapshot, State, Status, name_from_socket, rates_between
 from tui.view import (
     COLUMNS_FULL,
     COLUMNS_NARROW,
     COLUMNS_WIDE,
+    COLUMNS_WIDE_URL,
     columns_for_width,
+    help_rows,
     is_client_refusal,
     row,
     snapshot_name_problem,
+    snapshot_row,
     summary_lines,
 )
 
@@ -55,7 +59,7 @@ from tui.view import (
         (1024**3, "1.0 GiB"),
         (int(23.7 * 1024**3), "23.7 GiB"),
         (640 * 1024**2, "640.0 MiB"),
-        (5 * 1024**6, "5120.0 PiB"),
+        (5 * 1024**6, "5.0 EiB"),  # the TUI and portalctl share one formatter
     ],
 )
 def test_fmt_bytes(n: int | None, text: str) -> None:
@@ -249,6 +253,46 @@ def test_columns_fit_the_terminal_and_keep_the_required_fields() -> None:
     ]
     assert sum(widths) + 2 * len(widths) + 2 <= 80
     assert all(len(line.plain) <= 76 for line in summary_lines(db))  # 80 minus padding
+
+
+def test_the_storage_url_gets_a_column_once_a_useful_part_fits() -> None:
+    assert columns_for_width(139) is COLUMNS_WIDE
+    assert columns_for_width(140) is COLUMNS_WIDE_URL
+    assert COLUMNS_WIDE_URL[-1].label == "Storage"
+    scratch = instance(demo_fleet(), "scratch")
+    assert row(scratch, COLUMNS_WIDE_URL)[-1].plain == "file:///var/lib/por…"
+    assert row(scratch, COLUMNS_FULL)[-1].plain == "file:///var/lib/portalbd/scratch"
+
+
+def test_used_is_labelled_as_object_storage_sampled_every_30_s() -> None:
+    assert COLUMNS_NARROW[3].label == "Stored"
+    shown = [line.plain for line in summary_lines(instance(demo_fleet(), "db"))]
+    assert "storage s3://disks/prod/db  stored 23.7 GiB (sampled every 30 s)" in shown
+    memory, _ = Fleet().add(Path("/run/portalbd/m/control.sock"))
+    memory.record_status(0.0, 0.0, Status.from_json({"storage_url": "memory://"}))
+    assert "storage memory://" in [line.plain for line in summary_lines(memory)]
+
+
+def test_long_snapshot_names_are_cut_with_an_ellipsis() -> None:
+    assert ellipsize("short", 8) == "short"
+    assert ellipsize("exactly8", 8) == "exactly8"
+    assert ellipsize("nine-char", 8) == "nine-ch…"
+    assert ellipsize("x", 0) == ""
+    snap = Snapshot(name="n" * 128, id="1", created_at=0.0, generation=1, size_bytes=0)
+    name = snapshot_row(snap)[0].plain
+    assert len(name) == 40 and name == "n" * 39 + "…"
+
+
+def test_help_lists_footer_keys_first_and_joins_keys_of_one_action() -> None:
+    rows = help_rows(
+        [
+            ("↓", "cursor_down", "Cursor down", False),
+            ("j", "cursor_down", "Down", False),
+            ("c", "create_snapshot", "New snapshot", True),
+            ("x", "internal", "", False),
+        ]
+    )
+    assert rows == [("c", "New snapshot"), ("↓ j", "Cursor down")]
 
 
 @pytest.mark.parametrize(
@@ -498,3 +542,15 @@ def test_whether_tls_is_required_is_shown() -> None:
     assert "tls allowed" in shown({"nbd_tls": "allow"})
     assert "tls off" in shown({"nbd_tls": "off"})
     assert "tls" not in shown({})  # an older daemon says nothing: nothing is claimed
+
+
+def test_a_memory_disk_says_it_dies_with_the_daemon() -> None:
+    def shown(status: dict[str, object]) -> list[str]:
+        inst, _ = Fleet().add(Path("/run/portalbd/m/control.sock"))
+        inst.record_status(0.0, 0.0, Status.from_json(status))
+        return [line.plain for line in summary_lines(inst)]
+
+    warning = "memory storage: everything on this disk is lost when the daemon exits"
+    assert warning in shown({"storage_url": "memory://", "ephemeral": True})
+    assert warning not in shown({"storage_url": "file:///d", "ephemeral": False})
+    assert warning not in shown({})  # an older daemon says nothing: nothing is claimed

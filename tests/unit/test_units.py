@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from portalbd.units import human_duration, human_latency, human_size, human_time
+from portalbd.units import (
+    human_duration,
+    human_elapsed_ns,
+    human_latency,
+    human_size,
+    human_time,
+)
 
 
 @pytest.mark.parametrize(
@@ -20,7 +26,11 @@ from portalbd.units import human_duration, human_latency, human_size, human_time
         (1536, "1.5 KiB"),
         (1 << 30, "1.0 GiB"),
         (int(23.7 * (1 << 30)), "23.7 GiB"),
-        (5 * 1024**6, "5120.0 PiB"),
+        (1023 * 1024**5, "1023.0 PiB"),
+        (1024**6, "1.0 EiB"),  # not 1024.0 PiB (issue 18)
+        (5 * 1024**6, "5.0 EiB"),
+        (2**64 - 1, "16.0 EiB"),  # the largest size NBD can carry
+        (3 * 1024**7, "3072.0 EiB"),  # beyond: EiB stays the largest unit
     ],
 )
 def test_sizes_in_binary_units_with_one_decimal(n: int, text: str) -> None:
@@ -50,3 +60,16 @@ def test_latency_and_time() -> None:
         "1.5ms",
     ]
     assert human_time(0) == "1970-01-01 00:00:00 UTC"
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (830_000, "830 µs"),
+        (12_500_000, "12.5 ms"),
+        (1_250_000_000, "1.25 s"),  # portalbd-trace info, not 1250000000
+        (312 * 10**9, "5m 12s"),
+    ],
+)
+def test_elapsed_nanoseconds_for_people(ns: int, text: str) -> None:
+    assert human_elapsed_ns(ns) == text

@@ -25,7 +25,7 @@ class InstanceScreen(PortalbdScreen):
         Binding("c", "create_snapshot", "New snapshot"),
         Binding("d", "delete_snapshot", "Delete"),
         Binding("r", "restore_snapshot", "Restore"),
-        Binding("f5", "refresh", "Refresh", show=False),
+        Binding("f5", "refresh", "Refresh"),
     ]
 
     def __init__(self, key: str) -> None:
@@ -44,7 +44,7 @@ class InstanceScreen(PortalbdScreen):
                 yield SnapshotTable(id="snapshots")
                 yield Static(id="no-snapshots")
             yield EventLog(id="events")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()

@@ -7,32 +7,40 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from tui.format import fmt_count, fmt_duration, fmt_mib_s
 from tui.model import Instance, State
 from tui.screens.base import PortalbdScreen
-from tui.view import summary_lines
+from tui.view import matches_filter, summary_lines
 from tui.widgets.chart import Chart
 from tui.widgets.tables import InstanceTable
 
 
 class OverviewScreen(PortalbdScreen):
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    AUTO_FOCUS = "#instances"  # not the (hidden) filter box, which would eat every key
     BINDINGS = [
         Binding("enter", "open", "Open", priority=True),
         Binding("c", "create_snapshot", "Snapshot"),
-        Binding("r", "app.refresh", "Refresh"),
+        Binding("r,f5", "app.refresh", "Refresh", key_display="r/f5"),
+        Binding("slash", "filter", "Filter"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filter_text = ""
 
     def compose(self) -> ComposeResult:
         yield Header()
+        yield Input(placeholder="filter: part of a name, storage URL, socket or state", id="filter")
         yield InstanceTable(id="instances")
         yield Static(id="empty")
         with Vertical(id="details"):
             yield Static(id="facts")
             yield Chart("Throughput (read + write)", id="trend")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -43,15 +51,29 @@ class OverviewScreen(PortalbdScreen):
 
     def render_fleet(self) -> None:
         app = self.portalbd
-        instances = app.fleet.sorted()
+        every = app.fleet.sorted()
+        instances = [i for i in every if matches_filter(i, self.filter_text)]
         table = self.query_one(InstanceTable)
         table.show(instances, self.size.width)
-        up = sum(1 for i in instances if i.state is State.UP)
-        self.sub_title = f"{len(instances)} instance{'s' if len(instances) != 1 else ''}, {up} up"
+        up = sum(1 for i in every if i.state is State.UP)
+        self.sub_title = f"{len(every)} instance{'s' if len(every) != 1 else ''}, {up} up"
+        if self.filter_text:
+            self.sub_title += f", {len(instances)} shown"
+            table.border_title = f"Instances matching {self.filter_text!r}"
+        else:
+            table.border_title = "Instances"
         empty = self.query_one("#empty", Static)
         empty.display = not instances
         self.query_one("#details").display = bool(instances)
         table.display = bool(instances)
+        if every and not instances:
+            empty.update(
+                Text.assemble(
+                    (f"No instance matches {self.filter_text!r}.\n\n", "bold"),
+                    "escape clears the filter.",
+                )
+            )
+            return
         if not instances:
             roots = ", ".join(f"{r}/*/control.sock" for r in app.settings.roots)
             empty.update(
@@ -96,9 +118,30 @@ class OverviewScreen(PortalbdScreen):
     def _selected(self, _: DataTable.RowSelected) -> None:
         self.action_open()
 
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""  # Input.Changed re-renders the table
+        box.display = False
+        self.query_one(InstanceTable).focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        self.render_fleet()
+
     def action_open(self) -> None:
         from tui.screens.instance import InstanceScreen
 
+        box = self.query_one("#filter", Input)
+        if box.has_focus:  # enter in the filter keeps it and goes back to the table
+            box.display = bool(self.filter_text)
+            self.query_one(InstanceTable).focus()
+            return
         inst = self.highlighted()
         if inst is not None:
             self.app.push_screen(InstanceScreen(inst.key))

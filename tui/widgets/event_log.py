@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual.events import Resize
 from textual.widgets import RichLog
 
 from tui.model import EVENT_LINES, Instance
@@ -19,12 +20,17 @@ class EventLog(RichLog):
     """
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, max_lines=EVENT_LINES, wrap=True, markup=False)
+        # min_width=1: RichLog wraps at 78 columns by default whatever its own
+        # width, so in a narrower panel the end of a long error was cut off.
+        super().__init__(id=id, max_lines=EVENT_LINES, wrap=True, markup=False, min_width=1)
         self.border_title = "Events"
         self._shown: tuple[int, int] = (0, 0)  # (id of the deque, events shown)
+        self._inst: Instance | None = None
+        self._width = 0
 
     def show(self, inst: Instance) -> None:
         """Append what is new since the last call; events only ever get appended."""
+        self._inst = inst
         events = list(inst.events)
         ident, shown = self._shown
         if ident != id(inst.events) or shown > inst.event_total:
@@ -34,3 +40,10 @@ class EventLog(RichLog):
         for event in events[max(0, len(events) - new) :] if new > 0 else []:
             self.write(event_text(event))
         self._shown = (id(inst.events), inst.event_total)
+
+    def on_resize(self, event: Resize) -> None:
+        """Lines are wrapped when written: wrap them all again at the new width."""
+        width, self._width = self._width, event.size.width
+        if self._size_known and width != event.size.width and self._inst is not None:
+            self._shown = (0, 0)
+            self.show(self._inst)

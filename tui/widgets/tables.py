@@ -39,6 +39,11 @@ class InstanceTable(DataTable[Text]):
             self._columns = columns
             for col in columns:
                 self.add_column(Text(col.label, justify=_justify(col)), key=col.key)
+        wanted = [inst.key for inst in instances]
+        if [key.value for key in self.rows] != wanted[: self.row_count]:
+            # A filter took rows away or a new instance sorts in between:
+            # rebuild, so the table keeps the fleet's order.
+            self.clear()
         present = {key.value for key in self.rows}
         for inst in instances:
             cells = row(inst, columns)
