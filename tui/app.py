@@ -267,8 +267,9 @@ class PortalbdApp(App[None]):
         )
         if clients:
             body.append(
-                f"\n\n{clients} client{'s are' if clients != 1 else ' is'} connected: the "
-                "daemon will refuse unless forced.",
+                f"\n\n{clients} client{'s are' if clients != 1 else ' is'} connected: their "
+                "I/O pauses during the restore and then sees the snapshot's data on the "
+                "same connection. Unmount a filesystem on the disk first.",
                 style="bold",
             )
 
