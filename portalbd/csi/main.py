@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-volume sockets, FUSE mounts and logs on this node (default /run/portalbd/csi)",
     )
     add("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    add("--version", action="version", version=f"portalbd-csi {__version__}")
     return parser
 
 
