@@ -203,7 +203,7 @@ def rss_after_writing(workdir: Path, gib: int = 2) -> list[dict[str, int]]:
     try:
         samples = [status_kib(process.pid)]
         for i in range(gib):
-            subprocess.run(
+            result = subprocess.run(
                 [
                     "fio",
                     "--name=fill",
@@ -216,9 +216,13 @@ def rss_after_writing(workdir: Path, gib: int = 2) -> list[dict[str, int]]:
                     "--size=1g",
                 ],
                 capture_output=True,
-                check=True,
                 timeout=900,
             )
+            if result.returncode != 0:
+                raise SystemExit(
+                    f"fio failed writing GiB {i}: {result.stderr.decode()[-500:]}\n"
+                    f"daemon log:\n{daemon.log()[-3000:]}"
+                )
             samples.append(status_kib(process.pid))
         return samples
     finally:
