@@ -126,14 +126,26 @@ def main() -> int:
     )
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     parser.add_argument("--config", type=Path, help="a portalbd config file for its run")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="work in DIR and keep its logs (default: a temp dir)",
+    )
     args = parser.parse_args()
     targets = [t for t in args.only.split(",") if t]
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
     table: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="portalbd-s3fio-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            workdir = args.keep
+        else:
+            workdir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="portalbd-s3fio-"))
+            )
         moto = MotoServer(workdir)
         try:
             for name in targets:
