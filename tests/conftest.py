@@ -12,6 +12,17 @@ from tests.support.tls import Certificates, make_certificates
 DaemonFactory = Callable[..., RunningDaemon]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _object_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons on S3 cache objects locally by default (paths.object_cache_root):
+    every daemon a test starts, by any route, caches under pytest's tmp, never
+    in the host's /var/cache/portalbd or ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CACHE_DIRECTORY", str(tmp_path_factory.mktemp("object-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Start daemons with ``start_daemon``; every one is stopped afterwards."""

@@ -143,7 +143,8 @@ def start(
         port=port,
         control_socket=workdir / "control.sock",
         log_path=log_path,
-        env=s3.env() if s3 is not None else None,
+        # a benchmark daemon's object cache is part of its run, not the host's
+        env={"CACHE_DIRECTORY": str(workdir / "object-cache"), **(s3.env() if s3 else {})},
         cwd=workdir,
         storage_url=storage_url,
         timeout=timeout,
