@@ -18,15 +18,19 @@ from tests.support import RunningDaemon, start_daemon
 class KernelDaemon:
     """A portalbd (tests.support.start_daemon, file storage) that a test can kill and restart."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args  # daemon flags, e.g. TLS
         self.port_file = workdir / "nbd.port"
         self.daemon: RunningDaemon | None = None
         self.starts = 0
 
     def start(self) -> None:
         self.daemon = start_daemon(
-            self.workdir, storage_url=f"file://{self.workdir / 'data'}", instance="kernel"
+            self.workdir,
+            *self.extra_args,
+            storage_url=f"file://{self.workdir / 'data'}",
+            instance="kernel",
         )
         self.starts += 1
         self.port_file.write_text(f"{self.daemon.port}\n")

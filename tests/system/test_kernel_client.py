@@ -23,6 +23,7 @@ import pytest
 
 from portalbd.guest import GuestError, GuestResult, GuestRunner, build_image
 from tests.support.kernel import KernelDaemon, counter
+from tests.support.tls import Certificates
 
 pytestmark = [
     pytest.mark.slow,
@@ -457,3 +458,57 @@ def test_harness_kills_a_guest_that_overruns_its_timeout(runner: GuestRunner) ->
     assert result.exit_status is None
     with pytest.raises(GuestError, match="timed out: True"):
         result.check()
+
+
+TLS = r"""
+tls_attach() {
+    cat > /tmp/ca.pem <<'PEM'
+@CA@
+PEM
+    # any TLS option makes nbd-client upgrade with NBD_OPT_STARTTLS; the
+    # server's certificate names localhost
+    attach /dev/nbd6 -N portalbd -cacertfile /tmp/ca.pem -tlshostname localhost
+    wait_size /dev/nbd6
+    dd if=/dev/urandom of=/tmp/tdata bs=64k count=16 2>/dev/null
+    dd if=/tmp/tdata of=/dev/nbd6 bs=64k seek=100 oflag=direct conv=fsync 2>/dev/null
+    dd if=/dev/nbd6 of=/tmp/tback bs=64k skip=100 count=16 iflag=direct 2>/dev/null
+    cmp /tmp/tdata /tmp/tback
+    /sbin/nbd-client -d /dev/nbd6
+}
+
+plain_refused() {
+    if attach /dev/nbd7 -N portalbd; then
+        emit plain attached
+        /sbin/nbd-client -d /dev/nbd7
+        return 1
+    fi
+    emit plain refused
+}
+
+step tls tls_attach
+step plain plain_refused
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_run(
+    runner: GuestRunner, tmp_path_factory: pytest.TempPathFactory, certs: Certificates
+) -> Iterator[Run]:
+    tls = ("--tls-certificate", str(certs.server_cert), "--tls-key", str(certs.server_key))
+    d = KernelDaemon(tmp_path_factory.mktemp("kernel-tls"), *tls)
+    d.start()
+    try:
+        script = TLS.replace("@CA@", certs.ca.read_text().strip())
+        yield boot(runner, d, script, timeout=120)
+    finally:
+        d.stop()
+
+
+def test_kernel_client_over_tls_reads_what_it_wrote(tls_run: Run) -> None:
+    """Debian's nbd-client speaks STARTTLS (a userspace proxy beside the kernel socket)."""
+    tls_run.step_ok("tls")
+
+
+def test_kernel_client_without_tls_is_refused_when_tls_is_required(tls_run: Run) -> None:
+    tls_run.step_ok("plain")
+    assert tls_run.section("plain").strip() == "refused"

@@ -633,6 +633,7 @@ def test_tls_files_are_credentials_not_store_paths(tmp_path: Path) -> None:
     ]
 
 
+@needs_lib
 def test_module_refuses_bad_names_and_unwritable_stores(tmp_path: Path) -> None:
     result = evaluate_module(
         tmp_path,
