@@ -69,9 +69,8 @@ def serve(name: str, workdir: Path) -> Iterator[Server]:
         env = None
         if name.startswith("baseline"):
             assert BASELINE[0] is not None, "baseline targets need --baseline DIR"
-            env = {
-                "PORTALBD_BIN": f"env PYTHONPATH={BASELINE[0]} {sys.executable} -m portalbd.daemon"
-            }
+            # its package first on the daemon's path; PYTHONSAFEPATH: not the cwd's
+            env = {"PYTHONPATH": str(BASELINE[0]), "PYTHONSAFEPATH": "1"}
         daemon = start(workdir, *extra, storage_url=storage, instance=name, port=port, env=env)
         try:
             yield Server(name, daemon.process, daemon.uri)
@@ -296,7 +295,16 @@ def main() -> int:
     if args.baseline is not None:
         if not (args.baseline / "portalbd" / "daemon.py").is_file():
             parser.error(f"--baseline {args.baseline}: not a portalbd checkout")
-        BASELINE[0] = args.baseline.resolve()
+        baseline = BASELINE[0] = args.baseline.resolve()
+        found = subprocess.run(
+            [sys.executable, "-c", "import portalbd; print(portalbd.__file__)"],
+            env={**os.environ, "PYTHONPATH": str(baseline), "PYTHONSAFEPATH": "1"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not Path(found).is_relative_to(baseline):
+            parser.error(f"--baseline {args.baseline}: the daemon would import {found}")
     elif "baseline" in args.only:
         parser.error("baseline-* targets need --baseline DIR")
     for tool in ("fio", "nbdkit"):
