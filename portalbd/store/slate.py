@@ -227,6 +227,26 @@ _SST_BLOCK_SIZES = {
 }
 
 
+def _with_block_cache(builder: Any, lsm: LsmConfig, small: bool) -> None:
+    """SlateDB's block cache on a writer's or a reader's builder (none for the catalog)."""
+    if small or not lsm.block_cache_size_bytes:
+        builder.with_db_cache_disabled()
+        return
+    options = sdb.MokaCacheOptions(
+        max_capacity=lsm.block_cache_size_bytes, time_to_live=None, time_to_idle=None
+    )
+    builder.with_db_cache(sdb.DbCache.new_moka_cache(options), 0)
+
+
+def _with_recorder(builder: Any, metrics: ObjectStoreCounters | None) -> Any:
+    """A request-count recorder of ``metrics`` on ``builder``, or None without metrics."""
+    if metrics is None:
+        return None
+    recorder = metrics.new_recorder()
+    builder.with_metrics_recorder(recorder)
+    return recorder
+
+
 def resolve_object_store(store_url: str, s3: S3Settings | None = None) -> Any:
     if s3 is not None:
         from portalbd.store.s3 import S3SetupError, build_object_store
@@ -357,24 +377,13 @@ class SlateHandle:
         """
         builder = sdb.DbBuilder(path, object_store)
         builder.with_settings(build_settings(lsm, max_retries=max_retries))
-        if small or not lsm.block_cache_size_bytes:
-            builder.with_db_cache_disabled()
-        else:
-            cache = sdb.DbCache.new_moka_cache(
-                sdb.MokaCacheOptions(
-                    max_capacity=lsm.block_cache_size_bytes, time_to_live=None, time_to_idle=None
-                )
-            )
-            builder.with_db_cache(cache, 0)
+        _with_block_cache(builder, lsm, small)
         if lsm.filter_bits_per_key and not small:
             builder.with_filter_policies([sdb.FilterPolicy.bloom(lsm.filter_bits_per_key)])
         sst_block = lsm.sst_block_bytes()
         if sst_block and not small:
             builder.with_sst_block_size(getattr(sdb.SstBlockSize, _SST_BLOCK_SIZES[sst_block]))
-        recorder = None
-        if metrics is not None:
-            recorder = metrics.new_recorder()
-            builder.with_metrics_recorder(recorder)
+        recorder = _with_recorder(builder, metrics)
         hook = OPEN_HOOK[0]
         try:
             db = await (builder.build() if hook is None else hook(builder, path))
@@ -426,19 +435,8 @@ class SlateHandle:
                 skip_wal_replay=False,
             )
         )
-        if small or not lsm.block_cache_size_bytes:
-            builder.with_db_cache_disabled()
-        else:
-            cache = sdb.DbCache.new_moka_cache(
-                sdb.MokaCacheOptions(
-                    max_capacity=lsm.block_cache_size_bytes, time_to_live=None, time_to_idle=None
-                )
-            )
-            builder.with_db_cache(cache, 0)
-        recorder = None
-        if metrics is not None:
-            recorder = metrics.new_recorder()
-            builder.with_metrics_recorder(recorder)
+        _with_block_cache(builder, lsm, small)
+        recorder = _with_recorder(builder, metrics)
         try:
             reader = await builder.build()
         except sdb.Error as exc:
