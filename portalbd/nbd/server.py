@@ -1102,13 +1102,21 @@ class NbdConnection(asyncio.Protocol):
 
     # --- bytes out --------------------------------------------------------------
 
-    def _flush_cork(self) -> None:
-        """Write the replies gathered so far now (before a close), still corked after."""
+    def _flush_cork(self) -> bool:
+        """Write the replies gathered so far in one write; corking goes on.
+
+        Also called before a close, so the replies of this pass go first.
+        """
         cork = self._cork
         transport = self.transport
-        if cork and transport is not None and not transport.is_closing():
-            self._cork = []
+        if not cork or transport is None or transport.is_closing():
+            return False
+        self._cork = []
+        if len(cork) == 1:
+            transport.write(cork[0])
+        else:
             transport.writelines(cork)
+        return True
 
     def _settle_unsent(self) -> None:
         """Give back the budget of replies the transport has wholly sent."""
@@ -1145,15 +1153,10 @@ class NbdConnection(asyncio.Protocol):
         ``data_received`` are parsed; written one by one, half the loop's
         time went to one send() each (4 KiB reads served from the cache).
         """
-        cork, self._cork = self._cork, None
-        transport = self.transport
-        if not cork or transport is None or transport.is_closing():
-            return
-        if len(cork) == 1:
-            transport.write(cork[0])
-        else:
-            transport.writelines(cork)
-        self._settle_unsent()
+        wrote = self._flush_cork()
+        self._cork = None
+        if wrote:
+            self._settle_unsent()
 
     def _reply_ok(self, request: p.Request, arrival: int) -> None:
         self._send(p.simple_reply(request.handle, 0))
