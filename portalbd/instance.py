@@ -132,9 +132,7 @@ class Instance:
         """S3 disks cache the objects they read on local disk unless told not to."""
         lsm = self.config.lsm
         if self.location.kind != "s3" or lsm.object_cache_dir is not None:
-            return lsm
-        if lsm.object_cache_bytes == 0:
-            return lsm
+            return lsm  # (object_cache_bytes = 0 turns it off in store/instance.py)
         root = object_cache_root(self.name)
         return dataclasses.replace(lsm, object_cache_dir=str(root))
 
