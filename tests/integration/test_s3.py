@@ -19,7 +19,7 @@ import pytest
 from portalbd.launch import launch
 from tests.conftest import DaemonFactory
 from tests.support import BIN, RunningDaemon, daemon_command, free_port
-from tests.support.original import build_original_disk, original_block
+from tests.support.original import README_CONFIG, build_original_disk, original_block
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, MotoServer, OutageProxy, moto_server
 from tests.support.s3 import nbd_connection as connected
 
@@ -90,25 +90,6 @@ def test_original_layout_in_the_bucket_is_refused(
     assert "s3 key prefix 'disks/old'" in result.stderr
     assert "To migrate:" in result.stderr
     assert moto.keys(bucket) == before  # no catalog/ or gen/ was created
-
-
-# The original README's configuration, byte for byte.
-README_CONFIG = """\
-[device]
-disk_size_gb = 10
-
-[storage]
-url = "s3://bucket/path"
-# (omit for in-memory)
-
-[nbd]
-address = "127.0.0.1:10809"
-socket = "/run/portalbd/portalbd.sock"
-
-[lsm]
-flush_interval_ms = 1000
-l0_sst_size_bytes = 67108864
-"""
 
 
 def test_original_readme_flow(moto: MotoServer, tmp_path: Path) -> None:

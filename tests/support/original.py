@@ -17,6 +17,24 @@ from portalbd.store.binding import sdb
 from portalbd.store.location import parse_storage_url
 from portalbd.store.original import ORIGINAL_BLOCK_SIZE, original_database_path
 
+# The original README's configuration, byte for byte.
+README_CONFIG = """\
+[device]
+disk_size_gb = 10
+
+[storage]
+url = "s3://bucket/path"
+# (omit for in-memory)
+
+[nbd]
+address = "127.0.0.1:10809"
+socket = "/run/portalbd/portalbd.sock"
+
+[lsm]
+flush_interval_ms = 1000
+l0_sst_size_bytes = 67108864
+"""
+
 
 def original_block(tag: int) -> bytes:
     unit = f"<original {tag:08d}>".encode()

@@ -11,23 +11,7 @@ import pytest
 
 from portalbd.config import ConfigError, parse
 from portalbd.daemon import read_original_nbd_socket
-
-README_CONFIG = """\
-[device]
-disk_size_gb = 10
-
-[storage]
-url = "s3://bucket/path"
-# (omit for in-memory)
-
-[nbd]
-address = "127.0.0.1:10809"
-socket = "/run/portalbd/portalbd.sock"
-
-[lsm]
-flush_interval_ms = 1000
-l0_sst_size_bytes = 67108864
-"""
+from tests.support.original import README_CONFIG
 
 # config.rs's LsmConfig::default(), as a file would spell it
 SOURCE_DEFAULTS = """\
