@@ -62,6 +62,7 @@ numjobs={JOBS}
         text=True,
         timeout=300,
         check=False,
+        cwd=workdir,  # fio leaves its verify state files here
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"fio failed:\n{output[-4000:]}\n{daemon.log()[-3000:]}"
