@@ -54,6 +54,7 @@ from portalbd.pages import (
     base_key,
     compose,
     delta_key,
+    delta_pages,
     group_by_block,
     merge_stored,
     page_span,
@@ -61,6 +62,7 @@ from portalbd.pages import (
     stored_flags,
 )
 from portalbd.store import envelope
+from portalbd.store.items import DELETE
 from portalbd.store.sealing import Sealer
 from portalbd.store.slate import SlateHandle, StoreError
 
@@ -69,6 +71,7 @@ SPARSE_TRIM_BLOCKS = 64  # a discard this large first asks the store what exists
 STATUS_SCAN_ENTRIES = 1024  # stored entries one BLOCK_STATUS scan reads at most
 STATUS_SCANS = 8  # scans one BLOCK_STATUS request may make
 DRAIN_LOG = 32  # recent drains remembered to tell whether a loaded value is stale
+STORED_DELTAS_MAX = 1 << 16  # blocks whose stored delta keys are remembered (~6 MiB)
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
 STOP_WAIT_S = 5.0  # how long stop() waits for the background writer to end
 
@@ -91,6 +94,7 @@ class DeviceCounters:
     cache_hits: int = 0
     cache_misses: int = 0
     bytes_written: int = 0  # client bytes accepted by WRITE
+    deltas_deleted: int = 0  # delta keys removed under a newer base
 
 
 class _Load:
@@ -161,6 +165,10 @@ class Device:
         self._scan_run = 2 if self.layout.deltas else 4
         # blocks a get can load (no deltas newer than the base): baseonly.py
         self._base_only = BaseOnlyBlocks()
+        # Delta keys the store may hold, per block (a bitmask of pages; a
+        # superset is harmless): a drain writing the block whole deletes
+        # them in the same batch, so scans stop returning shadowed deltas.
+        self._stored_deltas: dict[int, int] = {}
         self.cache_limit = cache_bytes
         self.dirty_limit = dirty_bytes
         self.writeback_delay = writeback_delay
@@ -219,6 +227,7 @@ class Device:
         self.store = store
         self.forget_clean_cache()
         self._base_only.clear()
+        self._stored_deltas.clear()
         self._drains_done += 1  # values loaded from the old store are void
         self._drain_log.clear()
 
@@ -356,6 +365,16 @@ class Device:
             return STATE_ZERO if codec == envelope.CODEC_ZERO else 0
         return STATE_ZERO if entries[0][1] == self._zero_block else 0
 
+    def _note_deltas(self, block: int, mask: int) -> None:
+        """Remember delta keys the store holds for ``block`` (bits add up)."""
+        if not mask:
+            return
+        known = self._stored_deltas.get(block)
+        if known is not None:
+            self._stored_deltas[block] = known | mask
+        elif len(self._stored_deltas) < STORED_DELTAS_MAX:
+            self._stored_deltas[block] = mask
+
     def _loaded(self, block: int, load: _Load, value: bytes) -> None:
         """A load finished: cache its value, or lift dirty pages onto it."""
         load.value = value
@@ -395,6 +414,7 @@ class Device:
             if self._deltas and block not in self._base_only:
                 found = await self.store.scan(base_key(block), base_key(block + 1))
                 self._note_scanned(block, found, load, drains_started)
+                self._note_deltas(block, delta_pages(found))
             else:
                 raw = await self.store.get(base_key(block))
                 found = [] if raw is None else [(base_key(block), raw)]
@@ -474,6 +494,7 @@ class Device:
             for block, load in loads.items():
                 entries = groups.get(block, ())
                 self._note_scanned(block, entries, load, drains_started)
+                self._note_deltas(block, delta_pages(entries))
                 self._loaded(block, load, self._decode(block, entries))
         except (StoreError, DeviceError) as exc:
             error = exc if isinstance(exc, DeviceError) else DeviceError(str(exc))
@@ -828,7 +849,14 @@ class Device:
     def _drain_items(
         self, draining: dict[int, Entry]
     ) -> tuple[list[tuple[bytes, Payload]], list[tuple[int, bytes]]]:
-        """The store items of a drain, and the whole blocks it makes clean."""
+        """The store items of a drain, and the whole blocks it makes clean.
+
+        A whole block's known delta keys are deleted right after its base,
+        in the same batch (``split_batches`` keeps a block's keys together):
+        they are shadowed by the new base, so deleting them changes nothing
+        but what later scans must step over. No newer delta can exist: a
+        block appears once per drain and drains run one at a time.
+        """
         items: list[tuple[bytes, Payload]] = []
         whole: list[tuple[int, bytes]] = []
         ps = self.page_size
@@ -839,12 +867,21 @@ class Device:
                 for page in value.pages():
                     items.append((delta_key(block, page), view[page * ps : (page + 1) * ps]))
                 self.counters.drained_pages += bin(value.mask).count("1")
+                # Noted before the write: if it fails halfway they may exist.
+                self._note_deltas(block, value.mask)
                 continue
             if isinstance(value, bytearray):
                 value = bytes(value)
                 draining[block] = value
             whole.append((block, value))
             items.append((base_key(block), value if value else None))
+            stale = self._stored_deltas.get(block, 0)
+            page = 0
+            while stale:
+                if stale & 1:
+                    items.append((delta_key(block, page), DELETE))
+                stale >>= 1
+                page += 1
         return items, whole
 
     def _forget_base_only(self, draining: dict[int, Entry]) -> None:
@@ -937,8 +974,10 @@ class Device:
                         self._forget(block)
             for block, value in whole:
                 # The store now holds this block as a base newer than any of
-                # its deltas: a get loads it.
+                # its deltas, and none of the deltas it knew of: a get loads it.
                 self._base_only.add(block)
+                stale = self._stored_deltas.pop(block, 0)
+                self.counters.deltas_deleted += bin(stale).count("1")
                 # Cache it unless a newer whole value shadows it (pages
                 # written since sit on top).
                 if not isinstance(self._dirty.get(block), bytes | bytearray):

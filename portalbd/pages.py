@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from portalbd.store.envelope import CODEC_HOLE, CODEC_ZERO, decode, header
+from portalbd.store.items import Tombstone
 from portalbd.store.sealing import Sealer
 
 _BASE = struct.Struct(">Q")
@@ -30,8 +31,8 @@ BASE_KEY_SIZE = _BASE.size
 DELTA_KEY_SIZE = _DELTA.size
 
 # What a drain puts under a key: a block or page (a view into a buffer is
-# fine), or None for a hole.
-Payload = bytes | memoryview | None
+# fine), None for a hole, or DELETE to remove the key.
+Payload = bytes | memoryview | Tombstone | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +212,18 @@ def stored_flags(entries: Sequence[tuple[bytes, bytes]], *, sealed: bool = False
     return base_codec if base_codec in (CODEC_HOLE, CODEC_ZERO) else 0
 
 
+def delta_pages(entries: Iterable[tuple[bytes, bytes]]) -> int:
+    """Bitmask of the pages that have a delta key among one block's entries.
+
+    Shadowed deltas count too: they are keys a scan still returns.
+    """
+    mask = 0
+    for key, _ in entries:
+        if len(key) == DELTA_KEY_SIZE:
+            mask |= 1 << _DELTA.unpack(key)[1]
+    return mask
+
+
 def group_by_block(
     entries: Iterable[tuple[bytes, bytes]],
 ) -> Iterator[tuple[int, list[tuple[bytes, bytes]]]]:
@@ -245,7 +258,7 @@ def split_batches(
             batches.append(current)
             current, size = [], 0
         current.append((key, value))
-        size += len(value or b"") + 64
+        size += (len(value) if isinstance(value, bytes | memoryview) else 0) + 64
     if current:
         batches.append(current)
     return batches

@@ -36,6 +36,8 @@ def status_document(instance: Instance) -> dict[str, Any]:
         "drained_blocks": device.counters.drained_blocks,
         "cache_hits": device.counters.cache_hits,
         "cache_misses": device.counters.cache_misses,
+        # shadowed page deltas removed when their block was written whole
+        "deltas_deleted": device.counters.deltas_deleted,
     }
     tls = instance.server.tls_mode.value if instance.server is not None else "off"
     return {

@@ -27,6 +27,7 @@ from portalbd.store.binding import StoreClosed as StoreClosed
 from portalbd.store.binding import StoreError as StoreError
 from portalbd.store.binding import StoreFenced as StoreFenced
 from portalbd.store.binding import sdb, translate_error
+from portalbd.store.items import Tombstone
 from portalbd.store.read_bound import ReadBound
 
 if TYPE_CHECKING:
@@ -45,14 +46,15 @@ SCAN_BATCH = 256  # entries per call into a scan iterator
 # it to a thread (5-25 us) would cost more than the copy it saves.
 INLINE_BATCH_BYTES = 16 * 1024
 
-Value = bytes | memoryview | None
+
+Value = bytes | memoryview | Tombstone | None
 T = TypeVar("T")
 
 
 class Encoder(Protocol):
     """How a drain turns a value into what is stored under ``key`` (envelope.encode)."""
 
-    def __call__(self, payload: Value, /, *, key: bytes) -> bytes: ...
+    def __call__(self, payload: bytes | memoryview | None, /, *, key: bytes) -> bytes: ...
 
 
 class _Workers:
@@ -131,19 +133,23 @@ def _build_batch(
     Runs on a worker thread: ``encode`` (compression and encryption, in C)
     and the binding's per-byte copy release the GIL, so several batches fill
     at once.
-    Without ``encode`` a ``None`` value is a delete.
+    :data:`DELETE` deletes; so does ``None`` without ``encode``.
     """
     batch = sdb.WriteBatch()
     puts = deletes = size = 0
     for key, value in items:
-        if encode is not None:
+        if isinstance(value, Tombstone):
+            stored = None
+        elif encode is not None:
             stored = encode(value, key=key)
         elif value is None:
+            stored = None
+        else:
+            stored = value if isinstance(value, bytes) else bytes(value)
+        if stored is None:
             batch.delete(key)
             deletes += 1
             continue
-        else:
-            stored = value if isinstance(value, bytes) else bytes(value)
         batch.put(key, stored)
         puts += 1
         size += len(stored)
@@ -531,14 +537,15 @@ class SlateHandle:
         """Apply puts and deletes atomically, as one batch.
 
         With ``encode`` every value (``None`` included) is encoded and put;
-        without it ``None`` deletes the key.
+        without it ``None`` deletes the key. :data:`DELETE` always deletes.
         """
         if not items:
             return
         if self.read_only:
             raise StoreError(f"write refused: {self.path!r} is open read-only (a replica)")
         pool = WORKERS.pool
-        if pool is None or sum(len(v) for _, v in items if v is not None) < INLINE_BATCH_BYTES:
+        payload = sum(len(v) for _, v in items if isinstance(v, bytes | memoryview))
+        if pool is None or payload < INLINE_BATCH_BYTES:
             batch, puts, deletes, size = _build_batch(items, encode)
         else:
             loop = asyncio.get_running_loop()

@@ -330,6 +330,43 @@ def test_a_4k_write_into_an_unread_block_moves_one_page() -> None:
     asyncio.run(body())
 
 
+def test_a_whole_block_write_deletes_the_deltas_it_shadows() -> None:
+    """Shadowed deltas are harmless to read but cost every later scan an
+    entry each: a drain writing the block whole deletes those it knows of,
+    whether it wrote them itself or found them in a scan."""
+
+    async def body() -> None:
+        device = await open_device(0)
+
+        async def stored_keys() -> list[bytes]:
+            return [key for key, _ in await device.store.scan(base_key(0), base_key(1))]
+
+        for page in (1, 3):
+            await device.write(page * PS, memoryview(b"p" * PS))
+        await device.flush()
+        assert await stored_keys() == [delta_key(0, 1), delta_key(0, 3)]
+        await device.write(0, memoryview(b"w" * BS))
+        await device.flush()
+        assert await stored_keys() == [base_key(0)]
+        assert device.counters.deltas_deleted == 2
+
+        # A device that did not write them learns of them when it reads.
+        await device.write(2 * PS, memoryview(b"q" * PS))
+        await device.flush()
+        twin = uncached_twin(device)
+        expected = b"w" * 2 * PS + b"q" * PS + b"w" * (BS - 3 * PS)
+        assert bytes(await twin.read(0, BS)) == expected
+        await twin.write(0, memoryview(b"x" * (BS // 2)))
+        await twin.write(BS // 2, memoryview(b"y" * (BS // 2)))
+        await twin.flush()
+        assert await stored_keys() == [base_key(0)]
+        assert bytes(await uncached_twin(device).read(0, BS)) == b"x" * (BS // 2) + b"y" * (BS // 2)
+        await device.stop()
+        await device.store.close()
+
+    asyncio.run(body())
+
+
 def test_block_status_of_a_huge_sparse_disk_is_one_scan() -> None:
     async def body() -> None:
         store = resolve_object_store("memory:///")
