@@ -604,13 +604,27 @@ class Device:
                 return False
         return True
 
+    def _entry_cost(self, value: Entry) -> int:
+        """What a dirty entry holds in memory: a hole or zero block almost nothing.
+
+        Counting them as whole blocks made a large TRIM or WRITE_ZEROES fill
+        the write-back buffer many times over with entries of a few bytes, and
+        the next write waited for drains it did not need.
+        """
+        if isinstance(value, bytes) and (not value or value is self._zero_block):
+            return _HOLE_COST
+        return self.block_size
+
     def _set_dirty(self, block: int, value: Entry) -> None:
-        if block not in self._dirty:
+        old = self._dirty.get(block)
+        if old is None:
             if not self._dirty:
                 self._first_dirty_at = time.monotonic()
-            self.dirty_bytes += self.block_size
-            if self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2:
-                self._wake_writeback.set()
+            self.dirty_bytes += self._entry_cost(value)
+        else:
+            self.dirty_bytes += self._entry_cost(value) - self._entry_cost(old)
+        if self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2:
+            self._wake_writeback.set()
         self._dirty[block] = value
 
     def _apply(

@@ -367,6 +367,30 @@ def test_a_whole_block_write_deletes_the_deltas_it_shadows() -> None:
     asyncio.run(body())
 
 
+def test_holes_and_zero_blocks_take_almost_no_room_in_the_write_back_buffer() -> None:
+    """A TRIM or WRITE_ZEROES of more blocks than the buffer holds must not
+    make the next write wait for drains: its entries are a few bytes each."""
+
+    async def body() -> None:
+        device = await open_device(0)
+        device.writeback_delay = 60.0  # only the flushes below drain
+        await device.write(0, memoryview(b"d" * SIZE))
+        await device.flush()
+        await device.trim(0, SIZE // 2)
+        await device.write_zeroes(SIZE // 2, SIZE // 2, no_hole=True)
+        assert device.dirty_bytes < BS  # 12 blocks, against 6 blocks of room
+        assert device.write_nowait(0, memoryview(b"w" * PS))
+        await device.write(PS, memoryview(b"x" * (BS - PS)))  # the hole becomes data
+        assert BS <= device.dirty_bytes < 2 * BS
+        await device.flush()
+        expected = b"w" * PS + b"x" * (BS - PS) + bytes(SIZE - BS)
+        assert bytes(await uncached_twin(device).read(0, SIZE)) == expected
+        await device.stop()
+        await device.store.close()
+
+    asyncio.run(body())
+
+
 def test_block_status_of_a_huge_sparse_disk_is_one_scan() -> None:
     async def body() -> None:
         store = resolve_object_store("memory:///")
