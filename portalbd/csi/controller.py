@@ -25,6 +25,7 @@ from portalbd.csi import errors as e
 from portalbd.csi import keys
 from portalbd.csi.common import (
     DEFAULT_FS_TYPE,
+    FS_MIN_BYTES,
     FS_TYPES,
     capability_problem,
     check_capabilities,
@@ -89,12 +90,19 @@ def parse_parameters(params: dict[str, str]) -> tuple[str, int]:
 
 
 def choose_capacity(
-    capacity_range: Any, block_size: int, default: int = DEFAULT_CAPACITY, minimum: int = 0
+    capacity_range: Any,
+    block_size: int,
+    default: int = DEFAULT_CAPACITY,
+    minimum: int = 0,
+    why_minimum: str = "",
 ) -> int:
     """The size to give a volume: the request rounded *up* to whole blocks.
 
     Never truncated: a size that cannot be rounded up within the limit is
-    refused rather than made smaller than asked.
+    refused rather than made smaller than asked. ``minimum`` (a snapshot's
+    size, a filesystem's smallest device) raises a smaller request to it:
+    the spec makes required_bytes a floor and limit_bytes the only ceiling,
+    so a bigger volume within the limit answers the request.
     """
     required = capacity_range.required_bytes if capacity_range is not None else 0
     limit = capacity_range.limit_bytes if capacity_range is not None else 0
@@ -105,7 +113,7 @@ def choose_capacity(
     if limit and limit < max(minimum, block_size):
         raise e.out_of_range(
             f"limit_bytes {limit} is below the smallest possible volume "
-            f"({max(minimum, block_size)} bytes)"
+            f"({max(minimum, block_size)} bytes{why_minimum})"
         )
     if required:
         size = round_up(max(required, minimum), block_size)
@@ -212,7 +220,15 @@ class ControllerService(pb_grpc.ControllerServicer):
                     )
                 return pb.CreateVolumeResponse(volume=volume_message(existing))
             snapshot = None
-            minimum = 0
+            mounted = any(
+                cap.WhichOneof("access_type") == "mount" for cap in request.volume_capabilities
+            )
+            # A volume too small for its filesystem would be created and then fail
+            # every NodeStageVolume (mkfs refuses it): raise the size to the
+            # filesystem's minimum, or refuse a limit below it up front. The spec's
+            # code for a capacity range the plugin cannot serve is OUT_OF_RANGE.
+            minimum = FS_MIN_BYTES[fs_type] if mounted else 0
+            why = f": the smallest {fs_type} filesystem" if mounted else ""
             default = DEFAULT_CAPACITY
             if snapshot_id:
                 snapshot = self.registry.snapshot(snapshot_id)
@@ -222,7 +238,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if source is None:
                     raise e.not_found(f"snapshot {snapshot_id!r} lost its source volume")
                 block_size = source.block_size
-                minimum = default = snapshot.size_bytes
+                if snapshot.size_bytes >= minimum:
+                    minimum, why = snapshot.size_bytes, ": the snapshot's size"
+                default = max(minimum, snapshot.size_bytes)
                 sealed = keys.is_encrypted(source.parameters)
                 if sealed != keys.is_encrypted(request.parameters):
                     # a clone shares its source's disk id and key (docs/security.md)
@@ -231,7 +249,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                         f"volume: a volume made from it must be {'' if sealed else 'un'}encrypted "
                         "too (StorageClass parameter encrypted), staged with the source's key"
                     )
-            capacity = choose_capacity(crange, block_size, default=default, minimum=minimum)
+            capacity = choose_capacity(
+                crange, block_size, default=default, minimum=minimum, why_minimum=why
+            )
             if snapshot is not None and capacity < snapshot.size_bytes:
                 raise e.out_of_range(
                     f"snapshot {snapshot_id} is {snapshot.size_bytes} bytes; "
@@ -298,7 +318,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         for cap in request.volume_capabilities:
             if capability_problem(cap):
                 return pb.GetCapacityResponse(available_capacity=0)
-        parse_parameters(dict(request.parameters))
+        fs_type, _ = parse_parameters(dict(request.parameters))
+        mounts = [c for c in request.volume_capabilities if c.WhichOneof("access_type") == "mount"]
+        fs_type = next((c.mount.fs_type for c in mounts if c.mount.fs_type), fs_type)
         root = urlsplit(self.registry.root_url)
         if root.scheme == "file":
             path = Path(root.path)
@@ -309,7 +331,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             available = MAX_CAPACITY  # a bucket has no meaningful free space
         response = pb.GetCapacityResponse(available_capacity=available)
         response.maximum_volume_size.value = MAX_CAPACITY
-        response.minimum_volume_size.value = MIN_BLOCK_SIZE
+        # What CreateVolume would raise a smaller request to (its filesystem's minimum).
+        response.minimum_volume_size.value = FS_MIN_BYTES[fs_type] if mounts else MIN_BLOCK_SIZE
         return response
 
     @rpc

@@ -139,7 +139,7 @@ def test_create_volume_defaults_and_limits(driver: Driver) -> None:
         pb.CreateVolumeRequest(
             name="too-tight",
             capacity_range=pb.CapacityRange(required_bytes=BLOCK + 1, limit_bytes=BLOCK + 10),
-            volume_capabilities=[mount_cap()],
+            volume_capabilities=[block_cap()],  # no filesystem minimum in the way
         ),
     )
     expect(
@@ -247,10 +247,10 @@ def test_parameters_choose_filesystem_and_block_size(driver: Driver) -> None:
     volume = create(
         driver,
         "xfs-4k",
-        required=5000,
+        required=300 * MIB + 5000,  # xfs needs 300 MiB
         parameters={"fsType": "xfs", "blockSize": "4096", "csi.storage.k8s.io/pvc/name": "p"},
     )
-    assert volume.capacity_bytes == 8192
+    assert volume.capacity_bytes == 300 * MIB + 8192
     assert volume.volume_context["fsType"] == "xfs"
     assert volume.volume_context["blockSize"] == "4096"
 
@@ -353,6 +353,41 @@ def test_get_capacity(driver: Driver) -> None:
         pb.GetCapacityRequest(volume_capabilities=[mount_cap(mode=MODE.MULTI_NODE_MULTI_WRITER)])
     )
     assert refused.available_capacity == 0
+    xfs = driver.controller.GetCapacity(
+        pb.GetCapacityRequest(volume_capabilities=[mount_cap("xfs")])
+    )
+    assert xfs.minimum_volume_size.value == 300 * MIB
+    raw = driver.controller.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[block_cap()]))
+    assert raw.minimum_volume_size.value == 4096
+
+
+def test_create_volume_raises_a_size_to_its_filesystems_minimum(driver: Driver) -> None:
+    """mkfs refuses a device too small (xfs: 300 MiB; ext4: no journal under
+    2 MiB, fails under 256 KiB): such a volume would fail every stage."""
+    assert (
+        create(driver, "tiny-xfs", required=16 * MIB, parameters={"fsType": "xfs"}).capacity_bytes
+        == 300 * MIB
+    )
+    assert create(driver, "tiny-ext4", required=64 * 1024).capacity_bytes == 2 * MIB
+    raw = driver.controller.CreateVolume(
+        pb.CreateVolumeRequest(
+            name="tiny-raw",
+            capacity_range=pb.CapacityRange(required_bytes=64 * 1024),
+            volume_capabilities=[block_cap()],
+        )
+    ).volume
+    assert raw.capacity_bytes == 64 * 1024  # a raw block volume has no filesystem to fit
+    expect(
+        Code.OUT_OF_RANGE,
+        f"limit_bytes {100 * MIB} is below the smallest possible volume "
+        f"({300 * MIB} bytes: the smallest xfs filesystem)",
+        driver.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name="capped-xfs",
+            capacity_range=pb.CapacityRange(required_bytes=16 * MIB, limit_bytes=100 * MIB),
+            volume_capabilities=[mount_cap("xfs")],
+        ),
+    )
 
 
 # --- expansion ---------------------------------------------------------------------------
