@@ -668,8 +668,8 @@ def test_node_argument_errors(driver: Driver, tmp_path: Path) -> None:
         stage,
         pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging),
     )
-    expect(
-        Code.INVALID_ARGUMENT,
+    expect(  # the node RPCs' "exceeds capabilities"
+        Code.FAILED_PRECONDITION,
         "MULTI_NODE_MULTI_WRITER",
         stage,
         pb.NodeStageVolumeRequest(
@@ -695,11 +695,45 @@ def test_node_argument_errors(driver: Driver, tmp_path: Path) -> None:
             volume_id=vid, staging_target_path=staging, volume_capability=cap
         ),
     )
-    expect(
-        Code.INVALID_ARGUMENT,
-        "staging_target_path is required",
+    expect(  # the spec's "staging target path not set"
+        Code.FAILED_PRECONDITION,
+        "staging_target_path is required: stage the volume first",
         publish,
         pb.NodePublishVolumeRequest(volume_id=vid, target_path=target, volume_capability=cap),
+    )
+    expect(
+        Code.FAILED_PRECONDITION,
+        "access mode MULTI_NODE_READER_ONLY is not supported",
+        publish,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=mount_cap(mode=MODE.MULTI_NODE_READER_ONLY),
+        ),
+    )
+    expect(
+        Code.NOT_FOUND,
+        "volume pbd-missing does not exist",
+        publish,
+        pb.NodePublishVolumeRequest(
+            volume_id="pbd-missing",
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=cap,
+        ),
+    )
+    expect(
+        Code.NOT_FOUND,
+        "volume pbd-missing does not exist",
+        driver.node.NodeUnpublishVolume,
+        pb.NodeUnpublishVolumeRequest(volume_id="pbd-missing", target_path=target),
+    )
+    expect(
+        Code.NOT_FOUND,
+        "volume pbd-missing does not exist",
+        driver.node.NodeUnstageVolume,
+        pb.NodeUnstageVolumeRequest(volume_id="pbd-missing", staging_target_path=staging),
     )
     expect(
         Code.FAILED_PRECONDITION,

@@ -24,7 +24,7 @@ import pytest
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi.proto import csi_pb2 as pb
-from tests.support.csi import Driver, block_cap, mount_cap, rpc_error, running_driver
+from tests.support.csi import MODE, Driver, block_cap, mount_cap, rpc_error, running_driver
 from tests.support.leaks import leaked_runs
 
 MIB = 1 << 20
@@ -132,6 +132,22 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "already staged at" in (error.details() or "")
+    record = (driver.state / vid / "stage.json").read_text()
+    for other, what in (
+        (mount_cap("xfs"), "as ext4 mode SINGLE_NODE_WRITER, not xfs mode SINGLE_NODE_WRITER"),
+        (block_cap(), "not a block volume"),
+        (mount_cap(mode=MODE.SINGLE_NODE_READER_ONLY), "not ext4 mode SINGLE_NODE_READER_ONLY"),
+    ):
+        error = rpc_error(
+            driver.node.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id=vid, staging_target_path=str(staging), volume_capability=other
+            ),
+        )
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert f"volume {vid} is already staged at {staging} " in (error.details() or "")
+        assert what in (error.details() or ""), error.details()
+    assert (driver.state / vid / "stage.json").read_text() == record  # left untouched
     publish(driver, vid, staging, target)
     publish(driver, vid, staging, target)  # idempotent
     publish(driver, vid, staging, ro_target, readonly=True)
@@ -146,6 +162,20 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
         ),
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"{target} is already published read-write as a filesystem" in (error.details() or "")
+    error = rpc_error(
+        driver.node.NodePublishVolume,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            target_path=str(tmp_path / "pod/raw"),
+            volume_capability=block_cap(),
+        ),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is staged as ext4 mode SINGLE_NODE_WRITER: publish it as a filesystem" in (
+        error.details() or ""
+    )
 
     payload = os.urandom(3 * MIB)
     (target / "blob").write_bytes(payload)
@@ -160,7 +190,15 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
         pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
     )
     byte_usage = next(u for u in stats.usage if u.unit == pb.VolumeUsage.BYTES)
-    assert byte_usage.used >= 3 * MIB and byte_usage.total > 50 * MIB
+    assert byte_usage.used >= 3 * MIB and 50 * MIB < byte_usage.total <= 64 * MIB
+    error = rpc_error(  # a path that exists but does not hold the volume
+        driver.node.NodeGetVolumeStats,
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(tmp_path / "pod")),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert f"volume {vid} is not staged or published at {tmp_path / 'pod'}" in (
+        error.details() or ""
+    )
 
     error = rpc_error(driver.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -295,6 +333,31 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     stage(driver, vid, staging, block_cap())
     publish(driver, vid, staging, target, cap=block_cap())
     publish(driver, vid, staging, target, cap=block_cap())
+    error = rpc_error(
+        driver.node.NodePublishVolume,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=block_cap(),
+            readonly=True,
+        ),
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"{target} is already published read-write as a block device" in (error.details() or "")
+    # The volume's size, not that of the filesystem holding the device node;
+    # bytes only (the spec allows no inodes for a block volume).
+    for path in (target, staging):
+        stats = driver.node.NodeGetVolumeStats(
+            pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(path))
+        )
+        assert [(u.unit, u.total) for u in stats.usage] == [(pb.VolumeUsage.BYTES, 16 * MIB)]
+    error = rpc_error(
+        driver.node.NodeGetVolumeStats,
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(tmp_path)),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert f"is not staged or published at {tmp_path}" in (error.details() or "")
     data = os.urandom(MIB)
     fd = os.open(target, os.O_RDWR)
     try:
