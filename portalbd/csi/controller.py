@@ -358,17 +358,15 @@ class ControllerService(pb_grpc.ControllerServicer):
                 return pb.ControllerExpandVolumeResponse(
                     capacity_bytes=record.capacity_bytes, node_expansion_required=not block
                 )
-            staged = self.registry.staged(volume_id)
-            if staged is not None:
-                raise e.precondition(
-                    f"volume {volume_id} is staged on node {staged.node_id}; "
-                    "portalbd volumes grow while unstaged (offline expansion)"
-                )
+            # Online expansion: the record is the size; a staged volume's node
+            # serves it in NodeExpandVolume (a block volume too: its daemon and
+            # device grow there), an unstaged one at its next stage.
+            staged = self.registry.staged(volume_id) is not None
             record.capacity_bytes = wanted
             self.registry.save_volume(record)
             log.info("expanded volume %s to %d bytes", volume_id, wanted)
         return pb.ControllerExpandVolumeResponse(
-            capacity_bytes=wanted, node_expansion_required=not block
+            capacity_bytes=wanted, node_expansion_required=staged or not block
         )
 
     # --- snapshots ----------------------------------------------------------

@@ -33,7 +33,7 @@ from portalbd.csi.mounts import detect_fs, grow_fs, is_mounted, make_fs, mount_o
 from portalbd.csi.proto import csi_pb2 as pb
 from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
 from portalbd.csi.supervisor import DaemonSpec, SupervisedDaemon, daemon_pid
-from portalbd.csi.volumes import Registry, StageRecord
+from portalbd.csi.volumes import Registry, StageRecord, VolumeRecord
 
 log = logging.getLogger("portalbd.csi")
 
@@ -165,7 +165,7 @@ class NodeService(pb_grpc.NodeServicer):
                     daemon = SupervisedDaemon(spec)
                     await daemon.start()
                     self.daemons[volume_id] = daemon
-                attachment = await att.attach(state_dir, spec.nbd_socket)
+                attachment = await att.attach(state_dir, spec.nbd_socket, spec.size_bytes)
                 if block:
                     Path(staging).mkdir(parents=True, exist_ok=True)
                 elif not is_mounted(staging):
@@ -357,25 +357,66 @@ class NodeService(pb_grpc.NodeServicer):
     async def NodeExpandVolume(self, request: Any, context: Any) -> Any:
         volume_id = e.require(request.volume_id, "volume_id")
         volume_path = e.require(request.volume_path, "volume_path")
+        state_dir = self.state_dir(volume_id)
         async with self.lock(volume_id):
             state = self._read_state(volume_id)
-            attachment = await att.current_device(self.state_dir(volume_id))
+            attachment = await att.current_device(state_dir)
             if state is None or attachment is None:
                 raise e.not_found(f"volume {volume_id} is not staged on this node")
             if not os.path.exists(volume_path):
                 raise e.not_found(f"volume path {volume_path} does not exist")
-            await att.refresh_size(attachment)
-            size = await device_size(attachment.device)
+            record = self.registry.volume(volume_id)
+            if record is None:
+                raise e.not_found(f"volume {volume_id} does not exist")
             wanted = request.capacity_range.required_bytes if request.capacity_range else 0
-            if wanted > size:
-                raise e.precondition(
-                    f"volume {volume_id} is served with {size} bytes; unstage and stage it "
-                    f"again to serve {wanted} (portalbd volumes grow offline)"
+            if wanted > record.capacity_bytes:
+                raise e.out_of_range(
+                    f"volume {volume_id} is {record.capacity_bytes} bytes, less than the "
+                    f"{wanted} asked for: ControllerExpandVolume grows it first"
                 )
+            size = await device_size(attachment.device)
+            if size < record.capacity_bytes:
+                size = await self._grow_device(volume_id, record, attachment)
             if not state["block"]:
                 await grow_fs(attachment.device, state["staging_path"], state["fs_type"])
             log.info("expanded volume %s on this node to %d bytes", volume_id, size)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    async def _grow_device(
+        self, volume_id: str, record: VolumeRecord, attachment: att.Attachment
+    ) -> int:
+        """Serve the recorded size while staged: restart the daemon with it (the
+        proxy holds I/O meanwhile), then raise the loop device's limit."""
+        if attachment.method != "nbdfuse":
+            raise e.precondition(
+                f"volume {volume_id} is attached with the kernel NBD client, which does not "
+                "see a new size while attached: unstage and stage it again to grow it"
+            )
+        state_dir = self.state_dir(volume_id)
+        key_file = state_dir / keys.KEY_FILE
+        spec = DaemonSpec(
+            volume_id=volume_id,
+            storage_url=self.registry.storage_url(volume_id),
+            size_bytes=record.capacity_bytes,
+            block_size=record.block_size,
+            state_dir=state_dir,
+            key_file=key_file if key_file.exists() else None,
+        )
+        daemon = self.daemons.get(volume_id)
+        if daemon is None:  # staged by an earlier driver: adopt its daemon first
+            daemon = SupervisedDaemon(spec)
+            await daemon.start()
+            self.daemons[volume_id] = daemon
+        log.info("growing volume %s to %d bytes: restarting its daemon", volume_id, spec.size_bytes)
+        await daemon.restart(spec)
+        await att.grow(attachment, record.capacity_bytes)
+        size = await device_size(attachment.device)
+        if size < record.capacity_bytes:
+            raise e.precondition(
+                f"volume {volume_id}'s device stays at {size} bytes (attached by an older "
+                "driver without the proxy?): unstage and stage it again to grow it"
+            )
+        return size
 
     @rpc
     async def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
@@ -398,5 +439,14 @@ class NodeService(pb_grpc.NodeServicer):
 
 def have_tools() -> list[str]:
     """Tools the node service needs that this machine lacks."""
-    tools = ("mount", "umount", "blkid", "blockdev", "losetup", "nbdfuse", "fusermount3")
+    tools = (
+        "mount",
+        "umount",
+        "blkid",
+        "blockdev",
+        "losetup",
+        "nbdfuse",
+        "nbdkit",
+        "fusermount3",
+    )
     return [t for t in tools if shutil.which(t) is None]

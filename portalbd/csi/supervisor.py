@@ -150,10 +150,19 @@ class SupervisedDaemon:
             if self._stopping:
                 return
             self.restarts += 1
+            code = self._process.returncode if self._process is not None else None
             log.error(
-                "daemon for volume %s exited unexpectedly; restarting (restart %d)",
+                "daemon for volume %s exited unexpectedly; restarting (restart %d, %s)",
                 self.spec.volume_id,
                 self.restarts,
+                # A daemon that was killed could not flush: writes it had answered
+                # since the last flush are gone, which the mounted filesystem
+                # does not know (see docs/csi.md, Limits).
+                "exit code unknown"
+                if code is None
+                else f"killed by signal {-code}: writes since the last flush are lost"
+                if code < 0
+                else f"exit code {code}",
             )
             await asyncio.sleep(RESTART_DELAY_S)
             if self._stopping:
@@ -162,6 +171,18 @@ class SupervisedDaemon:
                 await self._spawn()
             except Exception as exc:
                 log.error("restarting daemon for volume %s failed: %s", self.spec.volume_id, exc)
+
+    async def restart(self, spec: DaemonSpec) -> None:
+        """Stop the daemon (its final flush) and start it again from ``spec``.
+
+        How a served volume grows: the daemon grows its device to
+        ``--size-bytes`` when it opens. Attached clients on the nbdfuse path
+        wait in the proxy meanwhile (csi/attach.py)."""
+        await self.stop()
+        self.spec = spec
+        self._stopping = False
+        await self._spawn()
+        self._monitor = asyncio.create_task(self._watch())
 
     async def stop(self, timeout: float = 120) -> None:
         """SIGTERM: the daemon flushes everything to storage before it exits."""

@@ -86,7 +86,7 @@ def test_identity(driver: Driver) -> None:
     services = {c.service.type for c in caps if c.HasField("service")}
     assert pb.PluginCapability.Service.CONTROLLER_SERVICE in services
     expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
-    assert expansion == [pb.PluginCapability.VolumeExpansion.OFFLINE]
+    assert expansion == [pb.PluginCapability.VolumeExpansion.ONLINE]
     assert driver.identity.Probe(pb.ProbeRequest()).ready.value is True
 
 

@@ -112,6 +112,27 @@ def daemon_pids(vid: str) -> list[int]:
     return pids
 
 
+def kill_daemon(vid: str, signum: int = signal.SIGKILL) -> int:
+    (pid,) = daemon_pids(vid)
+    os.kill(pid, signum)
+    return pid
+
+
+def wait_restarted(driver: Driver, vid: str, old: int) -> None:
+    """Until the supervisor's new daemon for the volume answers on its socket."""
+    socket = driver.state / vid / "control.sock"
+    deadline = time.monotonic() + 60
+    new: list[int] = []
+    while time.monotonic() < deadline:
+        new = [p for p in daemon_pids(vid) if p != old]
+        if new and socket.exists():
+            break
+        time.sleep(0.1)
+    assert new, driver.log()[-3000:]
+    status = asyncio.run(_status(socket))
+    assert status.get("Status", {}).get("pid") == new[0], status
+
+
 def fs_size(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
@@ -203,14 +224,16 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     error = rpc_error(driver.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "is staged on node test-node" in (error.details() or "")
-    error = rpc_error(
-        driver.controller.ControllerExpandVolume,
-        pb.ControllerExpandVolumeRequest(
-            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=128 * MIB)
-        ),
-    )
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "offline expansion" in (error.details() or "")
+
+    # The daemon dies under the mounted filesystem: the supervisor restarts it,
+    # the proxy reconnects, and the pod's mount carries on (what was synced
+    # before is there; writing goes on).
+    old = kill_daemon(vid, signal.SIGTERM)
+    wait_restarted(driver, vid, old)
+    assert (target / "blob").read_bytes() == payload
+    (target / "after-restart.txt").write_text("written to the restarted daemon")
+    os.sync()
+    assert (ro_target / "after-restart.txt").read_text() == "written to the restarted daemon"
 
     for path in (target, ro_target):
         unpublish(driver, vid, path)
@@ -224,6 +247,7 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     publish(driver, vid, staging, target)
     assert (target / "blob").read_bytes() == payload
     assert (target / "dir/note.txt").read_text() == "portalbd"
+    assert (target / "after-restart.txt").read_text() == "written to the restarted daemon"
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
@@ -304,6 +328,33 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
     after = fs_size(staging)
     assert after > before + 150 * MIB
     assert (staging / "before.txt").read_text() == "in the snapshot"
+
+    # Online: grown while a pod has it published and writes to it.
+    target = tmp_path / "pod/vol"
+    publish(driver, vid, staging, target)
+    (target / "online.bin").write_bytes(payload := os.urandom(2 * MIB))
+    grown = driver.controller.ControllerExpandVolume(
+        pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=640 * MIB)
+        )
+    )
+    assert grown.capacity_bytes == 640 * MIB and grown.node_expansion_required
+    response = driver.node.NodeExpandVolume(
+        pb.NodeExpandVolumeRequest(
+            volume_id=vid,
+            volume_path=str(target),
+            staging_target_path=str(staging),
+            capacity_range=pb.CapacityRange(required_bytes=640 * MIB),
+        )
+    )
+    assert response.capacity_bytes == 640 * MIB
+    assert fs_size(target) > after + 100 * MIB
+    assert (target / "online.bin").read_bytes() == payload
+    (target / "grown.txt").write_text("after the online growth")
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
+    )
+    assert next(u.total for u in stats.usage if u.unit == pb.VolumeUsage.BYTES) > after + 100 * MIB
     error = rpc_error(
         driver.node.NodeExpandVolume,
         pb.NodeExpandVolumeRequest(
@@ -312,15 +363,22 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
             capacity_range=pb.CapacityRange(required_bytes=1024 * MIB),
         ),
     )
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "grow offline" in (error.details() or "")
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert (
+        f"volume {vid} is {640 * MIB} bytes, less than the {1024 * MIB} asked for: "
+        "ControllerExpandVolume grows it first"
+    ) in (error.details() or "")
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    stage(driver, vid, staging)  # the new size is the volume's for good
+    assert (staging / "grown.txt").read_text() == "after the online growth"
     unstage(driver, vid, staging)
 
     # Snapshot while unstaged: taken offline, straight from storage.
     offline = driver.controller.CreateSnapshot(
         pb.CreateSnapshotRequest(source_volume_id=vid, name="snap-offline")
     ).snapshot
-    assert offline.size_bytes == 512 * MIB
+    assert offline.size_bytes == 640 * MIB
     driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=offline.snapshot_id))
     for volume_id in (clone.volume_id, vid):
         driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
@@ -376,21 +434,17 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     finally:
         os.close(fd)
 
-    # The supervisor restarts a daemon that dies.
-    (old,) = daemon_pids(vid)
-    os.kill(old, signal.SIGKILL)
-    socket = driver.state / vid / "control.sock"
-    deadline = time.monotonic() + 60
-    new: list[int] = []
-    while time.monotonic() < deadline:
-        new = [p for p in daemon_pids(vid) if p != old]
-        if new and socket.exists():
-            break
-        time.sleep(0.2)
-    assert new, driver.log()[-3000:]
-    status = asyncio.run(_status(socket))
-    assert status.get("Status", {}).get("pid") == new[0], status
+    # The supervisor restarts a daemon that dies; the device keeps working.
+    old = kill_daemon(vid)
+    wait_restarted(driver, vid, old)
     assert "exited unexpectedly; restarting" in driver.log()
+    fd = os.open(target, os.O_RDWR)
+    try:
+        assert os.pread(fd, MIB, 4 * MIB) == data
+        os.pwrite(fd, data, 8 * MIB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     assert daemon_pids(vid) == []
