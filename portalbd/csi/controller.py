@@ -345,6 +345,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         volume_id = e.require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise e.invalid("capacity_range is required")
+        if request.HasField("volume_capability"):
+            problem = capability_problem(request.volume_capability)
+            if problem:  # the spec's "exceeds capabilities" for this RPC
+                raise e.invalid(problem)
         async with self.lock:
             record = self.registry.volume(volume_id)
             if record is None:

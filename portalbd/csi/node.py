@@ -365,6 +365,8 @@ class NodeService(pb_grpc.NodeServicer):
                 raise e.not_found(f"volume {volume_id} is not staged on this node")
             if not os.path.exists(volume_path):
                 raise e.not_found(f"volume path {volume_path} does not exist")
+            if not self._serves(state, attachment.device, volume_path):
+                raise e.not_found(f"volume {volume_id} is not staged or published at {volume_path}")
             record = self.registry.volume(volume_id)
             if record is None:
                 raise e.not_found(f"volume {volume_id} does not exist")

@@ -435,6 +435,16 @@ def test_controller_expand_volume(driver: Driver) -> None:
         ),
     )
     expect(
+        Code.INVALID_ARGUMENT,
+        "access mode MULTI_NODE_MULTI_WRITER is not supported",
+        expand,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=pb.CapacityRange(required_bytes=1),
+            volume_capability=mount_cap(mode=MODE.MULTI_NODE_MULTI_WRITER),
+        ),
+    )
+    expect(
         Code.OUT_OF_RANGE,
         "more than limit_bytes",
         expand,

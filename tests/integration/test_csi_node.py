@@ -364,6 +364,14 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
         ),
     )
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    error2 = rpc_error(
+        driver.node.NodeExpandVolume,
+        pb.NodeExpandVolumeRequest(volume_id=vid, volume_path=str(tmp_path / "pod")),
+    )
+    assert error2.code() == grpc.StatusCode.NOT_FOUND
+    assert f"volume {vid} is not staged or published at {tmp_path / 'pod'}" in (
+        error2.details() or ""
+    )
     assert (
         f"volume {vid} is {640 * MIB} bytes, less than the {1024 * MIB} asked for: "
         "ControllerExpandVolume grows it first"
