@@ -160,6 +160,11 @@ async def _start_proxy(state_dir: Path, nbd_socket: Path) -> Path:
     return socket
 
 
+def has_proxy(state_dir: Path) -> bool:
+    """Does this volume's nbdfuse go through a running proxy (not straight to the daemon)?"""
+    return _pid_in(state_dir / "proxy.pid") is not None
+
+
 async def _stop_proxy(state_dir: Path) -> None:
     pidfile = state_dir / "proxy.pid"
     pid = _pid_in(pidfile)

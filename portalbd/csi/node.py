@@ -32,7 +32,13 @@ from portalbd.csi.common import FS_TYPES, Mode, capability_problem, rpc
 from portalbd.csi.mounts import detect_fs, grow_fs, is_mounted, make_fs, mount_of, run, unmount
 from portalbd.csi.proto import csi_pb2 as pb
 from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
-from portalbd.csi.supervisor import DaemonSpec, SupervisedDaemon, daemon_pid
+from portalbd.csi.supervisor import (
+    CONDITION_FILE,
+    DaemonSpec,
+    SupervisedDaemon,
+    daemon_pid,
+    read_condition,
+)
 from portalbd.csi.volumes import Registry, StageRecord, VolumeRecord
 
 log = logging.getLogger("portalbd.csi")
@@ -233,7 +239,7 @@ class NodeService(pb_grpc.NodeServicer):
         with contextlib.suppress(FileNotFoundError):
             (state_dir / "stage.json").unlink()
         keys.forget_key(state_dir)
-        for leftover in ("fuse", "control.sock", "nbd.sock"):
+        for leftover in ("fuse", "control.sock", "nbd.sock", CONDITION_FILE):
             path = state_dir / leftover
             with contextlib.suppress(OSError):
                 path.rmdir() if path.is_dir() else path.unlink()
@@ -316,14 +322,18 @@ class NodeService(pb_grpc.NodeServicer):
             raise e.not_found(f"volume {volume_id} is not staged on this node")
         if not self._serves(state, attachment.device, path):
             raise e.not_found(f"volume {volume_id} is not staged or published at {path}")
+        # VOLUME_CONDITION: abnormal once its daemon died without flushing.
+        abnormal, message = read_condition(self.state_dir(volume_id))
+        condition = pb.VolumeCondition(abnormal=abnormal, message=message or "serving")
         if state["block"]:
             # A block volume's size is its device's: not that of the filesystem
             # holding the device node. The spec allows only BYTES here.
             size = await device_size(attachment.device)
             usage = [pb.VolumeUsage(unit=pb.VolumeUsage.BYTES, total=size)]
-            return pb.NodeGetVolumeStatsResponse(usage=usage)
+            return pb.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
         st = os.statvfs(path)
         return pb.NodeGetVolumeStatsResponse(
+            volume_condition=condition,
             usage=[
                 pb.VolumeUsage(
                     unit=pb.VolumeUsage.BYTES,
@@ -337,7 +347,7 @@ class NodeService(pb_grpc.NodeServicer):
                     available=st.f_favail,
                     used=st.f_files - st.f_ffree,
                 ),
-            ]
+            ],
         )
 
     @staticmethod
@@ -395,6 +405,13 @@ class NodeService(pb_grpc.NodeServicer):
                 "see a new size while attached: unstage and stage it again to grow it"
             )
         state_dir = self.state_dir(volume_id)
+        if not att.has_proxy(state_dir):
+            # nbdfuse straight on the daemon (staged by an older driver): a restart
+            # would kill the mount, so grow it the offline way.
+            raise e.precondition(
+                f"volume {volume_id} was attached without the reconnecting proxy: "
+                "unstage and stage it again to grow it"
+            )
         key_file = state_dir / keys.KEY_FILE
         spec = DaemonSpec(
             volume_id=volume_id,
@@ -415,14 +432,19 @@ class NodeService(pb_grpc.NodeServicer):
         size = await device_size(attachment.device)
         if size < record.capacity_bytes:
             raise e.precondition(
-                f"volume {volume_id}'s device stays at {size} bytes (attached by an older "
-                "driver without the proxy?): unstage and stage it again to grow it"
+                f"volume {volume_id}'s device stays at {size} bytes after its limit was "
+                f"raised to {record.capacity_bytes}: unstage and stage it again to grow it"
             )
         return size
 
     @rpc
     async def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
-        kinds = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS, NodeRPC.EXPAND_VOLUME)
+        kinds = (
+            NodeRPC.STAGE_UNSTAGE_VOLUME,
+            NodeRPC.GET_VOLUME_STATS,
+            NodeRPC.EXPAND_VOLUME,
+            NodeRPC.VOLUME_CONDITION,
+        )
         caps = [pb.NodeServiceCapability(rpc=NodeRPC(type=k)) for k in kinds]
         return pb.NodeGetCapabilitiesResponse(capabilities=caps)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,40 @@ async def daemon_pid(control_socket: Path) -> int | None:
         return None
     pid = status.get("Status", {}).get("pid") if isinstance(status, dict) else None
     return int(pid) if pid else None
+
+
+CONDITION_FILE = "condition.json"  # NodeGetVolumeStats' volume_condition, until unstaged
+
+
+def lost_writes(code: int | None) -> str | None:
+    """What an unexpected exit with this code cost, or None when nothing.
+
+    A daemon answers writes before they are durable and makes them so at
+    each flush (like a disk's volatile cache). One that exits cleanly has
+    flushed; one that was killed or crashed could not, and the mounted
+    filesystem does not know that writes it was told were done are gone."""
+    if code == 0:
+        return None
+    if code is None:
+        return "ended (exit status unknown): writes since the last flush may be lost"
+    if code < 0:
+        return f"was killed by signal {-code}: writes since the last flush are lost"
+    return f"exited with code {code}: writes since the last flush may be lost"
+
+
+def record_condition(state_dir: Path, message: str) -> None:
+    path = state_dir / CONDITION_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"abnormal": True, "message": message}))
+    tmp.replace(path)
+
+
+def read_condition(state_dir: Path) -> tuple[bool, str]:
+    try:
+        doc = json.loads((state_dir / CONDITION_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return False, ""
+    return bool(doc.get("abnormal")), str(doc.get("message", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,19 +186,15 @@ class SupervisedDaemon:
                 return
             self.restarts += 1
             code = self._process.returncode if self._process is not None else None
+            lost = lost_writes(code)
             log.error(
                 "daemon for volume %s exited unexpectedly; restarting (restart %d, %s)",
                 self.spec.volume_id,
                 self.restarts,
-                # A daemon that was killed could not flush: writes it had answered
-                # since the last flush are gone, which the mounted filesystem
-                # does not know (see docs/csi.md, Limits).
-                "exit code unknown"
-                if code is None
-                else f"killed by signal {-code}: writes since the last flush are lost"
-                if code < 0
-                else f"exit code {code}",
+                lost or "exit code 0: it flushed everything",
             )
+            if lost:
+                record_condition(self.spec.state_dir, f"the volume's daemon {lost}")
             await asyncio.sleep(RESTART_DELAY_S)
             if self._stopping:
                 return

@@ -589,6 +589,7 @@ def test_node_info_and_capabilities(driver: Driver) -> None:
         rpc.STAGE_UNSTAGE_VOLUME,
         rpc.GET_VOLUME_STATS,
         rpc.EXPAND_VOLUME,
+        rpc.VOLUME_CONDITION,
     }
 
 

@@ -230,6 +230,11 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     # before is there; writing goes on).
     old = kill_daemon(vid, signal.SIGTERM)
     wait_restarted(driver, vid, old)
+    assert "restarting (restart 1, exit code 0: it flushed everything)" in driver.log()
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
+    )
+    assert not stats.volume_condition.abnormal  # it flushed before it went
     assert (target / "blob").read_bytes() == payload
     (target / "after-restart.txt").write_text("written to the restarted daemon")
     os.sync()
@@ -446,6 +451,14 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     old = kill_daemon(vid)
     wait_restarted(driver, vid, old)
     assert "exited unexpectedly; restarting" in driver.log()
+    # Killed, it could not flush: the volume is reported abnormal until unstaged.
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
+    )
+    assert stats.volume_condition.abnormal
+    assert stats.volume_condition.message == (
+        "the volume's daemon was killed by signal 9: writes since the last flush are lost"
+    )
     fd = os.open(target, os.O_RDWR)
     try:
         assert os.pread(fd, MIB, 4 * MIB) == data
@@ -456,6 +469,7 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     assert daemon_pids(vid) == []
+    assert not (driver.state / vid / "condition.json").exists()  # a new stage starts clean
 
 
 def test_encrypted_block_volume_takes_its_key_from_the_stage_secret(
