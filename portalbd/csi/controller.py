@@ -295,12 +295,26 @@ class ControllerService(pb_grpc.ControllerServicer):
         volume_id = e.require(request.volume_id, "volume_id")
         if not request.volume_capabilities:
             raise e.invalid("volume capabilities are required")
-        if self.registry.volume(volume_id) is None:
+        record = self.registry.volume(volume_id)
+        if record is None:
             raise e.not_found(f"volume {volume_id} does not exist")
         for cap in request.volume_capabilities:
             problem = capability_problem(cap)
             if problem:
                 return pb.ValidateVolumeCapabilitiesResponse(message=problem)
+        # The spec: the request's volume_context must be the volume's, and only
+        # what the plugin supports is confirmed (parameters included).
+        ours = record.context()
+        differ = sorted(k for k, v in request.volume_context.items() if ours.get(k) != v)
+        if differ:
+            theirs = ", ".join(f"{k}={ours.get(k, '')!r}" for k in differ)
+            return pb.ValidateVolumeCapabilitiesResponse(
+                message=f"volume_context does not match the volume's ({theirs})"
+            )
+        try:
+            parse_parameters(dict(request.parameters))
+        except e.CsiError as exc:
+            return pb.ValidateVolumeCapabilitiesResponse(message=exc.message)
         response = pb.ValidateVolumeCapabilitiesResponse()
         response.confirmed.volume_capabilities.extend(request.volume_capabilities)
         response.confirmed.volume_context.update(request.volume_context)

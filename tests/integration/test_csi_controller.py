@@ -291,6 +291,30 @@ def test_validate_volume_capabilities(driver: Driver) -> None:
     )
     assert not refused.HasField("confirmed")
     assert "single node only" in refused.message
+    context = validate(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id,
+            volume_capabilities=[mount_cap()],
+            volume_context={"fsType": "xfs", "blockSize": "65536"},
+        )
+    )
+    assert not context.HasField("confirmed")
+    assert context.message == "volume_context does not match the volume's (fsType='ext4')"
+    params = validate(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id, volume_capabilities=[mount_cap()], parameters={"x": "1"}
+        )
+    )
+    assert not params.HasField("confirmed")
+    assert "unknown parameter 'x'" in params.message
+    same = validate(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id,
+            volume_capabilities=[mount_cap()],
+            volume_context=dict(volume.volume_context),
+        )
+    )
+    assert same.confirmed.volume_context == volume.volume_context
     expect(
         Code.INVALID_ARGUMENT,
         "volume_id is required",
