@@ -372,6 +372,12 @@ class ControllerService(pb_grpc.ControllerServicer):
                 and request.volume_capability.WhichOneof("access_type") == "block"
             )
             wanted = choose_capacity(request.capacity_range, record.block_size)
+            limit = request.capacity_range.limit_bytes
+            if limit and record.capacity_bytes > limit:
+                raise e.out_of_range(
+                    f"volume {volume_id} is already {record.capacity_bytes} bytes, more than "
+                    f"limit_bytes {limit} (volumes never shrink)"
+                )
             if wanted <= record.capacity_bytes:
                 return pb.ControllerExpandVolumeResponse(
                     capacity_bytes=record.capacity_bytes, node_expansion_required=not block

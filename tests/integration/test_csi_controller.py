@@ -459,6 +459,16 @@ def test_controller_expand_volume(driver: Driver) -> None:
         ),
     )
     expect(
+        Code.OUT_OF_RANGE,
+        f"is already {grown.capacity_bytes} bytes, more than limit_bytes {8 * MIB} "
+        "(volumes never shrink)",
+        expand,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=pb.CapacityRange(required_bytes=MIB, limit_bytes=8 * MIB),
+        ),
+    )
+    expect(
         Code.INVALID_ARGUMENT,
         "access mode MULTI_NODE_MULTI_WRITER is not supported",
         expand,
