@@ -204,6 +204,17 @@ class NodeService(pb_grpc.NodeServicer):
         self.state_dir(volume_id)  # validates the id before anything is touched
         async with self.lock(volume_id):
             self._known_here(volume_id, staging)
+            state = self._read_state(volume_id)
+            if state is not None and state["staging_path"] != staging:
+                # The spec: not staged at this path is OK, and its stage elsewhere
+                # is none of this call's business.
+                log.info(
+                    "volume %s is staged at %s, not %s: nothing to unstage",
+                    volume_id,
+                    state["staging_path"],
+                    staging,
+                )
+                return pb.NodeUnstageVolumeResponse()
             await self._teardown(volume_id, staging)
             log.info("unstaged volume %s", volume_id)
         return pb.NodeUnstageVolumeResponse()

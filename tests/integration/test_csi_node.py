@@ -169,6 +169,9 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
         assert f"volume {vid} is already staged at {staging} " in (error.details() or "")
         assert what in (error.details() or ""), error.details()
     assert (driver.state / vid / "stage.json").read_text() == record  # left untouched
+    unstage(driver, vid, tmp_path / "elsewhere")  # not staged there: OK, and nothing undone
+    assert (driver.state / vid / "stage.json").read_text() == record
+    assert len(daemon_pids(vid)) == 1
     publish(driver, vid, staging, target)
     publish(driver, vid, staging, target)  # idempotent
     publish(driver, vid, staging, ro_target, readonly=True)
