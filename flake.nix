@@ -86,6 +86,7 @@
             portalbd
             util-linux
             libnbd
+            nbdkit # the proxy under nbdfuse: reconnects to a restarted daemon
             fuse3
             e2fsprogs
             xfsprogs

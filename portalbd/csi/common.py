@@ -20,6 +20,10 @@ log = logging.getLogger("portalbd.csi")
 DRIVER_NAME = "portalbd.csi.kyro.dev"
 FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS_TYPE = "ext4"
+# The smallest device each mkfs makes a working filesystem on (measured with
+# the options mounts.make_fs passes): xfsprogs refuses below 300 MiB; below
+# 2 MiB mkfs.ext4 leaves out the journal, and under 256 KiB it fails outright.
+FS_MIN_BYTES = {"ext4": 2 << 20, "xfs": 300 << 20}
 
 Mode = pb.VolumeCapability.AccessMode.Mode
 # One daemon serves a volume, on one node: single-node modes only.

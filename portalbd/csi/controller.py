@@ -25,6 +25,7 @@ from portalbd.csi import errors as e
 from portalbd.csi import keys
 from portalbd.csi.common import (
     DEFAULT_FS_TYPE,
+    FS_MIN_BYTES,
     FS_TYPES,
     capability_problem,
     check_capabilities,
@@ -89,12 +90,19 @@ def parse_parameters(params: dict[str, str]) -> tuple[str, int]:
 
 
 def choose_capacity(
-    capacity_range: Any, block_size: int, default: int = DEFAULT_CAPACITY, minimum: int = 0
+    capacity_range: Any,
+    block_size: int,
+    default: int = DEFAULT_CAPACITY,
+    minimum: int = 0,
+    why_minimum: str = "",
 ) -> int:
     """The size to give a volume: the request rounded *up* to whole blocks.
 
     Never truncated: a size that cannot be rounded up within the limit is
-    refused rather than made smaller than asked.
+    refused rather than made smaller than asked. ``minimum`` (a snapshot's
+    size, a filesystem's smallest device) raises a smaller request to it:
+    the spec makes required_bytes a floor and limit_bytes the only ceiling,
+    so a bigger volume within the limit answers the request.
     """
     required = capacity_range.required_bytes if capacity_range is not None else 0
     limit = capacity_range.limit_bytes if capacity_range is not None else 0
@@ -105,7 +113,7 @@ def choose_capacity(
     if limit and limit < max(minimum, block_size):
         raise e.out_of_range(
             f"limit_bytes {limit} is below the smallest possible volume "
-            f"({max(minimum, block_size)} bytes)"
+            f"({max(minimum, block_size)} bytes{why_minimum})"
         )
     if required:
         size = round_up(max(required, minimum), block_size)
@@ -212,7 +220,15 @@ class ControllerService(pb_grpc.ControllerServicer):
                     )
                 return pb.CreateVolumeResponse(volume=volume_message(existing))
             snapshot = None
-            minimum = 0
+            mounted = any(
+                cap.WhichOneof("access_type") == "mount" for cap in request.volume_capabilities
+            )
+            # A volume too small for its filesystem would be created and then fail
+            # every NodeStageVolume (mkfs refuses it): raise the size to the
+            # filesystem's minimum, or refuse a limit below it up front. The spec's
+            # code for a capacity range the plugin cannot serve is OUT_OF_RANGE.
+            minimum = FS_MIN_BYTES[fs_type] if mounted else 0
+            why = f": the smallest {fs_type} filesystem" if mounted else ""
             default = DEFAULT_CAPACITY
             if snapshot_id:
                 snapshot = self.registry.snapshot(snapshot_id)
@@ -222,7 +238,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                 if source is None:
                     raise e.not_found(f"snapshot {snapshot_id!r} lost its source volume")
                 block_size = source.block_size
-                minimum = default = snapshot.size_bytes
+                if snapshot.size_bytes >= minimum:
+                    minimum, why = snapshot.size_bytes, ": the snapshot's size"
+                default = max(minimum, snapshot.size_bytes)
                 sealed = keys.is_encrypted(source.parameters)
                 if sealed != keys.is_encrypted(request.parameters):
                     # a clone shares its source's disk id and key (docs/security.md)
@@ -231,7 +249,9 @@ class ControllerService(pb_grpc.ControllerServicer):
                         f"volume: a volume made from it must be {'' if sealed else 'un'}encrypted "
                         "too (StorageClass parameter encrypted), staged with the source's key"
                     )
-            capacity = choose_capacity(crange, block_size, default=default, minimum=minimum)
+            capacity = choose_capacity(
+                crange, block_size, default=default, minimum=minimum, why_minimum=why
+            )
             if snapshot is not None and capacity < snapshot.size_bytes:
                 raise e.out_of_range(
                     f"snapshot {snapshot_id} is {snapshot.size_bytes} bytes; "
@@ -275,12 +295,26 @@ class ControllerService(pb_grpc.ControllerServicer):
         volume_id = e.require(request.volume_id, "volume_id")
         if not request.volume_capabilities:
             raise e.invalid("volume capabilities are required")
-        if self.registry.volume(volume_id) is None:
+        record = self.registry.volume(volume_id)
+        if record is None:
             raise e.not_found(f"volume {volume_id} does not exist")
         for cap in request.volume_capabilities:
             problem = capability_problem(cap)
             if problem:
                 return pb.ValidateVolumeCapabilitiesResponse(message=problem)
+        # The spec: the request's volume_context must be the volume's, and only
+        # what the plugin supports is confirmed (parameters included).
+        ours = record.context()
+        differ = sorted(k for k, v in request.volume_context.items() if ours.get(k) != v)
+        if differ:
+            theirs = ", ".join(f"{k}={ours.get(k, '')!r}" for k in differ)
+            return pb.ValidateVolumeCapabilitiesResponse(
+                message=f"volume_context does not match the volume's ({theirs})"
+            )
+        try:
+            parse_parameters(dict(request.parameters))
+        except e.CsiError as exc:
+            return pb.ValidateVolumeCapabilitiesResponse(message=exc.message)
         response = pb.ValidateVolumeCapabilitiesResponse()
         response.confirmed.volume_capabilities.extend(request.volume_capabilities)
         response.confirmed.volume_context.update(request.volume_context)
@@ -298,7 +332,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         for cap in request.volume_capabilities:
             if capability_problem(cap):
                 return pb.GetCapacityResponse(available_capacity=0)
-        parse_parameters(dict(request.parameters))
+        fs_type, _ = parse_parameters(dict(request.parameters))
+        mounts = [c for c in request.volume_capabilities if c.WhichOneof("access_type") == "mount"]
+        fs_type = next((c.mount.fs_type for c in mounts if c.mount.fs_type), fs_type)
         root = urlsplit(self.registry.root_url)
         if root.scheme == "file":
             path = Path(root.path)
@@ -309,7 +345,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             available = MAX_CAPACITY  # a bucket has no meaningful free space
         response = pb.GetCapacityResponse(available_capacity=available)
         response.maximum_volume_size.value = MAX_CAPACITY
-        response.minimum_volume_size.value = MIN_BLOCK_SIZE
+        # What CreateVolume would raise a smaller request to (its filesystem's minimum).
+        response.minimum_volume_size.value = FS_MIN_BYTES[fs_type] if mounts else MIN_BLOCK_SIZE
         return response
 
     @rpc
@@ -322,6 +359,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         volume_id = e.require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise e.invalid("capacity_range is required")
+        if request.HasField("volume_capability"):
+            problem = capability_problem(request.volume_capability)
+            if problem:  # the spec's "exceeds capabilities" for this RPC
+                raise e.invalid(problem)
         async with self.lock:
             record = self.registry.volume(volume_id)
             if record is None:
@@ -331,21 +372,25 @@ class ControllerService(pb_grpc.ControllerServicer):
                 and request.volume_capability.WhichOneof("access_type") == "block"
             )
             wanted = choose_capacity(request.capacity_range, record.block_size)
+            limit = request.capacity_range.limit_bytes
+            if limit and record.capacity_bytes > limit:
+                raise e.out_of_range(
+                    f"volume {volume_id} is already {record.capacity_bytes} bytes, more than "
+                    f"limit_bytes {limit} (volumes never shrink)"
+                )
             if wanted <= record.capacity_bytes:
                 return pb.ControllerExpandVolumeResponse(
                     capacity_bytes=record.capacity_bytes, node_expansion_required=not block
                 )
-            staged = self.registry.staged(volume_id)
-            if staged is not None:
-                raise e.precondition(
-                    f"volume {volume_id} is staged on node {staged.node_id}; "
-                    "portalbd volumes grow while unstaged (offline expansion)"
-                )
+            # Online expansion: the record is the size; a staged volume's node
+            # serves it in NodeExpandVolume (a block volume too: its daemon and
+            # device grow there), an unstaged one at its next stage.
+            staged = self.registry.staged(volume_id) is not None
             record.capacity_bytes = wanted
             self.registry.save_volume(record)
             log.info("expanded volume %s to %d bytes", volume_id, wanted)
         return pb.ControllerExpandVolumeResponse(
-            capacity_bytes=wanted, node_expansion_required=not block
+            capacity_bytes=wanted, node_expansion_required=staged or not block
         )
 
     # --- snapshots ----------------------------------------------------------

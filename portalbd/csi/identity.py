@@ -29,11 +29,12 @@ class IdentityService(pb_grpc.IdentityServicer):
                     )
                 )
             )
-        # The daemon's size is fixed while it serves: volumes grow while unstaged.
+        # Staged volumes grow too: NodeExpandVolume restarts the daemon with the
+        # new size under the nbdfuse proxy (csi/attach.py).
         caps.append(
             pb.PluginCapability(
                 volume_expansion=pb.PluginCapability.VolumeExpansion(
-                    type=pb.PluginCapability.VolumeExpansion.OFFLINE
+                    type=pb.PluginCapability.VolumeExpansion.ONLINE
                 )
             )
         )

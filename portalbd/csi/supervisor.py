@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,40 @@ async def daemon_pid(control_socket: Path) -> int | None:
         return None
     pid = status.get("Status", {}).get("pid") if isinstance(status, dict) else None
     return int(pid) if pid else None
+
+
+CONDITION_FILE = "condition.json"  # NodeGetVolumeStats' volume_condition, until unstaged
+
+
+def lost_writes(code: int | None) -> str | None:
+    """What an unexpected exit with this code cost, or None when nothing.
+
+    A daemon answers writes before they are durable and makes them so at
+    each flush (like a disk's volatile cache). One that exits cleanly has
+    flushed; one that was killed or crashed could not, and the mounted
+    filesystem does not know that writes it was told were done are gone."""
+    if code == 0:
+        return None
+    if code is None:
+        return "ended (exit status unknown): writes since the last flush may be lost"
+    if code < 0:
+        return f"was killed by signal {-code}: writes since the last flush are lost"
+    return f"exited with code {code}: writes since the last flush may be lost"
+
+
+def record_condition(state_dir: Path, message: str) -> None:
+    path = state_dir / CONDITION_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"abnormal": True, "message": message}))
+    tmp.replace(path)
+
+
+def read_condition(state_dir: Path) -> tuple[bool, str]:
+    try:
+        doc = json.loads((state_dir / CONDITION_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return False, ""
+    return bool(doc.get("abnormal")), str(doc.get("message", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,11 +185,16 @@ class SupervisedDaemon:
             if self._stopping:
                 return
             self.restarts += 1
+            code = self._process.returncode if self._process is not None else None
+            lost = lost_writes(code)
             log.error(
-                "daemon for volume %s exited unexpectedly; restarting (restart %d)",
+                "daemon for volume %s exited unexpectedly; restarting (restart %d, %s)",
                 self.spec.volume_id,
                 self.restarts,
+                lost or "exit code 0: it flushed everything",
             )
+            if lost:
+                record_condition(self.spec.state_dir, f"the volume's daemon {lost}")
             await asyncio.sleep(RESTART_DELAY_S)
             if self._stopping:
                 return
@@ -162,6 +202,18 @@ class SupervisedDaemon:
                 await self._spawn()
             except Exception as exc:
                 log.error("restarting daemon for volume %s failed: %s", self.spec.volume_id, exc)
+
+    async def restart(self, spec: DaemonSpec) -> None:
+        """Stop the daemon (its final flush) and start it again from ``spec``.
+
+        How a served volume grows: the daemon grows its device to
+        ``--size-bytes`` when it opens. Attached clients on the nbdfuse path
+        wait in the proxy meanwhile (csi/attach.py)."""
+        await self.stop()
+        self.spec = spec
+        self._stopping = False
+        await self._spawn()
+        self._monitor = asyncio.create_task(self._watch())
 
     async def stop(self, timeout: float = 120) -> None:
         """SIGTERM: the daemon flushes everything to storage before it exits."""

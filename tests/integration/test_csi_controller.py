@@ -86,7 +86,7 @@ def test_identity(driver: Driver) -> None:
     services = {c.service.type for c in caps if c.HasField("service")}
     assert pb.PluginCapability.Service.CONTROLLER_SERVICE in services
     expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
-    assert expansion == [pb.PluginCapability.VolumeExpansion.OFFLINE]
+    assert expansion == [pb.PluginCapability.VolumeExpansion.ONLINE]
     assert driver.identity.Probe(pb.ProbeRequest()).ready.value is True
 
 
@@ -139,7 +139,7 @@ def test_create_volume_defaults_and_limits(driver: Driver) -> None:
         pb.CreateVolumeRequest(
             name="too-tight",
             capacity_range=pb.CapacityRange(required_bytes=BLOCK + 1, limit_bytes=BLOCK + 10),
-            volume_capabilities=[mount_cap()],
+            volume_capabilities=[block_cap()],  # no filesystem minimum in the way
         ),
     )
     expect(
@@ -247,10 +247,10 @@ def test_parameters_choose_filesystem_and_block_size(driver: Driver) -> None:
     volume = create(
         driver,
         "xfs-4k",
-        required=5000,
+        required=300 * MIB + 5000,  # xfs needs 300 MiB
         parameters={"fsType": "xfs", "blockSize": "4096", "csi.storage.k8s.io/pvc/name": "p"},
     )
-    assert volume.capacity_bytes == 8192
+    assert volume.capacity_bytes == 300 * MIB + 8192
     assert volume.volume_context["fsType"] == "xfs"
     assert volume.volume_context["blockSize"] == "4096"
 
@@ -291,6 +291,30 @@ def test_validate_volume_capabilities(driver: Driver) -> None:
     )
     assert not refused.HasField("confirmed")
     assert "single node only" in refused.message
+    context = validate(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id,
+            volume_capabilities=[mount_cap()],
+            volume_context={"fsType": "xfs", "blockSize": "65536"},
+        )
+    )
+    assert not context.HasField("confirmed")
+    assert context.message == "volume_context does not match the volume's (fsType='ext4')"
+    params = validate(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id, volume_capabilities=[mount_cap()], parameters={"x": "1"}
+        )
+    )
+    assert not params.HasField("confirmed")
+    assert "unknown parameter 'x'" in params.message
+    same = validate(
+        pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume.volume_id,
+            volume_capabilities=[mount_cap()],
+            volume_context=dict(volume.volume_context),
+        )
+    )
+    assert same.confirmed.volume_context == volume.volume_context
     expect(
         Code.INVALID_ARGUMENT,
         "volume_id is required",
@@ -353,6 +377,41 @@ def test_get_capacity(driver: Driver) -> None:
         pb.GetCapacityRequest(volume_capabilities=[mount_cap(mode=MODE.MULTI_NODE_MULTI_WRITER)])
     )
     assert refused.available_capacity == 0
+    xfs = driver.controller.GetCapacity(
+        pb.GetCapacityRequest(volume_capabilities=[mount_cap("xfs")])
+    )
+    assert xfs.minimum_volume_size.value == 300 * MIB
+    raw = driver.controller.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[block_cap()]))
+    assert raw.minimum_volume_size.value == 4096
+
+
+def test_create_volume_raises_a_size_to_its_filesystems_minimum(driver: Driver) -> None:
+    """mkfs refuses a device too small (xfs: 300 MiB; ext4: no journal under
+    2 MiB, fails under 256 KiB): such a volume would fail every stage."""
+    assert (
+        create(driver, "tiny-xfs", required=16 * MIB, parameters={"fsType": "xfs"}).capacity_bytes
+        == 300 * MIB
+    )
+    assert create(driver, "tiny-ext4", required=64 * 1024).capacity_bytes == 2 * MIB
+    raw = driver.controller.CreateVolume(
+        pb.CreateVolumeRequest(
+            name="tiny-raw",
+            capacity_range=pb.CapacityRange(required_bytes=64 * 1024),
+            volume_capabilities=[block_cap()],
+        )
+    ).volume
+    assert raw.capacity_bytes == 64 * 1024  # a raw block volume has no filesystem to fit
+    expect(
+        Code.OUT_OF_RANGE,
+        f"limit_bytes {100 * MIB} is below the smallest possible volume "
+        f"({300 * MIB} bytes: the smallest xfs filesystem)",
+        driver.controller.CreateVolume,
+        pb.CreateVolumeRequest(
+            name="capped-xfs",
+            capacity_range=pb.CapacityRange(required_bytes=16 * MIB, limit_bytes=100 * MIB),
+            volume_capabilities=[mount_cap("xfs")],
+        ),
+    )
 
 
 # --- expansion ---------------------------------------------------------------------------
@@ -397,6 +456,26 @@ def test_controller_expand_volume(driver: Driver) -> None:
         expand,
         pb.ControllerExpandVolumeRequest(
             volume_id="pbd-x", capacity_range=pb.CapacityRange(required_bytes=1)
+        ),
+    )
+    expect(
+        Code.OUT_OF_RANGE,
+        f"is already {grown.capacity_bytes} bytes, more than limit_bytes {8 * MIB} "
+        "(volumes never shrink)",
+        expand,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=pb.CapacityRange(required_bytes=MIB, limit_bytes=8 * MIB),
+        ),
+    )
+    expect(
+        Code.INVALID_ARGUMENT,
+        "access mode MULTI_NODE_MULTI_WRITER is not supported",
+        expand,
+        pb.ControllerExpandVolumeRequest(
+            volume_id=volume.volume_id,
+            capacity_range=pb.CapacityRange(required_bytes=1),
+            volume_capability=mount_cap(mode=MODE.MULTI_NODE_MULTI_WRITER),
         ),
     )
     expect(
@@ -544,6 +623,7 @@ def test_node_info_and_capabilities(driver: Driver) -> None:
         rpc.STAGE_UNSTAGE_VOLUME,
         rpc.GET_VOLUME_STATS,
         rpc.EXPAND_VOLUME,
+        rpc.VOLUME_CONDITION,
     }
 
 
@@ -633,8 +713,8 @@ def test_node_argument_errors(driver: Driver, tmp_path: Path) -> None:
         stage,
         pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging),
     )
-    expect(
-        Code.INVALID_ARGUMENT,
+    expect(  # the node RPCs' "exceeds capabilities"
+        Code.FAILED_PRECONDITION,
         "MULTI_NODE_MULTI_WRITER",
         stage,
         pb.NodeStageVolumeRequest(
@@ -660,11 +740,45 @@ def test_node_argument_errors(driver: Driver, tmp_path: Path) -> None:
             volume_id=vid, staging_target_path=staging, volume_capability=cap
         ),
     )
-    expect(
-        Code.INVALID_ARGUMENT,
-        "staging_target_path is required",
+    expect(  # the spec's "staging target path not set"
+        Code.FAILED_PRECONDITION,
+        "staging_target_path is required: stage the volume first",
         publish,
         pb.NodePublishVolumeRequest(volume_id=vid, target_path=target, volume_capability=cap),
+    )
+    expect(
+        Code.FAILED_PRECONDITION,
+        "access mode MULTI_NODE_READER_ONLY is not supported",
+        publish,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=mount_cap(mode=MODE.MULTI_NODE_READER_ONLY),
+        ),
+    )
+    expect(
+        Code.NOT_FOUND,
+        "volume pbd-missing does not exist",
+        publish,
+        pb.NodePublishVolumeRequest(
+            volume_id="pbd-missing",
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=cap,
+        ),
+    )
+    expect(
+        Code.NOT_FOUND,
+        "volume pbd-missing does not exist",
+        driver.node.NodeUnpublishVolume,
+        pb.NodeUnpublishVolumeRequest(volume_id="pbd-missing", target_path=target),
+    )
+    expect(
+        Code.NOT_FOUND,
+        "volume pbd-missing does not exist",
+        driver.node.NodeUnstageVolume,
+        pb.NodeUnstageVolumeRequest(volume_id="pbd-missing", staging_target_path=staging),
     )
     expect(
         Code.FAILED_PRECONDITION,

@@ -24,7 +24,7 @@ import pytest
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi.proto import csi_pb2 as pb
-from tests.support.csi import Driver, block_cap, mount_cap, rpc_error, running_driver
+from tests.support.csi import MODE, Driver, block_cap, mount_cap, rpc_error, running_driver
 from tests.support.leaks import leaked_runs
 
 MIB = 1 << 20
@@ -112,6 +112,27 @@ def daemon_pids(vid: str) -> list[int]:
     return pids
 
 
+def kill_daemon(vid: str, signum: int = signal.SIGKILL) -> int:
+    (pid,) = daemon_pids(vid)
+    os.kill(pid, signum)
+    return pid
+
+
+def wait_restarted(driver: Driver, vid: str, old: int) -> None:
+    """Until the supervisor's new daemon for the volume answers on its socket."""
+    socket = driver.state / vid / "control.sock"
+    deadline = time.monotonic() + 60
+    new: list[int] = []
+    while time.monotonic() < deadline:
+        new = [p for p in daemon_pids(vid) if p != old]
+        if new and socket.exists():
+            break
+        time.sleep(0.1)
+    assert new, driver.log()[-3000:]
+    status = asyncio.run(_status(socket))
+    assert status.get("Status", {}).get("pid") == new[0], status
+
+
 def fs_size(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
@@ -132,6 +153,25 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "already staged at" in (error.details() or "")
+    record = (driver.state / vid / "stage.json").read_text()
+    for other, what in (
+        (mount_cap("xfs"), "as ext4 mode SINGLE_NODE_WRITER, not xfs mode SINGLE_NODE_WRITER"),
+        (block_cap(), "not a block volume"),
+        (mount_cap(mode=MODE.SINGLE_NODE_READER_ONLY), "not ext4 mode SINGLE_NODE_READER_ONLY"),
+    ):
+        error = rpc_error(
+            driver.node.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id=vid, staging_target_path=str(staging), volume_capability=other
+            ),
+        )
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert f"volume {vid} is already staged at {staging} " in (error.details() or "")
+        assert what in (error.details() or ""), error.details()
+    assert (driver.state / vid / "stage.json").read_text() == record  # left untouched
+    unstage(driver, vid, tmp_path / "elsewhere")  # not staged there: OK, and nothing undone
+    assert (driver.state / vid / "stage.json").read_text() == record
+    assert len(daemon_pids(vid)) == 1
     publish(driver, vid, staging, target)
     publish(driver, vid, staging, target)  # idempotent
     publish(driver, vid, staging, ro_target, readonly=True)
@@ -146,6 +186,20 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
         ),
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"{target} is already published read-write as a filesystem" in (error.details() or "")
+    error = rpc_error(
+        driver.node.NodePublishVolume,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            target_path=str(tmp_path / "pod/raw"),
+            volume_capability=block_cap(),
+        ),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is staged as ext4 mode SINGLE_NODE_WRITER: publish it as a filesystem" in (
+        error.details() or ""
+    )
 
     payload = os.urandom(3 * MIB)
     (target / "blob").write_bytes(payload)
@@ -160,19 +214,34 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
         pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
     )
     byte_usage = next(u for u in stats.usage if u.unit == pb.VolumeUsage.BYTES)
-    assert byte_usage.used >= 3 * MIB and byte_usage.total > 50 * MIB
+    assert byte_usage.used >= 3 * MIB and 50 * MIB < byte_usage.total <= 64 * MIB
+    error = rpc_error(  # a path that exists but does not hold the volume
+        driver.node.NodeGetVolumeStats,
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(tmp_path / "pod")),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert f"volume {vid} is not staged or published at {tmp_path / 'pod'}" in (
+        error.details() or ""
+    )
 
     error = rpc_error(driver.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vid))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "is staged on node test-node" in (error.details() or "")
-    error = rpc_error(
-        driver.controller.ControllerExpandVolume,
-        pb.ControllerExpandVolumeRequest(
-            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=128 * MIB)
-        ),
+
+    # The daemon dies under the mounted filesystem: the supervisor restarts it,
+    # the proxy reconnects, and the pod's mount carries on (what was synced
+    # before is there; writing goes on).
+    old = kill_daemon(vid, signal.SIGTERM)
+    wait_restarted(driver, vid, old)
+    assert "restarting (restart 1, exit code 0: it flushed everything)" in driver.log()
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
     )
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "offline expansion" in (error.details() or "")
+    assert not stats.volume_condition.abnormal  # it flushed before it went
+    assert (target / "blob").read_bytes() == payload
+    (target / "after-restart.txt").write_text("written to the restarted daemon")
+    os.sync()
+    assert (ro_target / "after-restart.txt").read_text() == "written to the restarted daemon"
 
     for path in (target, ro_target):
         unpublish(driver, vid, path)
@@ -186,6 +255,7 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     publish(driver, vid, staging, target)
     assert (target / "blob").read_bytes() == payload
     assert (target / "dir/note.txt").read_text() == "portalbd"
+    assert (target / "after-restart.txt").read_text() == "written to the restarted daemon"
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
@@ -266,6 +336,33 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
     after = fs_size(staging)
     assert after > before + 150 * MIB
     assert (staging / "before.txt").read_text() == "in the snapshot"
+
+    # Online: grown while a pod has it published and writes to it.
+    target = tmp_path / "pod/vol"
+    publish(driver, vid, staging, target)
+    (target / "online.bin").write_bytes(payload := os.urandom(2 * MIB))
+    grown = driver.controller.ControllerExpandVolume(
+        pb.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=pb.CapacityRange(required_bytes=640 * MIB)
+        )
+    )
+    assert grown.capacity_bytes == 640 * MIB and grown.node_expansion_required
+    response = driver.node.NodeExpandVolume(
+        pb.NodeExpandVolumeRequest(
+            volume_id=vid,
+            volume_path=str(target),
+            staging_target_path=str(staging),
+            capacity_range=pb.CapacityRange(required_bytes=640 * MIB),
+        )
+    )
+    assert response.capacity_bytes == 640 * MIB
+    assert fs_size(target) > after + 100 * MIB
+    assert (target / "online.bin").read_bytes() == payload
+    (target / "grown.txt").write_text("after the online growth")
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
+    )
+    assert next(u.total for u in stats.usage if u.unit == pb.VolumeUsage.BYTES) > after + 100 * MIB
     error = rpc_error(
         driver.node.NodeExpandVolume,
         pb.NodeExpandVolumeRequest(
@@ -274,15 +371,30 @@ def test_snapshot_clone_and_offline_expand(driver: Driver, tmp_path: Path) -> No
             capacity_range=pb.CapacityRange(required_bytes=1024 * MIB),
         ),
     )
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "grow offline" in (error.details() or "")
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    error2 = rpc_error(
+        driver.node.NodeExpandVolume,
+        pb.NodeExpandVolumeRequest(volume_id=vid, volume_path=str(tmp_path / "pod")),
+    )
+    assert error2.code() == grpc.StatusCode.NOT_FOUND
+    assert f"volume {vid} is not staged or published at {tmp_path / 'pod'}" in (
+        error2.details() or ""
+    )
+    assert (
+        f"volume {vid} is {640 * MIB} bytes, less than the {1024 * MIB} asked for: "
+        "ControllerExpandVolume grows it first"
+    ) in (error.details() or "")
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    stage(driver, vid, staging)  # the new size is the volume's for good
+    assert (staging / "grown.txt").read_text() == "after the online growth"
     unstage(driver, vid, staging)
 
     # Snapshot while unstaged: taken offline, straight from storage.
     offline = driver.controller.CreateSnapshot(
         pb.CreateSnapshotRequest(source_volume_id=vid, name="snap-offline")
     ).snapshot
-    assert offline.size_bytes == 512 * MIB
+    assert offline.size_bytes == 640 * MIB
     driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=offline.snapshot_id))
     for volume_id in (clone.volume_id, vid):
         driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
@@ -295,6 +407,31 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     stage(driver, vid, staging, block_cap())
     publish(driver, vid, staging, target, cap=block_cap())
     publish(driver, vid, staging, target, cap=block_cap())
+    error = rpc_error(
+        driver.node.NodePublishVolume,
+        pb.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=block_cap(),
+            readonly=True,
+        ),
+    )
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"{target} is already published read-write as a block device" in (error.details() or "")
+    # The volume's size, not that of the filesystem holding the device node;
+    # bytes only (the spec allows no inodes for a block volume).
+    for path in (target, staging):
+        stats = driver.node.NodeGetVolumeStats(
+            pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(path))
+        )
+        assert [(u.unit, u.total) for u in stats.usage] == [(pb.VolumeUsage.BYTES, 16 * MIB)]
+    error = rpc_error(
+        driver.node.NodeGetVolumeStats,
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(tmp_path)),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert f"is not staged or published at {tmp_path}" in (error.details() or "")
     data = os.urandom(MIB)
     fd = os.open(target, os.O_RDWR)
     try:
@@ -313,24 +450,29 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     finally:
         os.close(fd)
 
-    # The supervisor restarts a daemon that dies.
-    (old,) = daemon_pids(vid)
-    os.kill(old, signal.SIGKILL)
-    socket = driver.state / vid / "control.sock"
-    deadline = time.monotonic() + 60
-    new: list[int] = []
-    while time.monotonic() < deadline:
-        new = [p for p in daemon_pids(vid) if p != old]
-        if new and socket.exists():
-            break
-        time.sleep(0.2)
-    assert new, driver.log()[-3000:]
-    status = asyncio.run(_status(socket))
-    assert status.get("Status", {}).get("pid") == new[0], status
+    # The supervisor restarts a daemon that dies; the device keeps working.
+    old = kill_daemon(vid)
+    wait_restarted(driver, vid, old)
     assert "exited unexpectedly; restarting" in driver.log()
+    # Killed, it could not flush: the volume is reported abnormal until unstaged.
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
+    )
+    assert stats.volume_condition.abnormal
+    assert stats.volume_condition.message == (
+        "the volume's daemon was killed by signal 9: writes since the last flush are lost"
+    )
+    fd = os.open(target, os.O_RDWR)
+    try:
+        assert os.pread(fd, MIB, 4 * MIB) == data
+        os.pwrite(fd, data, 8 * MIB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     assert daemon_pids(vid) == []
+    assert not (driver.state / vid / "condition.json").exists()  # a new stage starts clean
 
 
 def test_encrypted_block_volume_takes_its_key_from_the_stage_secret(
