@@ -207,7 +207,11 @@ class Bench:
                                 def report(d: int, _n: int, base: int = done) -> None:
                                     progress.update(task, completed=base + d)
 
-                                workdir = workroot / f"{n}-{k}-{side.name}-{rnd}"
+                                workdir = workroot / (
+                                    f"{n}-{k}"
+                                    if len(sides) == 1 and rounds == 1
+                                    else f"{n}-{k}-{side.name}-{rnd + 1}"
+                                )
                                 self._pass(
                                     passes[side.name], path, rnd, header, ops, cfg, side,
                                     workdir, report,

@@ -66,6 +66,6 @@ def check_baseline(tree: Path) -> Path:
     )
     path = found.stdout.strip()
     if found.returncode != 0 or not Path(path).resolve().is_relative_to(tree):
-        detail = path or found.stderr.strip().splitlines()[-1:]
+        detail = path or (found.stderr.strip().splitlines() or ["nothing"])[-1]
         raise LaunchError(f"--baseline {tree}: its daemon would import {detail}")
     return tree
