@@ -124,6 +124,15 @@ def _summary_chart(runs: list[dict[str, Any]], path: Path) -> str:
     return _save(fig, path)
 
 
+def _iterations(run: dict[str, Any]) -> str:
+    rounds = int(run.get("rounds", 1))
+    each = f"{run['iterations'] // rounds} measured iteration(s) after {run['warmup']} warm-up"
+    measured = f"{run['elapsed_s']:.2f} s measured"
+    if rounds == 1:
+        return f"{each}, {measured}"
+    return f"{rounds} fresh daemons, each {each}; {measured} in all"
+
+
 def _swatch(name: str) -> str:
     return (
         f'<span class=swatch style="background:{model.colour(name)}" '
@@ -240,10 +249,7 @@ def write(doc: dict[str, Any], out: Path) -> Path:
     for i, run in enumerate(runs):
         title = f"{Path(run['trace']).name} [{run['label']}]"
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(
-            f"<p>{run['iterations']} measured iteration(s) after {run['warmup']} warm-up, "
-            f"{run['elapsed_s']:.2f} s measured</p>"
-        )
+        parts.append(f"<p>{html.escape(_iterations(run))}</p>")
         parts.append(_configuration(run))
         parts.append(_table(run))
         tp = _throughput_chart(run, out / f"run{i}-throughput.svg")

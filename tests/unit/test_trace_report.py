@@ -79,7 +79,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, A
         "portalbd": {"version": __version__, "commit": "abc1234567"},
         "baseline": {"tree": "/src/before", "commit": "0ld0ld0ld0"},
         "runs": [
-            run_doc("memory (baseline)", reads_writes(0), old),
+            run_doc("memory (baseline)", reads_writes(0), old) | {"iterations": 3, "rounds": 3},
             run_doc("memory", reads_writes(8), daemon),
             run_doc("uri nbd://x", reads_writes(1), None),
         ],
@@ -178,6 +178,8 @@ def test_the_report_says_which_portalbd_ran_and_with_which_settings(
     assert page.count("<th>io threads</th>") == 1
     assert "<th>storage</th><td>file</td>" in page
     assert "daemon settings: not reported" in page
+    assert "1 measured iteration(s) after 0 warm-up, 0.20 s measured" in page
+    assert "3 fresh daemons, each 1 measured iteration(s) after 0 warm-up" in page
     # the before/after table of the medians
     assert "baseline vs current" in page and "0ld0ld0ld0" in page
 
