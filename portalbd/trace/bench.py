@@ -127,6 +127,7 @@ class Side:
 
     name: str  # "current" or "baseline"
     tree: Path
+    commit: str | None = None  # taken when the bench starts: the code that runs
 
     @property
     def env(self) -> dict[str, str]:
@@ -159,9 +160,10 @@ class Bench:
         self.opt = options
         self.console = console or wide_console()
         self.s3: MotoServer | None = None
-        self.sides = [Side("current", provenance.HERE)]
+        self.sides = [Side("current", provenance.HERE, provenance.commit(provenance.HERE))]
         if options.baseline is not None:
-            self.sides.insert(0, Side("baseline", provenance.check_baseline(options.baseline)))
+            tree = provenance.check_baseline(options.baseline)
+            self.sides.insert(0, Side("baseline", tree, provenance.commit(tree)))
 
     def run(self) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
@@ -229,12 +231,12 @@ class Bench:
                 "python": platform.python_version(),
                 "machine": platform.machine(),
             },
-            "portalbd": {"version": __version__, "commit": provenance.commit(provenance.HERE)},
+            "portalbd": {"version": __version__, "commit": self.sides[-1].commit},
             "runs": runs,
         }
         if self.opt.baseline is not None and self.opt.uri is None:
-            tree = self.sides[0].tree
-            doc["baseline"] = {"tree": str(tree), "commit": provenance.commit(tree)}
+            base = self.sides[0]
+            doc["baseline"] = {"tree": str(base.tree), "commit": base.commit}
         return doc
 
     def _pass(
@@ -325,7 +327,7 @@ class Bench:
                 "side": side.name,
                 "tree": str(side.tree),
                 "version": acc.version,
-                "commit": provenance.commit(side.tree),
+                "commit": side.commit,
                 "settings": acc.settings,
             }
         if rounds > 1:

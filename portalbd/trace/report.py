@@ -81,7 +81,7 @@ def _cdf_chart(run: dict[str, Any], path: Path) -> str:
     ax.set_xlabel("latency (us, log scale)")
     ax.set_ylabel("fraction of requests")
     ax.set_title("latency CDF per op type")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
@@ -118,7 +118,7 @@ def _summary_chart(runs: list[dict[str, Any]], path: Path) -> str:
         bottom.legend(
             handles, names, fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0)
         )
-    bottom.grid(alpha=0.3, axis="y", which="both")
+    bottom.grid(alpha=0.3, axis="y")
     bottom.set_xticks(list(xs), [_short(r) for r in runs], rotation=30, ha="right",
                       fontsize="x-small")  # fmt: skip
     return _save(fig, path)

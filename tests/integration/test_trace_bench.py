@@ -139,6 +139,11 @@ def test_bench_baseline_runs_the_other_checkouts_daemon(
     assert base["label"] == "memory (baseline)" and cur["label"] == "memory"
     assert base["daemon"]["version"] == "0.0.0+baseline"  # its Status: its package ran
     assert cur["daemon"]["version"] == __version__
+    # commits as the bench started; the copy is no git checkout: none made up
+    assert (
+        cur["daemon"]["commit"] == doc["portalbd"]["commit"] == provenance.commit(provenance.HERE)
+    )
+    assert base["daemon"]["commit"] is None and doc["baseline"]["commit"] is None
     assert base["daemon"]["settings"]["device"]["block_size"] == 65536
     for run in (base, cur):
         assert len(run["iteration_s"]) == 2 and run["by_type"]["Write"]["ops"] == 40
