@@ -25,8 +25,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from portalbd import __version__
 from portalbd.launch import LaunchError, MotoServer
-from portalbd.trace import daemon_proc, format, results
+from portalbd.trace import daemon_proc, format, provenance, results
 from portalbd.trace.daemon_proc import DaemonConfig
 from portalbd.trace.replay import ReplayOptions, ReplayResult, replay
 
@@ -72,6 +73,9 @@ class BenchOptions:
     workdir: Path | None = None
     speed: float | None = None
     connections: int | None = None  # as ReplayOptions.connections
+    # another checkout whose daemon is measured too, alternating with this one's
+    baseline: Path | None = None
+    rounds: int = 1  # fresh daemons per (trace, configuration, side), each warm-up + iterations
 
 
 def device_size_for(header: format.TraceHeader, ops: Sequence[format.TraceOp]) -> int:
@@ -117,6 +121,32 @@ def _profiler(pid: int, out: Path) -> Iterator[None]:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Side:
+    """Whose daemon a run measures: this checkout's, or `--baseline DIR`'s."""
+
+    name: str  # "current" or "baseline"
+    tree: Path
+    commit: str | None = None  # taken when the bench starts: the code that runs
+
+    @property
+    def env(self) -> dict[str, str]:
+        return provenance.tree_env(self.tree) if self.name == "baseline" else {}
+
+    def label(self, cfg_label: str) -> str:
+        return f"{cfg_label} (baseline)" if self.name == "baseline" else cfg_label
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One (trace, configuration, side) accumulated over its rounds."""
+
+    measured: list[ReplayResult] = field(default_factory=list)
+    store: dict[str, int] | None = None
+    version: str | None = None
+    settings: dict[str, Any] | None = None
+
+
 class Bench:
     def __init__(
         self,
@@ -130,6 +160,10 @@ class Bench:
         self.opt = options
         self.console = console or wide_console()
         self.s3: MotoServer | None = None
+        self.sides = [Side("current", provenance.HERE, provenance.commit(provenance.HERE))]
+        if options.baseline is not None:
+            tree = provenance.check_baseline(options.baseline)
+            self.sides.insert(0, Side("baseline", tree, provenance.commit(tree)))
 
     def run(self) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
@@ -143,7 +177,9 @@ class Bench:
             configs: list[DaemonConfig | None] = (
                 list(self.configs) if self.opt.uri is None else [None]
             )
-            reps = self.opt.warmup + self.opt.iterations
+            sides = self.sides if self.opt.uri is None else self.sides[-1:]
+            rounds = self.opt.rounds if self.opt.uri is None else 1
+            reps = (self.opt.warmup + self.opt.iterations) * rounds * len(sides)
             total = sum(len(ops) for _, _, ops in loaded) * reps * len(configs)
             progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -155,44 +191,69 @@ class Bench:
             )
             with progress:
                 task = progress.add_task("bench", total=total)
-                done_before = 0
+                done = 0
                 for n, (path, header, ops) in enumerate(loaded):
                     for k, cfg in enumerate(configs):
-                        label = cfg.label() if cfg is not None else f"uri {self.opt.uri}"
-                        progress.update(task, description=escape(f"{path.name} [{label}]"))
-                        base = done_before
+                        passes = {side.name: _Pass() for side in sides}
+                        for rnd in range(rounds):
+                            # ABBA: the side that went first goes second next round, so
+                            # a machine getting busier or quieter favours neither
+                            for side in sides if rnd % 2 == 0 else sides[::-1]:
+                                label = (
+                                    side.label(cfg.label())
+                                    if cfg is not None
+                                    else f"uri {self.opt.uri}"
+                                )
+                                progress.update(task, description=escape(f"{path.name} [{label}]"))
 
-                        def report(done: int, _n: int, base: int = base) -> None:
-                            progress.update(task, completed=base + done)
+                                def report(d: int, _n: int, base: int = done) -> None:
+                                    progress.update(task, completed=base + d)
 
-                        run = self._one(path, header, ops, cfg, workroot / f"{n}-{k}", report)
-                        runs.append(run)
-                        done_before += len(ops) * reps
-                        progress.update(task, completed=done_before)
-                        self.console.print(render_run(run))
-        return {
+                                workdir = workroot / (
+                                    f"{n}-{k}"
+                                    if len(sides) == 1 and rounds == 1
+                                    else f"{n}-{k}-{side.name}-{rnd + 1}"
+                                )
+                                self._pass(
+                                    passes[side.name], path, rnd, header, ops, cfg, side,
+                                    workdir, report,
+                                )  # fmt: skip
+                                done += len(ops) * (self.opt.warmup + self.opt.iterations)
+                                progress.update(task, completed=done)
+                        for side in sides:
+                            run = self._run_doc(path, header, cfg, side, passes[side.name], rounds)
+                            runs.append(run)
+                            self.console.print(render_run(run))
+        doc: dict[str, Any] = {
             "schema": results.SCHEMA_ID,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "host": {
                 "python": platform.python_version(),
                 "machine": platform.machine(),
             },
+            "portalbd": {"version": __version__, "commit": self.sides[-1].commit},
             "runs": runs,
         }
+        if self.opt.baseline is not None and self.opt.uri is None:
+            base = self.sides[0]
+            doc["baseline"] = {"tree": str(base.tree), "commit": base.commit}
+        return doc
 
-    def _one(
+    def _pass(
         self,
+        acc: _Pass,
         path: Path,
+        rnd: int,
         header: format.TraceHeader,
         ops: list[format.TraceOp],
         cfg: DaemonConfig | None,
+        side: Side,
         workdir: Path,
         report: Callable[[int, int], None],
-    ) -> dict[str, Any]:
+    ) -> None:
+        """One fresh daemon (or the --uri server): warm-up, then measured iterations."""
         reps = self.opt.warmup + self.opt.iterations
         opts = ReplayOptions(speed=self.opt.speed, connections=self.opt.connections)
-        measured: list[ReplayResult] = []
-        store: dict[str, int] | None = None
         n = len(ops)
 
         def replay_all(uri: str, before: Callable[[], None] | None) -> None:
@@ -205,41 +266,81 @@ class Bench:
 
                 r = replay(uri, ops, opts, prog)
                 if i >= self.opt.warmup:
-                    measured.append(r)
+                    acc.measured.append(r)
 
         if cfg is None:
             assert self.opt.uri is not None
             replay_all(self.opt.uri, None)
-        else:
-            d = daemon_proc.start(cfg, workdir, device_size_for(header, ops), s3=self.s3)
-            try:
-                marks: dict[str, dict[str, Any] | None] = {}
+            return
+        size = device_size_for(header, ops)
+        d = daemon_proc.start(cfg, workdir, size, s3=self.s3, env=side.env)
+        try:
+            if acc.version is None:
+                acc.version = daemon_proc.version(d)
+                env = daemon_proc.daemon_env(workdir, self.s3, side.env)
+                acc.settings = daemon_proc.settings(d, env)
+            marks: dict[str, dict[str, Any] | None] = {}
 
-                def mark() -> None:
-                    marks["before"] = daemon_proc.store_stats(d)
+            def mark() -> None:
+                marks["before"] = daemon_proc.store_stats(d)
 
-                with contextlib.ExitStack() as stack:
-                    if self.opt.profile_dir is not None:
-                        self.opt.profile_dir.mkdir(parents=True, exist_ok=True)
-                        svg = self.opt.profile_dir / f"{path.stem}-{_slug(cfg.label())}.svg"
-                        stack.enter_context(_profiler(d.process.pid, svg))
-                    replay_all(d.uri, mark)
-                store = store_delta(marks.get("before"), daemon_proc.store_stats(d))
-                if d.process.poll() is not None:
-                    raise LaunchError(f"portalbd exited during the replay\n{d.log_tail()}")
-            finally:
-                d.stop()
-        summary = results.summarize(measured)
-        return {
+            with contextlib.ExitStack() as stack:
+                if self.opt.profile_dir is not None:
+                    self.opt.profile_dir.mkdir(parents=True, exist_ok=True)
+                    name = f"{path.stem}-{_slug(side.label(cfg.label()))}"
+                    if self.opt.rounds > 1:
+                        name += f"-round{rnd + 1}"
+                    svg = self.opt.profile_dir / f"{name}.svg"
+                    stack.enter_context(_profiler(d.process.pid, svg))
+                replay_all(d.uri, mark)
+            delta = store_delta(marks.get("before"), daemon_proc.store_stats(d))
+            acc.store = _add_counts(acc.store, delta)
+            if d.process.poll() is not None:
+                raise LaunchError(f"portalbd exited during the replay\n{d.log_tail()}")
+        finally:
+            d.stop()
+
+    def _run_doc(
+        self,
+        path: Path,
+        header: format.TraceHeader,
+        cfg: DaemonConfig | None,
+        side: Side,
+        acc: _Pass,
+        rounds: int,
+    ) -> dict[str, Any]:
+        summary = results.summarize(acc.measured)
+        run: dict[str, Any] = {
             "trace": str(path),
             "workload": header.workload,
-            "label": cfg.label() if cfg is not None else f"uri {self.opt.uri}",
+            "label": side.label(cfg.label()) if cfg is not None else f"uri {self.opt.uri}",
             "config": cfg.to_json() if cfg is not None else {"uri": self.opt.uri},
-            "iterations": self.opt.iterations,
+            "iterations": self.opt.iterations * rounds,
             "warmup": self.opt.warmup,
-            "store": store,
+            "store": acc.store,
+            # per measured iteration, for medians (a noisy machine's mean misleads)
+            "iteration_s": [round(r.elapsed_ns / 1e9, 4) for r in acc.measured],
             **summary,
         }
+        if cfg is not None:
+            run["daemon"] = {
+                "side": side.name,
+                "tree": str(side.tree),
+                "version": acc.version,
+                "commit": side.commit,
+                "settings": acc.settings,
+            }
+        if rounds > 1:
+            run["rounds"] = rounds
+        return run
+
+
+def _add_counts(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
 
 
 def wide_console() -> Console:
@@ -321,3 +422,20 @@ def _pct(old: float, new: float) -> str:
     if old == 0:
         return "n/a"
     return f"{(new - old) / old * 100:+.1f}%"
+
+
+def baseline_table(doc: dict[str, Any]) -> Table:
+    """--baseline's before/after: median time and ops/s per trace and configuration."""
+    t = Table(title="baseline vs current (medians of the measured iterations)")
+    for col in ("trace", "config", "ops", "baseline s", "ops/s", "current s", "ops/s", "speedup"):
+        t.add_column(col, justify="left" if col in ("trace", "config") else "right")
+    for row in results.baseline_pairs(doc):
+        b, c = row["baseline"], row["current"]
+        t.add_row(
+            Path(row["trace"]).name, row["config"], str(row["ops"]),
+            f"{b['median_s']:.3f}", f"{b['ops_per_s']:.0f}",
+            f"{c['median_s']:.3f}", f"{c['ops_per_s']:.0f}",
+            "n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x",
+        )  # fmt: skip
+    t.caption = f"{doc.get('baseline', {}).get('tree', '?')} vs this checkout"
+    return t

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --profile writes (the original's flag; alone it turns "
                         "profiling on)")  # fmt: skip
     b.add_argument("--workdir", type=Path, help="keep daemon data and logs here")
+    b.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also bench the daemon of this earlier checkout (e.g. git worktree "
+                        "add /tmp/before REV), alternating with this one's: a before/after "
+                        "table in one run")  # fmt: skip
+    b.add_argument("--rounds", type=_int, default=None, metavar="N",
+                   help="fresh daemons per trace, configuration and side, each "
+                        "--warmup then --iterations (default: 3 with --baseline, "
+                        "else 1)")  # fmt: skip
     b.add_argument("--compare", nargs=2, type=Path, metavar=("OLD.json", "NEW.json"),
                    help="a before/after table of two --json-out results, then exit")  # fmt: skip
 
@@ -234,6 +242,8 @@ def bench_options(args: argparse.Namespace) -> Any:
         connections=args.connections,
         workdir=args.workdir,
         speed=args.speed,
+        baseline=args.baseline,
+        rounds=args.rounds if args.rounds is not None else (3 if args.baseline else 1),
     )
 
 
@@ -262,6 +272,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SystemExit("portalbd-trace bench: give a TRACE or --all DIR")
     if args.iterations < 1 or args.warmup < 0:
         raise SystemExit("portalbd-trace bench: --iterations must be >= 1 and --warmup >= 0")
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit("portalbd-trace bench: --rounds must be >= 1")
+    if args.baseline is not None and args.uri is not None:
+        raise SystemExit("portalbd-trace bench: --baseline starts daemons; not with --uri")
     sweep = bench.Sweep(
         storage=args.storage,
         block_size=args.block_size,
@@ -271,6 +285,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compression=args.compression,
     )
     doc = bench.Bench(traces, sweep, bench_options(args), console).run()
+    if "baseline" in doc:
+        console.print(bench.baseline_table(doc))
     _emit_json(doc, args)
     if args.report:
         index = report.write(doc, args.report)

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+import os
+import subprocess
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from portalbd.control.errors import ControlError
-from portalbd.launch import Daemon, LaunchError, MotoServer, free_port, launch, moto_server
+from portalbd.launch import (
+    Daemon,
+    LaunchError,
+    MotoServer,
+    free_port,
+    launch,
+    moto_server,
+    portalbd_command,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,7 +142,9 @@ def start(
     workload: str | None = None,
     extra: Sequence[str] = (),
     timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> Daemon:
+    """`env` adds to the daemon's environment (provenance.tree_env: another checkout's)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     storage_url = storage_url_for(cfg, workdir, s3)
@@ -143,12 +156,52 @@ def start(
         port=port,
         control_socket=workdir / "control.sock",
         log_path=log_path,
-        # a benchmark daemon's object cache is part of its run, not the host's
-        env={"CACHE_DIRECTORY": str(workdir / "object-cache"), **(s3.env() if s3 else {})},
+        env=daemon_env(workdir, s3, env),
         cwd=workdir,
         storage_url=storage_url,
         timeout=timeout,
     )
+
+
+def daemon_env(
+    workdir: Path, s3: MotoServer | None, env: Mapping[str, str] | None
+) -> dict[str, str]:
+    # a benchmark daemon's object cache is part of its run, not the host's
+    return {
+        "CACHE_DIRECTORY": str(workdir / "object-cache"),
+        **(s3.env() if s3 else {}),
+        **(env or {}),
+    }
+
+
+def settings(daemon: Daemon, env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The settings `daemon` runs with, as its own `--print-config` resolves them.
+
+    Asked of the same daemon program with the same arguments, so a baseline
+    checkout reports its own defaults; None if it cannot say (an older
+    daemon, a PORTALBD_BIN without the flag).
+    """
+    try:
+        out = subprocess.run(
+            [*portalbd_command(), *daemon.args, "--print-config"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return tomllib.loads(out.stdout) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, tomllib.TOMLDecodeError):
+        return None
+
+
+def version(daemon: Daemon) -> str | None:
+    """The version the running daemon reports in Status (its own, not this tool's)."""
+    try:
+        reply = daemon.control("Status", timeout=30)
+    except ControlError:
+        return None
+    found = reply.get("Status", {}).get("version") if isinstance(reply, dict) else None
+    return str(found) if found is not None else None
 
 
 def store_stats(daemon: Daemon) -> dict[str, Any] | None:

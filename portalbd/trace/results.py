@@ -80,9 +80,26 @@ BENCH_SCHEMA: dict[str, Any] = {
                     "skipped": {"type": "object"},
                     "timeline": {"type": "object"},
                     "cdf": {"type": "object"},
+                    "iteration_s": {"type": "array", "items": {"type": "number", "minimum": 0}},
+                    "rounds": {"type": "integer", "minimum": 1},
+                    # the daemon measured: which checkout, its version, its --print-config
+                    "daemon": {
+                        "type": "object",
+                        "required": ["side", "version", "settings"],
+                        "properties": {
+                            "side": {"enum": ["current", "baseline"]},
+                            "tree": {"type": "string"},
+                            "version": {"type": ["string", "null"]},
+                            "commit": {"type": ["string", "null"]},
+                            "settings": {"type": ["object", "null"]},
+                        },
+                    },
                 },
             },
         },
+        # the portalbd that ran the bench, and --baseline's checkout
+        "portalbd": {"type": "object"},
+        "baseline": {"type": "object"},
     },
 }
 
@@ -194,3 +211,45 @@ def cdf(results: Sequence[ReplayResult], points: int = 200) -> dict[str, list[li
             [round(float(v), 1), round(float(q), 4)] for v, q in zip(vals, qs, strict=True)
         ]
     return out
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64))) if values else 0.0
+
+
+def baseline_pairs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (trace, configuration) measured on both sides: median seconds and ops/s.
+
+    Medians of the per-iteration times, since on a shared machine one
+    disturbed iteration would move a mean. ``speedup`` is baseline time over
+    current time (above 1: the current code is faster).
+    """
+    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for run in doc["runs"]:
+        daemon = run.get("daemon") or {}
+        side = daemon.get("side")
+        if side is None:
+            continue
+        cfg = run["label"].removesuffix(" (baseline)")
+        by_key.setdefault((run["trace"], cfg), {})[side] = run
+    rows = []
+    for (trace, cfg), sides in by_key.items():
+        if set(sides) != {"baseline", "current"}:
+            continue
+        row: dict[str, Any] = {"trace": trace, "config": cfg}
+        for name, run in sides.items():
+            times = run.get("iteration_s") or [run["elapsed_s"] / run["iterations"]]
+            s = median(times)
+            ops = run["total"]["ops"] // max(run["iterations"], 1)
+            row["ops"] = ops
+            row[name] = {
+                "median_s": round(s, 4),
+                "ops_per_s": round(ops / s, 1) if s > 0 else 0.0,
+                "min_s": round(min(times), 4),
+                "max_s": round(max(times), 4),
+                "n": len(times),
+            }
+        b, c = row["baseline"]["median_s"], row["current"]["median_s"]
+        row["speedup"] = round(b / c, 3) if c > 0 else None
+        rows.append(row)
+    return rows
