@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from portalbd.control.protocol import MAX_SNAPSHOT_NAME, SNAPSHOT_NAME
+from portalbd.control.protocol import snapshot_name_problem as daemon_name_problem
 from tui.format import (
     DASH,
     ellipsize,
@@ -291,20 +291,15 @@ def snapshot_row(snap: Snapshot) -> list[Text]:
 def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None:
     """Why `name` cannot be used for a new snapshot, or None if it can.
 
-    Checked before sending so typos are caught while typing; the daemon checks
-    again and its message is shown if it disagrees.
+    The daemon's own rule (`portalbd.control.protocol`), checked before
+    sending so typos are caught while typing; only "already taken" is the
+    TUI's, from the list it last read. The daemon checks again and its
+    message is shown if it disagrees.
     """
-    if not name:
-        return "a name is required"
-    if len(name) > MAX_SNAPSHOT_NAME:
-        return f"at most {MAX_SNAPSHOT_NAME} characters"
-    if not SNAPSHOT_NAME.fullmatch(name):
-        if not (name[0].isalnum() or name[0] == "_"):
-            return "must start with a letter or digit (or '_')"
-        return "only letters, digits, '.', '_' and '-'"
-    if name in existing:
+    problem = daemon_name_problem(name)
+    if problem is None and name in existing:
         return f"a snapshot named {name!r} already exists"
-    return None
+    return problem
 
 
 def matches_filter(inst: Instance, text: str) -> bool:

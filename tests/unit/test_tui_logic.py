@@ -14,6 +14,7 @@ import pytest
 
 from portalbd.control.async_client import AsyncControlClient
 from portalbd.control.errors import ProtocolError, Timeout, Unreachable
+from portalbd.control.protocol import BadRequest, check_snapshot_name
 from tui.app import parse_args
 from tui.config import pick_theme, terminal_is_light
 from tui.demo import demo_fleet, instance
@@ -313,6 +314,20 @@ def test_help_lists_footer_keys_first_and_joins_keys_of_one_action() -> None:
 )
 def test_snapshot_name_validation(name: str, problem: str | None) -> None:
     assert snapshot_name_problem(name, ["taken"]) == problem
+
+
+@pytest.mark.parametrize(
+    "name", ["ok", "_x", "a\n", ".x", "-x", "é", "a" * 128, "a" * 129, "", "a b", "x/../y"]
+)
+def test_the_prompt_refuses_exactly_what_the_daemon_refuses(name: str) -> None:
+    """One rule (portalbd.control.protocol): the prompt cannot accept a name the daemon refuses."""
+    try:
+        check_snapshot_name(name)
+    except BadRequest as exc:
+        refused: str | None = str(exc)
+    else:
+        refused = None
+    assert (snapshot_name_problem(name) is None) == (refused is None), (name, refused)
 
 
 def test_client_refusal_is_recognised() -> None:
