@@ -302,11 +302,12 @@ class PortalbdApp(App[None]):
         body = Text.assemble(
             ("The daemon refused: ", "bold"),
             reason,
-            "\n\nWithout force, the daemon pauses the attached clients' I/O while it swaps "
-            "the disk and keeps them connected: they then read the snapshot's data. "
-            "Forcing disconnects them first, so their devices fail rather than change "
-            "silently. Either way a mounted filesystem or running database will see its "
-            "data change under its cache and may be corrupted: unmount first.",
+            "\n\nForcing makes the daemon let the clients' requests in flight finish, "
+            "disconnect every client, flush what they wrote to storage, then swap the disk "
+            "to the snapshot. Their devices see the connection drop (I/O errors until they "
+            "reconnect) rather than data changing silently; writes since the snapshot are "
+            "discarded from the live disk. A mounted filesystem or running database loses "
+            "its disk under it: unmount first.",
         )
 
         def answered(yes: bool | None) -> None:

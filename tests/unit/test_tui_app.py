@@ -315,3 +315,19 @@ def test_slash_filters_the_overview() -> None:
         assert shown() == ["backup"]
 
     run(scenario)
+
+
+def test_the_force_offer_says_the_daemon_flushes_and_disconnects() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        db = next(i for i in app.fleet if i.name == "db")
+        app._offer_force(db, "before-upgrade", "refusing to restore: 2 clients connected")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        body = " ".join(str(app.screen.query_one(".dialog--body").render()).split())
+        assert "The daemon refused: refusing to restore: 2 clients connected" in body
+        for said in ("requests in flight finish", "disconnect every client", "flush what"):
+            assert said in body, body
+        await pilot.press("enter")  # Cancel has the focus: nothing is forced
+        assert not isinstance(app.screen, ConfirmScreen)
+
+    run(scenario)
