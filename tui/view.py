@@ -114,7 +114,7 @@ def _trend(width: int) -> Callable[[Instance], Text]:
 
 
 def _name(inst: Instance) -> Text:
-    return Text(inst.name, style="bold")
+    return Text(ellipsize(inst.name, INSTANCE_NAME_CELL), style="bold")
 
 
 def _url(width: int) -> Callable[[Instance], str]:
@@ -127,6 +127,8 @@ def _url(width: int) -> Callable[[Instance], str]:
 
 # Longer names are cut with an ellipsis in the table (the dialogs say them whole).
 SNAPSHOT_NAME_CELL = 40
+# Instance names have no length limit; the details panel says them whole.
+INSTANCE_NAME_CELL = 24
 
 
 NAME = Column("name", "Instance", _name, "left")

@@ -282,6 +282,9 @@ def test_long_snapshot_names_are_cut_with_an_ellipsis() -> None:
     snap = Snapshot(name="n" * 128, id="1", created_at=0.0, generation=1, size_bytes=0)
     name = snapshot_row(snap)[0].plain
     assert len(name) == 40 and name == "n" * 39 + "…"
+    long, _ = Fleet().add(Path(f"/run/portalbd/{'i' * 60}/control.sock"))
+    assert row(long, COLUMNS_NARROW)[0].plain == "i" * 23 + "…"
+    assert summary_lines(long)[0].plain.startswith("i" * 60)  # whole in the details
 
 
 def test_help_lists_footer_keys_first_and_joins_keys_of_one_action() -> None:
