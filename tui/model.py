@@ -250,6 +250,29 @@ def rates_between(t0: float, a: Status, t1: float, b: Status) -> Rates | None:
     )
 
 
+# A daemon's start (sample time minus its uptime) moves by the time a reply
+# takes to arrive; a restart moves it by at least the old daemon's lifetime.
+START_JITTER_S = 2.0
+
+
+def restart_between(t0: float, a: Status, t1: float, b: Status) -> str | None:
+    """Why the sample at t1 comes from another daemon process than the one at t0, or None.
+
+    A new pid, a later start (monotonic sample time minus uptime: the same
+    pid can come back in a container), or a cumulative counter going
+    backwards (an older daemon that sends neither) each mean a restart.
+    """
+    if a.pid is not None and b.pid is not None and a.pid != b.pid:
+        return f"pid {a.pid} → {b.pid}"
+    up_a, up_b = a.uptime_s, b.uptime_s
+    if up_a is not None and up_b is not None and (t1 - up_b) - (t0 - up_a) > START_JITTER_S:
+        return f"up {up_b:.0f}s"
+    counters = ("reads", "writes", "flushes", "bytes_read", "bytes_written", "errors")
+    if any(getattr(b, name) < getattr(a, name) for name in counters):
+        return "counters went back"
+    return None
+
+
 class State(enum.Enum):
     """How the instance last answered (or failed to)."""
 
@@ -293,6 +316,10 @@ class History:
         ):
             setattr(self, name, deque(maxlen=self.size))
 
+    def clear(self) -> None:
+        """Start again: a restarted daemon's charts must not join the old one's."""
+        self.__post_init__()
+
     def add(self, rates: Rates, status: Status) -> None:
         self.read_iops.append(rates.read_iops)
         self.write_iops.append(rates.write_iops)
@@ -326,6 +353,7 @@ class Instance:
     explicit: bool = False
     event_total: int = 0  # events ever logged, so viewers can append only the new ones
     _sample_t: float | None = None
+    _last_t: float | None = None  # of the last good sample, kept across outages
 
     @property
     def name(self) -> str:
@@ -342,30 +370,35 @@ class Instance:
         self.event_total += 1
 
     def record_status(self, t: float, wall: float, status: Status) -> None:
-        """A successful poll at monotonic time t (wall: for the event log)."""
+        """A successful poll at monotonic time t (wall: for the event log).
+
+        A restart, seen directly or across an outage, is logged as one and
+        starts the charts again: no rate spans two processes.
+        """
         previous, previous_t = self.status, self._sample_t
-        if self.state is not State.UP:
+        restart = None
+        if previous is not None and self._last_t is not None:
+            restart = restart_between(self._last_t, previous, t, status)
+        if restart is not None:
+            self.log(wall, "warning", f"daemon restarted ({restart})")
+            self.history.clear()
+            previous_t = None
+        elif self.state is not State.UP:
             again = self.state in (State.DOWN, State.UNRESPONSIVE)
             self.log(wall, "info", "answering again" if again else "connected")
-        elif previous is not None and previous.pid != status.pid and status.pid is not None:
-            self.log(wall, "warning", f"daemon restarted (pid {previous.pid} → {status.pid})")
-        if (
-            previous is not None
-            and previous.generation != status.generation
-            and status.generation is not None
-            and previous.pid == status.pid
-        ):
-            self.log(wall, "info", f"disk generation {status.generation} is live")
-        if previous is not None and status.errors > previous.errors and previous.pid == status.pid:
-            n = status.errors - previous.errors
-            self.log(wall, "error", f"{n} NBD request{'s' if n != 1 else ''} failed")
+        if restart is None and previous is not None:
+            if previous.generation != status.generation and status.generation is not None:
+                self.log(wall, "info", f"disk generation {status.generation} is live")
+            if status.errors > previous.errors:
+                n = status.errors - previous.errors
+                self.log(wall, "error", f"{n} NBD request{'s' if n != 1 else ''} failed")
         self.rates = None
         if previous is not None and previous_t is not None:
             self.rates = rates_between(previous_t, previous, t, status)
         if self.rates is not None:
             self.history.add(self.rates, status)
         self.status = status
-        self._sample_t = t
+        self._sample_t = self._last_t = t
         self.state = State.UP
         self.last_error = None
 

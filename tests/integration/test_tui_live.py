@@ -205,6 +205,10 @@ def test_tui_against_real_daemons(
             await wait_for(pilot, "mem back", lambda: m.state is State.UP)
             await pilot.pause(0.3)
             assert "up" in cell(app, m, "state") and cell(app, m, "size") == "1.0 GiB"
+            # A new process, logged as a restart; its charts started again, nothing negative.
+            assert any(e.text.startswith("daemon restarted (pid") for e in m.events)
+            assert "answering again" not in [e.text for e in m.events]
+            assert all(v >= 0 for v in m.history.total_bps)
 
             # A daemon that stops answering is unresponsive, then recovers.
             disk.process.send_signal(signal.SIGSTOP)

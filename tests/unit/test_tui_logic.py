@@ -30,7 +30,16 @@ from tui.format import (
     resample,
     sparkline,
 )
-from tui.model import Fleet, Rates, Snapshot, State, Status, name_from_socket, rates_between
+from tui.model import (
+    Fleet,
+    Rates,
+    Snapshot,
+    State,
+    Status,
+    name_from_socket,
+    rates_between,
+    restart_between,
+)
 from tui.view import (
     COLUMNS_FULL,
     COLUMNS_NARROW,
@@ -210,6 +219,47 @@ def test_instance_states_events_and_history() -> None:
     assert inst.events[-1].text == "daemon restarted (pid 7 → 8)"
     inst.record_status(7.0, 107.0, Status.from_json({"pid": 8, "stats": {"errors": 3}}))
     assert (inst.events[-1].level, inst.events[-1].text) == ("error", "3 NBD requests failed")
+
+
+def test_a_restart_is_logged_as_such_and_starts_the_charts_again() -> None:
+    def up(uptime: float, reads: int, pid: int = 1) -> Status:
+        return Status.from_json(
+            {
+                "pid": pid,
+                "uptime_s": uptime,
+                "stats": {"commands": {"read": reads}, "bytes_read": reads * 4096},
+            }
+        )
+
+    inst, _ = Fleet().add(Path("/run/portalbd/c/control.sock"))
+    for i in range(5):  # started at t=90, 100 reads a second
+        inst.record_status(100.0 + i, 0.0, up(10.0 + i, 100 * i))
+    assert len(inst.history.read_iops) == 4 and inst.rates and inst.rates.read_iops == 100
+    # Same pid (pid 1 in a container), started again at t=104.5, already busier
+    # than the old one was: no down in between, and the counters did not go back.
+    inst.record_status(105.0, 0.0, up(0.5, 900))
+    assert inst.events[-1].text == "daemon restarted (up 0s)"
+    assert inst.events[-1].level == "warning"
+    assert inst.rates is None and len(inst.history.read_iops) == 0  # no spike, charts reset
+    inst.record_status(106.0, 0.0, up(1.5, 1000))
+    assert list(inst.history.read_iops) == [100.0]
+
+    # Across an outage: one "restarted" (not "answering again"), no negative rate.
+    inst.record_failure(107.0, State.DOWN, "connection refused")
+    inst.record_status(120.0, 0.0, up(2.0, 50, pid=2))
+    assert [e.text for e in inst.events][-2:] == [
+        "connection refused",
+        "daemon restarted (pid 1 → 2)",
+    ]
+    inst.record_status(121.0, 0.0, up(3.0, 60, pid=2))
+    assert list(inst.history.read_iops) == [10.0]
+    # Down and back without a restart: answering again, the history kept.
+    inst.record_failure(122.0, State.DOWN, "connection refused")
+    inst.record_status(130.0, 0.0, up(12.0, 70, pid=2))
+    assert inst.events[-1].text == "answering again" and len(inst.history.read_iops) == 1
+    # An older daemon without pid or uptime: counters going back mean a restart.
+    assert restart_between(0, _status(reads=5), 1, _status(reads=4)) == "counters went back"
+    assert restart_between(0, _status(reads=5), 1, _status(reads=5)) is None
 
 
 def test_name_from_socket() -> None:
