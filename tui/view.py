@@ -25,7 +25,7 @@ from tui.format import (
     resample,
     sparkline,
 )
-from tui.model import Event, Instance, Snapshot, State
+from tui.model import Event, Instance, Snapshot, State, Status
 
 STATE_LABEL = {
     State.UP: "● up",
@@ -193,6 +193,80 @@ def columns_for_width(width: int) -> tuple[Column, ...]:
     if width >= 118:
         return COLUMNS_WIDE
     return COLUMNS_NARROW
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    """One way to order the overview: `s` cycles through them, `S` reverses.
+
+    Numbers sort biggest first (what needs attention), names A to Z. An
+    instance without the value (down, or an older daemon) goes last either way.
+    """
+
+    label: str
+    value: Callable[[Instance], float | str | None]
+    columns: frozenset[str]  # the column keys whose header shows the arrow
+    descending: bool = True
+
+
+def _live(get: Callable[[Instance], float | None]) -> Callable[[Instance], float | None]:
+    def value(inst: Instance) -> float | None:
+        return get(inst) if _st(inst) else None
+
+    return value
+
+
+def _status_value(get: Callable[[Status], float | None]) -> Callable[[Instance], float | None]:
+    return _live(lambda i: get(i.status) if i.status is not None else None)
+
+
+STATE_ORDER = {State.DOWN: 0, State.UNRESPONSIVE: 1, State.CONNECTING: 2, State.UP: 3}
+SORT_KEYS: tuple[SortKey, ...] = (
+    SortKey("name", lambda i: i.name.lower(), frozenset({"name"}), descending=False),
+    # the troubled ones first
+    SortKey("state", lambda i: STATE_ORDER[i.state], frozenset({"state"}), descending=False),
+    SortKey("size", lambda i: i.status.size_bytes if i.status else None, frozenset({"size"})),
+    SortKey("stored", lambda i: i.status.used_bytes if i.status else None, frozenset({"used"})),
+    SortKey("clients", _status_value(lambda s: s.connections), frozenset({"clients"})),
+    SortKey(
+        "IOPS",
+        _live(lambda i: i.rates.total_iops if i.rates else None),
+        frozenset({"iops", "riops", "wiops"}),
+    ),
+    SortKey(
+        "MiB/s",
+        _live(lambda i: i.rates.total_bps if i.rates else None),
+        frozenset({"mibs", "rmib", "wmib", "trend"}),
+    ),
+    SortKey("flush p99", _status_value(lambda s: s.flush_latency.p99), frozenset({"flush"})),
+    SortKey("dirty", _status_value(lambda s: s.dirty_bytes), frozenset({"dirty"})),
+    SortKey(
+        "snapshots", lambda i: i.status.snapshot_count if i.status else None, frozenset({"snaps"})
+    ),
+)
+
+
+def sort_instances(
+    instances: Sequence[Instance], key: SortKey, reverse: bool = False
+) -> list[Instance]:
+    """`instances` in `key`'s order (`reverse` flips it); no value last, ties by name."""
+    by_name = sorted(instances, key=lambda i: (i.name, i.key))
+    known: list[tuple[float | str, Instance]] = []
+    unknown: list[Instance] = []
+    for inst in by_name:
+        value = key.value(inst)
+        if value is None:
+            unknown.append(inst)
+        else:
+            known.append((value, inst))
+    # A stable sort, reversed or not, keeps equal values in name order.
+    known.sort(key=lambda pair: pair[0], reverse=key.descending != reverse)
+    return [inst for _, inst in known] + unknown
+
+
+def sort_arrow(key: SortKey, reverse: bool) -> str:
+    """▼ when the column runs from its biggest value down, ▲ from its smallest up."""
+    return "▼" if key.descending != reverse else "▲"
 
 
 def row(inst: Instance, columns: Sequence[Column]) -> list[Text]:

@@ -331,3 +331,43 @@ def test_the_force_offer_says_the_daemon_flushes_and_disconnects() -> None:
         assert not isinstance(app.screen, ConfirmScreen)
 
     run(scenario)
+
+
+def test_s_cycles_the_sort_column_with_an_arrow_and_a_header_click_sorts() -> None:
+    from textual.widgets.data_table import ColumnKey
+
+    from tui.view import SORT_KEYS
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        table = app.screen.query_one(InstanceTable)
+
+        def shown() -> list[str]:
+            return [str(table.get_row(key)[0]) for key in table.rows]
+
+        def header(key: str) -> str:
+            return str(table.columns[ColumnKey(key)].label)
+
+        assert shown() == ["backup", "db", "scratch"] and header("name") == "Instance ▲"
+        assert table.border_subtitle == "sorted by name ▲"
+        await pilot.press("s", "s")  # state, then size: biggest first, the down one last
+        await pilot.pause()
+        assert shown() == ["db", "scratch", "backup"]
+        assert header("size") == "Size ▼" and header("name") == "Instance"
+        assert table.border_subtitle == "sorted by size ▼"
+        await pilot.press("S")  # reversed: smallest first, still no value last
+        await pilot.pause()
+        assert shown() == ["scratch", "db", "backup"] and header("size") == "Size ▲"
+        await pilot.press(*"s" * (len(SORT_KEYS) - 2))  # round to name again
+        await pilot.pause()
+        assert header("name") == "Instance ▲" and shown() == ["backup", "db", "scratch"]
+        # A click on a header sorts by that column.
+        x = sum(table.columns[ColumnKey(k)].get_render_width(table) for k in ("name", "state"))
+        await pilot.click(InstanceTable, offset=(x + 3, 1))
+        await pilot.pause()
+        assert header("size") == "Size ▼" and shown() == ["db", "scratch", "backup"]
+        await pilot.press("question_mark")  # and ? lists both keys
+        await pilot.pause()
+        rows = dict(getattr(app.screen, "rows", []))
+        assert rows.get("s") == "Sort" and rows.get("S") == "Reverse the sort", rows
+
+    run(scenario)
