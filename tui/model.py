@@ -20,6 +20,7 @@ from portalbd.snapshot_schedule import schedule_text
 
 HISTORY_POINTS = 300  # five minutes at the default one-second refresh
 EVENT_LINES = 200
+DAEMON_LOG_LINES = 500  # as many as the daemon keeps (portalbd.log.RECENT_LINES)
 
 
 def _num(d: dict[str, Any], key: str) -> float | None:
@@ -289,6 +290,30 @@ class Event:
     text: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogLine:
+    """One record of the daemon's own log (the `Log` request)."""
+
+    seq: int
+    wall: float
+    level: str
+    logger: str = ""
+    message: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LogLine | None:
+        seq, wall = _num(d, "seq"), _num(d, "time")
+        if seq is None or wall is None:
+            return None
+        return cls(
+            seq=int(seq),
+            wall=wall,
+            level=str(d.get("level") or "info"),
+            logger=str(d.get("logger") or ""),
+            message=str(d.get("message") or ""),
+        )
+
+
 @dataclass(slots=True)
 class History:
     """Fixed-length series for the charts; one point per successful sample."""
@@ -352,6 +377,11 @@ class Instance:
     last_error: str | None = None
     explicit: bool = False
     event_total: int = 0  # events ever logged, so viewers can append only the new ones
+    # The daemon's own recent log, fetched while someone looks at it.
+    daemon_log: deque[LogLine] = field(default_factory=lambda: deque(maxlen=DAEMON_LOG_LINES))
+    daemon_log_total: int = 0
+    # Why there is no daemon log to show (an older daemon), or None.
+    daemon_log_note: str | None = None
     _sample_t: float | None = None
     _last_t: float | None = None  # of the last good sample, kept across outages
 
@@ -369,6 +399,25 @@ class Instance:
         self.events.append(Event(wall, level, text))
         self.event_total += 1
 
+    @property
+    def daemon_log_seq(self) -> int:
+        """The newest record held: the next `Log` asks only for those after it."""
+        return self.daemon_log[-1].seq if self.daemon_log else -1
+
+    def add_daemon_log(self, lines: list[LogLine]) -> None:
+        """Records from a `Log` reply; those already held are skipped."""
+        for line in lines:
+            if line.seq > self.daemon_log_seq:
+                self.daemon_log.append(line)
+                self.daemon_log_total += 1
+        self.daemon_log_note = None
+
+    def _forget_daemon_log(self) -> None:
+        """A new daemon numbers its records from 0 again (and may be a newer version)."""
+        self.daemon_log = deque(maxlen=DAEMON_LOG_LINES)
+        self.daemon_log_total = 0
+        self.daemon_log_note = None
+
     def record_status(self, t: float, wall: float, status: Status) -> None:
         """A successful poll at monotonic time t (wall: for the event log).
 
@@ -382,6 +431,7 @@ class Instance:
         if restart is not None:
             self.log(wall, "warning", f"daemon restarted ({restart})")
             self.history.clear()
+            self._forget_daemon_log()
             previous_t = None
         elif self.state is not State.UP:
             again = self.state in (State.DOWN, State.UNRESPONSIVE)

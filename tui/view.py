@@ -25,7 +25,7 @@ from tui.format import (
     resample,
     sparkline,
 )
-from tui.model import Event, Instance, Snapshot, State, Status
+from tui.model import Event, Instance, LogLine, Snapshot, State, Status
 
 STATE_LABEL = {
     State.UP: "● up",
@@ -353,6 +353,22 @@ def _facts(*pairs: tuple[str, str]) -> Text:
 def event_text(event: Event) -> Text:
     style = EVENT_STYLE[event.level]
     return Text.assemble((fmt_clock(event.wall), "dim"), " ", (event.text, style))
+
+
+LOG_LEVEL_STYLE = {"debug": "dim", "warning": "bold yellow", "error": "bold red"}
+
+
+def log_line_text(line: LogLine) -> Text:
+    """A daemon log record: time, level, logger, message (wrapped by the panel)."""
+    style = LOG_LEVEL_STYLE.get(line.level, "bold red" if line.level == "critical" else "")
+    return Text.assemble(
+        (fmt_clock(line.wall), "dim"),
+        " ",
+        (line.level, style or "green"),
+        " ",
+        (f"{line.logger}: " if line.logger else "", "dim"),
+        (line.message, "dim" if line.level == "debug" else ""),
+    )
 
 
 def snapshot_row(snap: Snapshot) -> list[Text]:

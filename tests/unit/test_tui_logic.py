@@ -32,6 +32,7 @@ from tui.format import (
 )
 from tui.model import (
     Fleet,
+    LogLine,
     Rates,
     Snapshot,
     State,
@@ -235,12 +236,17 @@ def test_a_restart_is_logged_as_such_and_starts_the_charts_again() -> None:
     for i in range(5):  # started at t=90, 100 reads a second
         inst.record_status(100.0 + i, 0.0, up(10.0 + i, 100 * i))
     assert len(inst.history.read_iops) == 4 and inst.rates and inst.rates.read_iops == 100
+    line = LogLine.from_json({"seq": 7, "time": 1.5, "level": "info", "message": "m"})
+    assert line is not None and LogLine.from_json({"message": "no seq"}) is None
+    inst.add_daemon_log([line])
+    assert inst.daemon_log_seq == 7
     # Same pid (pid 1 in a container), started again at t=104.5, already busier
     # than the old one was: no down in between, and the counters did not go back.
     inst.record_status(105.0, 0.0, up(0.5, 900))
     assert inst.events[-1].text == "daemon restarted (up 0s)"
     assert inst.events[-1].level == "warning"
     assert inst.rates is None and len(inst.history.read_iops) == 0  # no spike, charts reset
+    assert inst.daemon_log_seq == -1 and not inst.daemon_log  # its log numbers from 0 again
     inst.record_status(106.0, 0.0, up(1.5, 1000))
     assert list(inst.history.read_iops) == [100.0]
 
