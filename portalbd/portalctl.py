@@ -259,8 +259,10 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "block_size" in status:
         blocks += f" x {human_size(status['block_size'])}"
     add("Blocks", blocks)
+    if "allocated_bytes" in stats:  # blocks holding data, not holes; exact
+        add("Allocated", f"{human_size(stats['allocated_bytes'])} (blocks holding data)")
     if "used_bytes" in stats:
-        add("Used", human_size(stats["used_bytes"]))
+        add("Used", f"{human_size(stats['used_bytes'])} in object storage (sampled every 30 s)")
     add("Snapshots", status.get("snapshot_count"))
     schedule = status.get("snapshot_schedule")
     if isinstance(schedule, dict):
