@@ -54,6 +54,7 @@ def _status(name: str, i: int, *, size: int, url: str, pid: int, wave: float) ->
                 "dirty_bytes": 3 * MIB + 65536 * (i % 4),
                 "cached_bytes": 48 * MIB,
                 "used_bytes": int(size * (0.37 if name == "db" else 0.08)),
+                "allocated_bytes": int(size * (0.31 if name == "db" else 0.05)) // 65536 * 65536,
             },
         }
     )

@@ -61,6 +61,8 @@ class Status:
     version: str = ""
     size_bytes: int = 0
     used_bytes: int | None = None
+    # blocks holding data (not holes); None before the daemon's opening scan, or from an older one
+    allocated_bytes: int | None = None
     block_size: int | None = None
     snapshot_count: int = 0
     storage_url: str = ""
@@ -109,6 +111,7 @@ class Status:
         if used is None:
             used = _num(d, "used_bytes")
         dirty = _num(stats, "dirty_bytes")
+        allocated = _num(stats, "allocated_bytes")
         cached = _num(stats, "cached_bytes")
         uptime = _num(d, "uptime_s")
         generation = _num(d, "generation")
@@ -119,6 +122,7 @@ class Status:
             version=str(d.get("version") or ""),
             size_bytes=_int(d, "size_bytes"),
             used_bytes=None if used is None else int(used),
+            allocated_bytes=None if allocated is None else int(allocated),
             block_size=None if block_size is None else int(block_size),
             snapshot_count=_int(d, "snapshot_count"),
             storage_url=str(d.get("storage_url") or ""),

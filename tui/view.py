@@ -67,6 +67,10 @@ def _used(inst: Instance) -> str:
     return fmt_bytes(inst.status.used_bytes) if inst.status else DASH
 
 
+def _allocated(inst: Instance) -> str:
+    return fmt_bytes(inst.status.allocated_bytes) if inst.status else DASH
+
+
 def _clients(inst: Instance) -> str:
     return str(inst.status.connections) if _st(inst) and inst.status else DASH
 
@@ -137,6 +141,8 @@ SIZE = Column("size", "Size", _size)
 # used_bytes: what the instance takes in object storage (every generation,
 # snapshots, WAL), sampled every 30 s; not the disk's allocated blocks.
 USED = Column("used", "Stored", _used)
+# allocated_bytes: the disk's blocks that hold data (not holes), kept exact by the daemon.
+ALLOCATED = Column("allocated", "Allocated", _allocated)
 CLIENTS = Column("clients", "Clients", _clients)
 FLUSH = Column("flush", "Flush p99", _flush_p99)
 
@@ -170,8 +176,9 @@ COLUMNS_FULL: tuple[Column, ...] = (
     NAME,
     STATE,
     SIZE,
+    ALLOCATED,
     USED,
-    CLIENTS,
+    Column("clients", "Cl", _clients),  # narrow, to leave room for Allocated
     Column("riops", "R IOPS", _r_iops),
     Column("wiops", "W IOPS", _w_iops),
     Column("rmib", "R MiB/s", _r_mib),
@@ -179,8 +186,8 @@ COLUMNS_FULL: tuple[Column, ...] = (
     FLUSH,
     Column("dirty", "Dirty", _dirty),
     Column("snaps", "Snaps", _snaps),
-    Column("trend", "Throughput", _trend(16), "left"),
-    Column("url", "Storage", _url(48), "left"),
+    Column("trend", "Throughput", _trend(14), "left"),
+    Column("url", "Storage", _url(34), "left"),
 )
 COLUMNS_WIDE_URL: tuple[Column, ...] = (*COLUMNS_WIDE, Column("url", "Storage", _url(20), "left"))
 
@@ -226,6 +233,11 @@ SORT_KEYS: tuple[SortKey, ...] = (
     # the troubled ones first
     SortKey("state", lambda i: STATE_ORDER[i.state], frozenset({"state"}), descending=False),
     SortKey("size", lambda i: i.status.size_bytes if i.status else None, frozenset({"size"})),
+    SortKey(
+        "allocated",
+        lambda i: i.status.allocated_bytes if i.status else None,
+        frozenset({"allocated"}),
+    ),
     SortKey("stored", lambda i: i.status.used_bytes if i.status else None, frozenset({"used"})),
     SortKey("clients", _status_value(lambda s: s.connections), frozenset({"clients"})),
     SortKey(
@@ -309,10 +321,9 @@ def summary_lines(inst: Instance) -> list[Text]:
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),
+            ("allocated", fmt_bytes(st.allocated_bytes)),
             ("dirty", fmt_bytes(st.dirty_bytes)),
             ("cached", fmt_bytes(st.cached_bytes)),
-            ("snaps", str(st.snapshot_count)),
-            ("gen", DASH if st.generation is None else str(st.generation)),
         )
     )
     lines.append(
@@ -322,6 +333,7 @@ def summary_lines(inst: Instance) -> list[Text]:
             ("in flight", str(st.inflight)),
             ("up", fmt_duration(st.uptime_s)),
             ("pid", DASH if st.pid is None else str(st.pid)),
+            ("snaps", str(st.snapshot_count)),
         )
     )
     tls: tuple[tuple[str, str], ...] = ()
@@ -331,7 +343,8 @@ def summary_lines(inst: Instance) -> list[Text]:
     stored: tuple[tuple[str, str], ...] = ()
     if st.used_bytes is not None:  # object storage taken, all generations; absent for memory
         stored = (("stored", f"{fmt_bytes(st.used_bytes)} (sampled every 30 s)"),)
-    lines.append(_facts(("storage", st.storage_url or DASH), *stored))
+    generation = "" if st.generation is None else f" (gen {st.generation})"
+    lines.append(_facts(("storage", (st.storage_url or DASH) + generation), *stored))
     lines.append(
         _facts(
             ("nbd", st.nbd_address or DASH),

@@ -324,7 +324,13 @@ def test_the_storage_url_gets_a_column_once_a_useful_part_fits() -> None:
 def test_used_is_labelled_as_object_storage_sampled_every_30_s() -> None:
     assert COLUMNS_NARROW[3].label == "Stored"
     shown = [line.plain for line in summary_lines(instance(demo_fleet(), "db"))]
-    assert "storage s3://disks/prod/db  stored 23.7 GiB (sampled every 30 s)" in shown
+    assert "storage s3://disks/prod/db (gen 3)  stored 23.7 GiB (sampled every 30 s)" in shown
+    # The disk's blocks holding data, beside what object storage holds.
+    assert "size 64.0 GiB  allocated 19.8 GiB  dirty 3.1 MiB  cached 48.0 MiB" in shown
+    assert [c.label for c in COLUMNS_FULL[2:5]] == ["Size", "Allocated", "Stored"]
+    assert row(instance(demo_fleet(), "db"), COLUMNS_FULL)[3].plain == "19.8 GiB"
+    older = Status.from_json({"stats": {"used_bytes": 5}})  # a daemon without the key
+    assert older.allocated_bytes is None
     memory, _ = Fleet().add(Path("/run/portalbd/m/control.sock"))
     memory.record_status(0.0, 0.0, Status.from_json({"storage_url": "memory://"}))
     assert "storage memory://" in [line.plain for line in summary_lines(memory)]
