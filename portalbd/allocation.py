@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,8 +26,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("portalbd.allocation")
 
-SCAN_ENTRIES = 256  # stored entries one scan call reads (a block has at most 1 + pages)
-SCAN_PAUSE_S = 0.02  # between scan calls: the scan yields to client I/O
+# Stored entries one scan step reads. The binding decodes and copies the
+# step's values on the event loop (a few ms per MiB), so steps stay small,
+# and after each the scan rests twice as long as the step took: it never
+# takes more than about a third of the loop from client I/O.
+SCAN_ENTRIES = 16
+SCAN_PAUSE_S = 0.02  # the shortest rest between steps
+SCAN_REST = 2.0  # rest after a step, as a multiple of the step's duration
 
 Scan = Callable[[bytes, bytes, int], Awaitable[list[tuple[bytes, bytes]]]]
 IsAllocated = Callable[[Sequence[tuple[bytes, bytes]]], bool]
@@ -79,18 +85,23 @@ class AllocationMap:
         self.scanned_blocks = self.block_count
 
 
-async def scan(amap: AllocationMap, read: Scan, allocated: IsAllocated) -> None:
+async def scan(
+    amap: AllocationMap, read: Scan, allocated: IsAllocated, entries_per_block: int = 17
+) -> None:
     """Walk the block key space once, in bounded steps, and fill in `amap`.
 
     Blocks the scan does not meet are holes, which is what a fresh map
-    says; so only stored blocks cost work here.
+    says; so only stored blocks cost work here. A step reads at least one
+    whole block (`entries_per_block`: its base and a delta per page).
     """
     block, end = 0, amap.block_count
+    limit = max(SCAN_ENTRIES, entries_per_block + 1)
     while block < end:
-        found = await read(base_key(block), base_key(end), SCAN_ENTRIES)
+        started = time.monotonic()
+        found = await read(base_key(block), base_key(end), limit)
         groups = list(group_by_block(found))
         following = end
-        if len(found) == SCAN_ENTRIES and groups:
+        if len(found) == limit and groups:
             # The last block may have more entries past the limit: read it again.
             following = groups[-1][0] if len(groups) > 1 else groups[0][0] + 1
             if len(groups) > 1:
@@ -99,7 +110,7 @@ async def scan(amap: AllocationMap, read: Scan, allocated: IsAllocated) -> None:
             amap.scanned(b, allocated(entries))
         block = following
         amap.scanned_blocks = block
-        await asyncio.sleep(SCAN_PAUSE_S)
+        await asyncio.sleep(max(SCAN_PAUSE_S, SCAN_REST * (time.monotonic() - started)))
     amap.finish_scan()
 
 
@@ -132,7 +143,8 @@ class Tracker:
     async def _run(self, amap: AllocationMap, device: Device) -> None:
         while True:
             try:
-                await scan(amap, device.store.scan, device.stored_allocated)
+                per_block = 1 + device.block_size // device.page_size
+                await scan(amap, device.store.scan, device.stored_allocated, per_block)
                 log.info(
                     "allocation scan done: %d of %d blocks hold data",
                     amap.allocated_blocks,

@@ -8,6 +8,8 @@ running at the same time, must equal it, and so must a fresh scan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -32,6 +34,17 @@ async def allocated_by_block_status(device: Device) -> int:
                 blocks += -(-length // BS)  # extents of data are whole blocks here
             position += length
     return blocks
+
+
+@contextlib.contextmanager
+def no_rest() -> Iterator[None]:
+    """The scan's rests between steps protect client I/O; a test has none."""
+    saved = allocation.SCAN_PAUSE_S, allocation.SCAN_REST
+    allocation.SCAN_PAUSE_S = allocation.SCAN_REST = 0.0
+    try:
+        yield
+    finally:
+        allocation.SCAN_PAUSE_S, allocation.SCAN_REST = saved
 
 
 ops = st.lists(
@@ -78,11 +91,11 @@ def test_the_count_is_what_block_status_says(
             await device.flush()
             return found
 
-        await allocation.scan(amap, stale_read, device.stored_allocated)
+        await allocation.scan(amap, stale_read, device.stored_allocated, 5)
         truth = await allocated_by_block_status(device)
         assert amap.ready and amap.allocated_blocks == truth
         fresh = AllocationMap(amap.block_count)  # and a scan from scratch agrees
-        await allocation.scan(fresh, handle.scan, device.stored_allocated)
+        await allocation.scan(fresh, handle.scan, device.stored_allocated, 5)
         assert fresh.allocated_blocks == truth
         # The daemon's way: a tracker started on the open device, writes meanwhile.
         tracker = Tracker()
@@ -96,11 +109,8 @@ def test_the_count_is_what_block_status_says(
         await device.stop()
         await handle.close()
 
-    allocation.SCAN_PAUSE_S, pause = 0.0, allocation.SCAN_PAUSE_S
-    try:
+    with no_rest():
         asyncio.run(body())
-    finally:
-        allocation.SCAN_PAUSE_S = pause
 
 
 def test_a_scan_reads_a_block_again_when_the_limit_cuts_it() -> None:
@@ -122,15 +132,16 @@ def test_a_scan_reads_a_block_again_when_the_limit_cuts_it() -> None:
             return found
 
         amap = AllocationMap(600)
-        await allocation.scan(amap, read, device.stored_allocated)
+        await allocation.scan(amap, read, device.stored_allocated, 5)
         assert amap.ready and amap.allocated_blocks == 300
         assert amap.is_allocated(598) and not amap.is_allocated(599)
         await device.stop()
         await handle.close()
 
-    allocation.SCAN_PAUSE_S, pause = 0.0, allocation.SCAN_PAUSE_S
-    try:
+    with no_rest():
         asyncio.run(body())
-    finally:
-        allocation.SCAN_PAUSE_S = pause
-    assert len(calls) == 2 and calls[0][1] == allocation.SCAN_ENTRIES
+    # Full steps (the limit: a whole block of 1 + 4 entries fits), each leaving its
+    # last block to the next.
+    limit = allocation.SCAN_ENTRIES
+    steps = -(-(300 - limit) // (limit - 1))
+    assert [n for _, n in calls] == [limit] * steps + [300 - steps * (limit - 1)]
