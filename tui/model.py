@@ -256,8 +256,10 @@ def rates_between(t0: float, a: Status, t1: float, b: Status) -> Rates | None:
 
 
 # A daemon's start (sample time minus its uptime) moves by the time a reply
-# takes to arrive; a restart moves it by at least the old daemon's lifetime.
-START_JITTER_S = 2.0
+# takes to arrive (and a busy TUI takes to look at it), under the 3 s status
+# deadline; a restart moves it by the old daemon's lifetime, and a new pid
+# says so anyway outside a container.
+START_JITTER_S = 5.0
 
 
 def restart_between(t0: float, a: Status, t1: float, b: Status) -> str | None:
