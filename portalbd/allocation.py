@@ -167,6 +167,14 @@ class Tracker:
             return None
         return min(amap.allocated_blocks * self._block_size, self._size)
 
+    @property
+    def scan_progress(self) -> float | None:
+        """How far the opening scan has come (0 to 1) while it runs; None before or after."""
+        amap = self.map
+        if amap is None or amap.ready:
+            return None
+        return amap.scanned_blocks / amap.block_count if amap.block_count else 0.0
+
     def _stop_task(self) -> None:
         if self._task is not None:
             self._task.cancel()

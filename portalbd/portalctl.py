@@ -261,6 +261,8 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     add("Blocks", blocks)
     if "allocated_bytes" in stats:  # blocks holding data, not holes; exact
         add("Allocated", f"{human_size(stats['allocated_bytes'])} (blocks holding data)")
+    elif "allocation_scan_progress" in stats:
+        add("Allocated", f"counting ({float(stats['allocation_scan_progress']):.0%} scanned)")
     if "used_bytes" in stats:
         add("Used", f"{human_size(stats['used_bytes'])} in object storage (sampled every 30 s)")
     add("Snapshots", status.get("snapshot_count"))

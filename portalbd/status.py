@@ -29,6 +29,9 @@ def status_document(instance: Instance) -> dict[str, Any]:
     allocated = instance.allocation.allocated_bytes
     if allocated is not None:  # blocks holding data (not holes), once the opening scan is done
         stats["allocated_bytes"] = allocated
+    progress = instance.allocation.scan_progress
+    if progress is not None:  # meanwhile: how much of the disk that scan has covered
+        stats["allocation_scan_progress"] = round(progress, 3)
     stats["store"] = instance.store.counters.as_dict()
     # "ok", or why storage last failed (full, read-only, gone, unreachable)
     stats["storage_state"] = instance.store.data.health
