@@ -63,6 +63,7 @@ class Status:
     used_bytes: int | None = None
     # blocks holding data (not holes); None before the daemon's opening scan, or from an older one
     allocated_bytes: int | None = None
+    allocation_scan_progress: float | None = None  # 0..1 while the daemon counts them
     block_size: int | None = None
     snapshot_count: int = 0
     storage_url: str = ""
@@ -123,6 +124,7 @@ class Status:
             size_bytes=_int(d, "size_bytes"),
             used_bytes=None if used is None else int(used),
             allocated_bytes=None if allocated is None else int(allocated),
+            allocation_scan_progress=_num(stats, "allocation_scan_progress"),
             block_size=None if block_size is None else int(block_size),
             snapshot_count=_int(d, "snapshot_count"),
             storage_url=str(d.get("storage_url") or ""),

@@ -321,7 +321,7 @@ def summary_lines(inst: Instance) -> list[Text]:
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),
-            ("allocated", fmt_bytes(st.allocated_bytes)),
+            ("allocated", _allocated_fact(st)),
             ("dirty", fmt_bytes(st.dirty_bytes)),
             ("cached", fmt_bytes(st.cached_bytes)),
         )
@@ -353,6 +353,14 @@ def summary_lines(inst: Instance) -> list[Text]:
         )
     )
     return lines
+
+
+def _allocated_fact(st: Status) -> str:
+    """The allocated bytes, or how far the daemon's count of them has come."""
+    progress = st.allocation_scan_progress
+    if st.allocated_bytes is None and progress is not None:
+        return f"counting ({progress:.0%})"
+    return fmt_bytes(st.allocated_bytes)
 
 
 def _facts(*pairs: tuple[str, str]) -> Text:

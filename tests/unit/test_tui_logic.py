@@ -331,6 +331,11 @@ def test_used_is_labelled_as_object_storage_sampled_every_30_s() -> None:
     assert row(instance(demo_fleet(), "db"), COLUMNS_FULL)[3].plain == "19.8 GiB"
     older = Status.from_json({"stats": {"used_bytes": 5}})  # a daemon without the key
     assert older.allocated_bytes is None
+    counting, _ = Fleet().add(Path("/run/portalbd/big/control.sock"))
+    counting.record_status(
+        0.0, 0.0, Status.from_json({"stats": {"allocation_scan_progress": 0.42}})
+    )
+    assert "allocated counting (42%)" in summary_lines(counting)[1].plain
     memory, _ = Fleet().add(Path("/run/portalbd/m/control.sock"))
     memory.record_status(0.0, 0.0, Status.from_json({"storage_url": "memory://"}))
     assert "storage memory://" in [line.plain for line in summary_lines(memory)]
