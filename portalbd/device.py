@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+from portalbd.allocation import AllocationMap
 from portalbd.baseonly import BaseOnlyBlocks
 from portalbd.blockmath import Piece, pieces
 from portalbd.nbd.wire import STATE_HOLE, STATE_ZERO  # block status speaks NBD's flags
@@ -196,6 +197,8 @@ class Device:
         self._writeback_task: asyncio.Task[None] | None = None
         self._first_dirty_at = 0.0
         self._drain_error: str | None = None  # the last background drain failed
+        # Told which blocks each drain made data or holes (allocation.py), if anyone counts.
+        self.allocation: AllocationMap | None = None
 
     # --- lifecycle ------------------------------------------------------
 
@@ -374,6 +377,10 @@ class Device:
             self._stored_deltas[block] = known | mask
         elif len(self._stored_deltas) < STORED_DELTAS_MAX:
             self._stored_deltas[block] = mask
+
+    def stored_allocated(self, entries: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether a stored block is allocated (data or allocated zeros), not a hole."""
+        return not self._stored_flags(entries) & STATE_HOLE
 
     def _loaded(self, block: int, load: _Load, value: bytes) -> None:
         """A load finished: cache its value, or lift dirty pages onto it."""
@@ -974,6 +981,9 @@ class Device:
                 self._room.set()
             self.counters.drains += 1
             self.counters.drained_blocks += len(draining)
+            if self.allocation is not None:
+                for block, entry in draining.items():  # b"" is a hole; zeros are allocated
+                    self.allocation.drained(block, isinstance(entry, Pages) or bool(entry))
             for block, entry in draining.items():
                 load = self._loading.get(block)
                 if load is not None:

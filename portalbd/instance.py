@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from portalbd.allocation import Tracker
 from portalbd.config import Config, LsmConfig
 from portalbd.control import protocol as cp
 from portalbd.control.dispatch import dispatch
@@ -105,6 +106,8 @@ class Instance:
         self.nbd_address = ""
         self.recorder: Any = None
         self.usage: UsageSampler | None = None
+        # which blocks hold data (status: allocated_bytes); not on a read replica
+        self.allocation = Tracker()
         self._admin_lock = asyncio.Lock()
         # what the last restore did, for status (its reply stays the original's "Ok")
         self.last_restore: dict[str, Any] | None = None
@@ -193,6 +196,8 @@ class Instance:
             follows_store=follows,
         )
         self.device.start()
+        if self.replica is None:  # a replica's store changes under it without drains
+            self.allocation.start(self.device)
         self.usage = UsageSampler(self.location, self.s3)
         self.usage.start()
         self.store.data.on_reopen = self.device.forget_clean_cache
@@ -407,6 +412,7 @@ class Instance:
             await self.scheduler.stop()
         if self.usage is not None:
             await self.usage.stop()
+        await self.allocation.stop()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -602,6 +608,7 @@ class Instance:
                             f"restore failed, disk unchanged: could not pause I/O: {exc}"
                         ) from exc
                 generation, old = await self._swap_to(name)
+                self.allocation.start(self.device)  # another disk: count it afresh
             finally:
                 self.server.refusal = None
                 self.server.resume_io()

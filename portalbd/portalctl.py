@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from portalbd import __version__
 from portalbd.control.client import ControlClient
 from portalbd.control.errors import ControlError, NotRunning
+from portalbd.log import RECENT_LINES, entry_line
 from portalbd.paths import (
     control_socket_path,
     discover_sockets,
@@ -87,13 +88,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portalctl",
-        description="Manage a running portalbd: status, snapshots, restore, trace recording.",
+        description=(
+            "Manage a running portalbd: status, snapshots, restore, trace recording, its log."
+        ),
         epilog=(
             "examples:\n"
             "  portalctl status\n"
             "  portalctl --instance disk0 snapshot create before-upgrade\n"
             "  portalctl snapshot restore before-upgrade --force\n"
             "  portalctl record start mkfs.jsonl.zst --workload mkfs\n"
+            "  portalctl log -n 20\n"
             "  portalctl --json snapshot list | jq '.SnapshotList[].name'"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -124,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="disconnect connected NBD clients (after flushing) instead of refusing",
     )
+    logs = commands.add_parser(
+        "log",
+        help="print the daemon's recent log lines",
+        description=(
+            "Print the daemon's most recent log records (it keeps the last "
+            f"{RECENT_LINES} in memory), oldest first, as its stderr has them."
+        ),
+    )
+    add_global_options(logs, top=False)
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=int,
+        default=50,
+        metavar="N",
+        help=f"how many of the newest lines (default 50, at most {RECENT_LINES} are kept)",
+    )
     record = commands.add_parser("record", help="record every NBD request into a trace file")
     add_global_options(record, top=False)
     steps = record.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -147,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build_request(args: argparse.Namespace) -> Any:
     if args.command == "status":
         return "Status"
+    if args.command == "log":
+        return {"Log": {"lines": args.lines}}
     if args.command == "record":
         if args.action == "stop":
             return "TraceStop"
@@ -236,8 +259,12 @@ def print_status(status: dict[str, Any], out: TextIO) -> None:
     if "block_size" in status:
         blocks += f" x {human_size(status['block_size'])}"
     add("Blocks", blocks)
+    if "allocated_bytes" in stats:  # blocks holding data, not holes; exact
+        add("Allocated", f"{human_size(stats['allocated_bytes'])} (blocks holding data)")
+    elif "allocation_scan_progress" in stats:
+        add("Allocated", f"counting ({float(stats['allocation_scan_progress']):.0%} scanned)")
     if "used_bytes" in stats:
-        add("Used", human_size(stats["used_bytes"]))
+        add("Used", f"{human_size(stats['used_bytes'])} in object storage (sampled every 30 s)")
     add("Snapshots", status.get("snapshot_count"))
     schedule = status.get("snapshot_schedule")
     if isinstance(schedule, dict):
@@ -300,6 +327,10 @@ def print_human(response: Any, out: TextIO) -> None:
         print_snapshot_list(response["SnapshotList"], out)
     elif isinstance(response, dict) and isinstance(response.get("Status"), dict):
         print_status(response["Status"], out)
+    elif isinstance(response, dict) and isinstance(response.get("Log"), list):
+        for entry in response["Log"]:
+            if isinstance(entry, dict):
+                print(entry_line(entry), file=out)
     else:  # a response this portalctl does not know yet: show it rather than hide it
         print(json.dumps(response, indent=2), file=out)
 
@@ -378,7 +409,7 @@ def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         print(json.dumps(response), file=out)
         return EXIT_ERROR if failed else EXIT_OK
     if failed:
-        print(f"Error: {response['Error']}", file=err)
+        print(f"Error: {refusal_text(args, str(response['Error']))}", file=err)
         return EXIT_ERROR
     print_human(response, out)
     if report is not None:
@@ -386,6 +417,16 @@ def run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     if args.command == "record" and response == "Ok":
         print(record_report(args), file=out)
     return EXIT_OK
+
+
+def refusal_text(args: argparse.Namespace, message: str) -> str:
+    """The daemon's error, with what to do when it is too old for the request."""
+    if args.command == "log" and message.startswith("unknown request 'Log'"):
+        return (
+            "this daemon is older than the Log request and keeps no log to send; "
+            "read its stderr (under systemd: journalctl -u the instance's unit)"
+        )
+    return message
 
 
 def record_report(args: argparse.Namespace) -> str:

@@ -26,6 +26,12 @@ def status_document(instance: Instance) -> dict[str, Any]:
     stats["cached_bytes"] = device.cached_bytes
     if instance.usage is not None and instance.usage.used_bytes is not None:
         stats["used_bytes"] = instance.usage.used_bytes  # object storage taken
+    allocated = instance.allocation.allocated_bytes
+    if allocated is not None:  # blocks holding data (not holes), once the opening scan is done
+        stats["allocated_bytes"] = allocated
+    progress = instance.allocation.scan_progress
+    if progress is not None:  # meanwhile: how much of the disk that scan has covered
+        stats["allocation_scan_progress"] = round(progress, 3)
     stats["store"] = instance.store.counters.as_dict()
     # "ok", or why storage last failed (full, read-only, gone, unreachable)
     stats["storage_state"] = instance.store.data.health

@@ -27,7 +27,7 @@ from tui import __doc__ as tui_doc
 from tui.config import Settings, pick_theme
 from tui.discovery import scan
 from tui.format import fmt_time
-from tui.model import Fleet, Instance, Snapshot, State, Status
+from tui.model import DAEMON_LOG_LINES, Fleet, Instance, LogLine, Snapshot, State, Status
 from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
 from tui.view import help_rows, is_client_refusal
 
@@ -71,6 +71,7 @@ class PortalbdApp(App[None]):
         self._polling: set[str] = set()
         self._snapshot_wanted: set[str] = set()
         self._snapshots_fetched: dict[str, float] = {}
+        self._log_wanted: set[str] = set()  # instances whose daemon log is on screen
         self._render_pending = False
         if self.settings.demo:  # made-up numbers must never pass for a real fleet
             self.title = "portalbd [DEMO: made-up data]"
@@ -137,6 +138,8 @@ class PortalbdApp(App[None]):
                 self._snapshot_wanted.discard(inst.key)
                 inst.set_snapshots([Snapshot.from_json(s) for s in await client.snapshot_list()])
                 self._snapshots_fetched[inst.key] = t
+            if inst.key in self._log_wanted and inst.daemon_log_note is None:
+                await self._fetch_log(inst, client)
         except Timeout as exc:
             inst.record_failure(self.clock()[1], State.UNRESPONSIVE, f"unresponsive: {exc}")
         except Unreachable as exc:
@@ -148,6 +151,32 @@ class PortalbdApp(App[None]):
         finally:
             self._polling.discard(inst.key)
             self.changed()
+
+    async def _fetch_log(self, inst: Instance, client: AsyncControlClient) -> None:
+        """What the daemon logged since the last fetch; an older daemon gets a note, once."""
+        try:
+            entries = await client.log(DAEMON_LOG_LINES, inst.daemon_log_seq)
+        except DaemonError as exc:
+            if "unknown request" in str(exc):
+                # Asked again only after a restart (it may be an upgrade).
+                inst.daemon_log_note = (
+                    "this daemon is older than the Log request and sends no log: "
+                    "read its stderr (the journal under systemd)"
+                )
+            else:
+                inst.daemon_log_note = f"the daemon refused to send its log: {exc}"
+            return
+        lines = [LogLine.from_json(e) for e in entries]
+        inst.add_daemon_log([line for line in lines if line is not None])
+
+    def want_log(self, inst: Instance, wanted: bool) -> None:
+        """Fetch `inst`'s daemon log on every poll while it is shown (and once now)."""
+        if wanted:
+            self._log_wanted.add(inst.key)
+            inst.daemon_log_note = None  # ask again: the daemon may have been upgraded
+            self.poll(inst)
+        else:
+            self._log_wanted.discard(inst.key)
 
     def changed(self) -> None:
         """Ask for one re-render soon; many polls finishing together cost one render."""
@@ -302,11 +331,12 @@ class PortalbdApp(App[None]):
         body = Text.assemble(
             ("The daemon refused: ", "bold"),
             reason,
-            "\n\nWithout force, the daemon pauses the attached clients' I/O while it swaps "
-            "the disk and keeps them connected: they then read the snapshot's data. "
-            "Forcing disconnects them first, so their devices fail rather than change "
-            "silently. Either way a mounted filesystem or running database will see its "
-            "data change under its cache and may be corrupted: unmount first.",
+            "\n\nForcing makes the daemon let the clients' requests in flight finish, "
+            "disconnect every client, flush what they wrote to storage, then swap the disk "
+            "to the snapshot. Their devices see the connection drop (I/O errors until they "
+            "reconnect) rather than data changing silently; writes since the snapshot are "
+            "discarded from the live disk. A mounted filesystem or running database loses "
+            "its disk under it: unmount first.",
         )
 
         def answered(yes: bool | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tui.model import Fleet, Instance, Snapshot, State, Status
+from tui.model import Fleet, Instance, LogLine, Snapshot, State, Status
 
 T0 = 1_764_000_000.0  # the wall-clock second the demo history starts at
 GIB = 1024**3
@@ -54,6 +54,7 @@ def _status(name: str, i: int, *, size: int, url: str, pid: int, wave: float) ->
                 "dirty_bytes": 3 * MIB + 65536 * (i % 4),
                 "cached_bytes": 48 * MIB,
                 "used_bytes": int(size * (0.37 if name == "db" else 0.08)),
+                "allocated_bytes": int(size * (0.31 if name == "db" else 0.05)) // 65536 * 65536,
             },
         }
     )
@@ -91,6 +92,19 @@ def demo_fleet(points: int = 90) -> Fleet:
         ]
     )
     db.log(T0 + 40, "info", "snapshot nightly-2025-11-23 created")
+    db.add_daemon_log(
+        [
+            LogLine(seq=n, wall=T0 + at, level=level, logger=logger, message=message)
+            for n, (at, level, logger, message) in enumerate(
+                [
+                    (0, "info", "portalbd", "portalbd 0.1.0 started instance=db size=68719476736"),
+                    (2, "info", "portalbd.nbd", "client connected peer=10.0.0.7:51234 tls=True"),
+                    (39, "info", "portalbd", "snapshot created name=nightly-2025-11-23 in 41 ms"),
+                    (61, "warning", "portalbd.nbd", "2 requests failed: storage timeout"),
+                ]
+            )
+        ]
+    )
     db.log(T0 + 61, "error", "2 NBD requests failed")
     scratch.set_snapshots([])
     backup.record_failure(T0 + 10, State.DOWN, "connection refused (daemon not running)")

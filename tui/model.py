@@ -20,6 +20,7 @@ from portalbd.snapshot_schedule import schedule_text
 
 HISTORY_POINTS = 300  # five minutes at the default one-second refresh
 EVENT_LINES = 200
+DAEMON_LOG_LINES = 500  # as many as the daemon keeps (portalbd.log.RECENT_LINES)
 
 
 def _num(d: dict[str, Any], key: str) -> float | None:
@@ -60,6 +61,9 @@ class Status:
     version: str = ""
     size_bytes: int = 0
     used_bytes: int | None = None
+    # blocks holding data (not holes); None before the daemon's opening scan, or from an older one
+    allocated_bytes: int | None = None
+    allocation_scan_progress: float | None = None  # 0..1 while the daemon counts them
     block_size: int | None = None
     snapshot_count: int = 0
     storage_url: str = ""
@@ -108,6 +112,7 @@ class Status:
         if used is None:
             used = _num(d, "used_bytes")
         dirty = _num(stats, "dirty_bytes")
+        allocated = _num(stats, "allocated_bytes")
         cached = _num(stats, "cached_bytes")
         uptime = _num(d, "uptime_s")
         generation = _num(d, "generation")
@@ -118,6 +123,8 @@ class Status:
             version=str(d.get("version") or ""),
             size_bytes=_int(d, "size_bytes"),
             used_bytes=None if used is None else int(used),
+            allocated_bytes=None if allocated is None else int(allocated),
+            allocation_scan_progress=_num(stats, "allocation_scan_progress"),
             block_size=None if block_size is None else int(block_size),
             snapshot_count=_int(d, "snapshot_count"),
             storage_url=str(d.get("storage_url") or ""),
@@ -250,6 +257,31 @@ def rates_between(t0: float, a: Status, t1: float, b: Status) -> Rates | None:
     )
 
 
+# A daemon's start (sample time minus its uptime) moves by the time a reply
+# takes to arrive (and a busy TUI takes to look at it), under the 3 s status
+# deadline; a restart moves it by the old daemon's lifetime, and a new pid
+# says so anyway outside a container.
+START_JITTER_S = 5.0
+
+
+def restart_between(t0: float, a: Status, t1: float, b: Status) -> str | None:
+    """Why the sample at t1 comes from another daemon process than the one at t0, or None.
+
+    A new pid, a later start (monotonic sample time minus uptime: the same
+    pid can come back in a container), or a cumulative counter going
+    backwards (an older daemon that sends neither) each mean a restart.
+    """
+    if a.pid is not None and b.pid is not None and a.pid != b.pid:
+        return f"pid {a.pid} → {b.pid}"
+    up_a, up_b = a.uptime_s, b.uptime_s
+    if up_a is not None and up_b is not None and (t1 - up_b) - (t0 - up_a) > START_JITTER_S:
+        return f"up {up_b:.0f}s"
+    counters = ("reads", "writes", "flushes", "bytes_read", "bytes_written", "errors")
+    if any(getattr(b, name) < getattr(a, name) for name in counters):
+        return "counters went back"
+    return None
+
+
 class State(enum.Enum):
     """How the instance last answered (or failed to)."""
 
@@ -264,6 +296,30 @@ class Event:
     wall: float
     level: str  # "info" | "warning" | "error"
     text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogLine:
+    """One record of the daemon's own log (the `Log` request)."""
+
+    seq: int
+    wall: float
+    level: str
+    logger: str = ""
+    message: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LogLine | None:
+        seq, wall = _num(d, "seq"), _num(d, "time")
+        if seq is None or wall is None:
+            return None
+        return cls(
+            seq=int(seq),
+            wall=wall,
+            level=str(d.get("level") or "info"),
+            logger=str(d.get("logger") or ""),
+            message=str(d.get("message") or ""),
+        )
 
 
 @dataclass(slots=True)
@@ -292,6 +348,10 @@ class History:
             "flush_p99",
         ):
             setattr(self, name, deque(maxlen=self.size))
+
+    def clear(self) -> None:
+        """Start again: a restarted daemon's charts must not join the old one's."""
+        self.__post_init__()
 
     def add(self, rates: Rates, status: Status) -> None:
         self.read_iops.append(rates.read_iops)
@@ -325,7 +385,13 @@ class Instance:
     last_error: str | None = None
     explicit: bool = False
     event_total: int = 0  # events ever logged, so viewers can append only the new ones
+    # The daemon's own recent log, fetched while someone looks at it.
+    daemon_log: deque[LogLine] = field(default_factory=lambda: deque(maxlen=DAEMON_LOG_LINES))
+    daemon_log_total: int = 0
+    # Why there is no daemon log to show (an older daemon), or None.
+    daemon_log_note: str | None = None
     _sample_t: float | None = None
+    _last_t: float | None = None  # of the last good sample, kept across outages
 
     @property
     def name(self) -> str:
@@ -341,31 +407,56 @@ class Instance:
         self.events.append(Event(wall, level, text))
         self.event_total += 1
 
+    @property
+    def daemon_log_seq(self) -> int:
+        """The newest record held: the next `Log` asks only for those after it."""
+        return self.daemon_log[-1].seq if self.daemon_log else -1
+
+    def add_daemon_log(self, lines: list[LogLine]) -> None:
+        """Records from a `Log` reply; those already held are skipped."""
+        for line in lines:
+            if line.seq > self.daemon_log_seq:
+                self.daemon_log.append(line)
+                self.daemon_log_total += 1
+        self.daemon_log_note = None
+
+    def _forget_daemon_log(self) -> None:
+        """A new daemon numbers its records from 0 again (and may be a newer version)."""
+        self.daemon_log = deque(maxlen=DAEMON_LOG_LINES)
+        self.daemon_log_total = 0
+        self.daemon_log_note = None
+
     def record_status(self, t: float, wall: float, status: Status) -> None:
-        """A successful poll at monotonic time t (wall: for the event log)."""
+        """A successful poll at monotonic time t (wall: for the event log).
+
+        A restart, seen directly or across an outage, is logged as one and
+        starts the charts again: no rate spans two processes.
+        """
         previous, previous_t = self.status, self._sample_t
-        if self.state is not State.UP:
+        restart = None
+        if previous is not None and self._last_t is not None:
+            restart = restart_between(self._last_t, previous, t, status)
+        if restart is not None:
+            self.log(wall, "warning", f"daemon restarted ({restart})")
+            self.history.clear()
+            self._forget_daemon_log()
+            previous_t = None
+        elif self.state is not State.UP:
             again = self.state in (State.DOWN, State.UNRESPONSIVE)
             self.log(wall, "info", "answering again" if again else "connected")
-        elif previous is not None and previous.pid != status.pid and status.pid is not None:
-            self.log(wall, "warning", f"daemon restarted (pid {previous.pid} → {status.pid})")
-        if (
-            previous is not None
-            and previous.generation != status.generation
-            and status.generation is not None
-            and previous.pid == status.pid
-        ):
-            self.log(wall, "info", f"disk generation {status.generation} is live")
-        if previous is not None and status.errors > previous.errors and previous.pid == status.pid:
-            n = status.errors - previous.errors
-            self.log(wall, "error", f"{n} NBD request{'s' if n != 1 else ''} failed")
+        if restart is None and previous is not None:
+            if previous.generation != status.generation and status.generation is not None:
+                self.log(wall, "info", f"disk generation {status.generation} is live")
+            if status.errors > previous.errors:
+                n = status.errors - previous.errors
+                self.log(wall, "error", f"{n} NBD request{'s' if n != 1 else ''} failed")
         self.rates = None
         if previous is not None and previous_t is not None:
             self.rates = rates_between(previous_t, previous, t, status)
         if self.rates is not None:
             self.history.add(self.rates, status)
         self.status = status
-        self._sample_t = t
+        self._sample_t = self._last_t = t
         self.state = State.UP
         self.last_error = None
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from portalbd.control.protocol import MAX_SNAPSHOT_NAME, SNAPSHOT_NAME
+from portalbd.control.protocol import snapshot_name_problem as daemon_name_problem
 from tui.format import (
     DASH,
     ellipsize,
@@ -25,7 +25,7 @@ from tui.format import (
     resample,
     sparkline,
 )
-from tui.model import Event, Instance, Snapshot, State
+from tui.model import Event, Instance, LogLine, Snapshot, State, Status
 
 STATE_LABEL = {
     State.UP: "● up",
@@ -65,6 +65,10 @@ def _size(inst: Instance) -> str:
 
 def _used(inst: Instance) -> str:
     return fmt_bytes(inst.status.used_bytes) if inst.status else DASH
+
+
+def _allocated(inst: Instance) -> str:
+    return fmt_bytes(inst.status.allocated_bytes) if inst.status else DASH
 
 
 def _clients(inst: Instance) -> str:
@@ -114,7 +118,7 @@ def _trend(width: int) -> Callable[[Instance], Text]:
 
 
 def _name(inst: Instance) -> Text:
-    return Text(inst.name, style="bold")
+    return Text(ellipsize(inst.name, INSTANCE_NAME_CELL), style="bold")
 
 
 def _url(width: int) -> Callable[[Instance], str]:
@@ -127,6 +131,8 @@ def _url(width: int) -> Callable[[Instance], str]:
 
 # Longer names are cut with an ellipsis in the table (the dialogs say them whole).
 SNAPSHOT_NAME_CELL = 40
+# Instance names have no length limit; the details panel says them whole.
+INSTANCE_NAME_CELL = 24
 
 
 NAME = Column("name", "Instance", _name, "left")
@@ -135,6 +141,8 @@ SIZE = Column("size", "Size", _size)
 # used_bytes: what the instance takes in object storage (every generation,
 # snapshots, WAL), sampled every 30 s; not the disk's allocated blocks.
 USED = Column("used", "Stored", _used)
+# allocated_bytes: the disk's blocks that hold data (not holes), kept exact by the daemon.
+ALLOCATED = Column("allocated", "Allocated", _allocated)
 CLIENTS = Column("clients", "Clients", _clients)
 FLUSH = Column("flush", "Flush p99", _flush_p99)
 
@@ -168,8 +176,9 @@ COLUMNS_FULL: tuple[Column, ...] = (
     NAME,
     STATE,
     SIZE,
+    ALLOCATED,
     USED,
-    CLIENTS,
+    Column("clients", "Cl", _clients),  # narrow, to leave room for Allocated
     Column("riops", "R IOPS", _r_iops),
     Column("wiops", "W IOPS", _w_iops),
     Column("rmib", "R MiB/s", _r_mib),
@@ -177,8 +186,8 @@ COLUMNS_FULL: tuple[Column, ...] = (
     FLUSH,
     Column("dirty", "Dirty", _dirty),
     Column("snaps", "Snaps", _snaps),
-    Column("trend", "Throughput", _trend(16), "left"),
-    Column("url", "Storage", _url(48), "left"),
+    Column("trend", "Throughput", _trend(14), "left"),
+    Column("url", "Storage", _url(34), "left"),
 )
 COLUMNS_WIDE_URL: tuple[Column, ...] = (*COLUMNS_WIDE, Column("url", "Storage", _url(20), "left"))
 
@@ -191,6 +200,85 @@ def columns_for_width(width: int) -> tuple[Column, ...]:
     if width >= 118:
         return COLUMNS_WIDE
     return COLUMNS_NARROW
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    """One way to order the overview: `s` cycles through them, `S` reverses.
+
+    Numbers sort biggest first (what needs attention), names A to Z. An
+    instance without the value (down, or an older daemon) goes last either way.
+    """
+
+    label: str
+    value: Callable[[Instance], float | str | None]
+    columns: frozenset[str]  # the column keys whose header shows the arrow
+    descending: bool = True
+
+
+def _live(get: Callable[[Instance], float | None]) -> Callable[[Instance], float | None]:
+    def value(inst: Instance) -> float | None:
+        return get(inst) if _st(inst) else None
+
+    return value
+
+
+def _status_value(get: Callable[[Status], float | None]) -> Callable[[Instance], float | None]:
+    return _live(lambda i: get(i.status) if i.status is not None else None)
+
+
+STATE_ORDER = {State.DOWN: 0, State.UNRESPONSIVE: 1, State.CONNECTING: 2, State.UP: 3}
+SORT_KEYS: tuple[SortKey, ...] = (
+    SortKey("name", lambda i: i.name.lower(), frozenset({"name"}), descending=False),
+    # the troubled ones first
+    SortKey("state", lambda i: STATE_ORDER[i.state], frozenset({"state"}), descending=False),
+    SortKey("size", lambda i: i.status.size_bytes if i.status else None, frozenset({"size"})),
+    SortKey(
+        "allocated",
+        lambda i: i.status.allocated_bytes if i.status else None,
+        frozenset({"allocated"}),
+    ),
+    SortKey("stored", lambda i: i.status.used_bytes if i.status else None, frozenset({"used"})),
+    SortKey("clients", _status_value(lambda s: s.connections), frozenset({"clients"})),
+    SortKey(
+        "IOPS",
+        _live(lambda i: i.rates.total_iops if i.rates else None),
+        frozenset({"iops", "riops", "wiops"}),
+    ),
+    SortKey(
+        "MiB/s",
+        _live(lambda i: i.rates.total_bps if i.rates else None),
+        frozenset({"mibs", "rmib", "wmib", "trend"}),
+    ),
+    SortKey("flush p99", _status_value(lambda s: s.flush_latency.p99), frozenset({"flush"})),
+    SortKey("dirty", _status_value(lambda s: s.dirty_bytes), frozenset({"dirty"})),
+    SortKey(
+        "snapshots", lambda i: i.status.snapshot_count if i.status else None, frozenset({"snaps"})
+    ),
+)
+
+
+def sort_instances(
+    instances: Sequence[Instance], key: SortKey, reverse: bool = False
+) -> list[Instance]:
+    """`instances` in `key`'s order (`reverse` flips it); no value last, ties by name."""
+    by_name = sorted(instances, key=lambda i: (i.name, i.key))
+    known: list[tuple[float | str, Instance]] = []
+    unknown: list[Instance] = []
+    for inst in by_name:
+        value = key.value(inst)
+        if value is None:
+            unknown.append(inst)
+        else:
+            known.append((value, inst))
+    # A stable sort, reversed or not, keeps equal values in name order.
+    known.sort(key=lambda pair: pair[0], reverse=key.descending != reverse)
+    return [inst for _, inst in known] + unknown
+
+
+def sort_arrow(key: SortKey, reverse: bool) -> str:
+    """▼ when the column runs from its biggest value down, ▲ from its smallest up."""
+    return "▼" if key.descending != reverse else "▲"
 
 
 def row(inst: Instance, columns: Sequence[Column]) -> list[Text]:
@@ -233,10 +321,9 @@ def summary_lines(inst: Instance) -> list[Text]:
     lines.append(
         _facts(
             ("size", fmt_bytes(st.size_bytes)),
+            ("allocated", _allocated_fact(st)),
             ("dirty", fmt_bytes(st.dirty_bytes)),
             ("cached", fmt_bytes(st.cached_bytes)),
-            ("snaps", str(st.snapshot_count)),
-            ("gen", DASH if st.generation is None else str(st.generation)),
         )
     )
     lines.append(
@@ -246,6 +333,7 @@ def summary_lines(inst: Instance) -> list[Text]:
             ("in flight", str(st.inflight)),
             ("up", fmt_duration(st.uptime_s)),
             ("pid", DASH if st.pid is None else str(st.pid)),
+            ("snaps", str(st.snapshot_count)),
         )
     )
     tls: tuple[tuple[str, str], ...] = ()
@@ -255,7 +343,8 @@ def summary_lines(inst: Instance) -> list[Text]:
     stored: tuple[tuple[str, str], ...] = ()
     if st.used_bytes is not None:  # object storage taken, all generations; absent for memory
         stored = (("stored", f"{fmt_bytes(st.used_bytes)} (sampled every 30 s)"),)
-    lines.append(_facts(("storage", st.storage_url or DASH), *stored))
+    generation = "" if st.generation is None else f" (gen {st.generation})"
+    lines.append(_facts(("storage", (st.storage_url or DASH) + generation), *stored))
     lines.append(
         _facts(
             ("nbd", st.nbd_address or DASH),
@@ -264,6 +353,14 @@ def summary_lines(inst: Instance) -> list[Text]:
         )
     )
     return lines
+
+
+def _allocated_fact(st: Status) -> str:
+    """The allocated bytes, or how far the daemon's count of them has come."""
+    progress = st.allocation_scan_progress
+    if st.allocated_bytes is None and progress is not None:
+        return f"counting ({progress:.0%})"
+    return fmt_bytes(st.allocated_bytes)
 
 
 def _facts(*pairs: tuple[str, str]) -> Text:
@@ -279,6 +376,22 @@ def event_text(event: Event) -> Text:
     return Text.assemble((fmt_clock(event.wall), "dim"), " ", (event.text, style))
 
 
+LOG_LEVEL_STYLE = {"debug": "dim", "warning": "bold yellow", "error": "bold red"}
+
+
+def log_line_text(line: LogLine) -> Text:
+    """A daemon log record: time, level, logger, message (wrapped by the panel)."""
+    style = LOG_LEVEL_STYLE.get(line.level, "bold red" if line.level == "critical" else "")
+    return Text.assemble(
+        (fmt_clock(line.wall), "dim"),
+        " ",
+        (line.level, style or "green"),
+        " ",
+        (f"{line.logger}: " if line.logger else "", "dim"),
+        (line.message, "dim" if line.level == "debug" else ""),
+    )
+
+
 def snapshot_row(snap: Snapshot) -> list[Text]:
     return [
         Text(ellipsize(snap.name, SNAPSHOT_NAME_CELL), style="bold"),
@@ -291,20 +404,15 @@ def snapshot_row(snap: Snapshot) -> list[Text]:
 def snapshot_name_problem(name: str, existing: Sequence[str] = ()) -> str | None:
     """Why `name` cannot be used for a new snapshot, or None if it can.
 
-    Checked before sending so typos are caught while typing; the daemon checks
-    again and its message is shown if it disagrees.
+    The daemon's own rule (`portalbd.control.protocol`), checked before
+    sending so typos are caught while typing; only "already taken" is the
+    TUI's, from the list it last read. The daemon checks again and its
+    message is shown if it disagrees.
     """
-    if not name:
-        return "a name is required"
-    if len(name) > MAX_SNAPSHOT_NAME:
-        return f"at most {MAX_SNAPSHOT_NAME} characters"
-    if not SNAPSHOT_NAME.fullmatch(name):
-        if not (name[0].isalnum() or name[0] == "_"):
-            return "must start with a letter or digit (or '_')"
-        return "only letters, digits, '.', '_' and '-'"
-    if name in existing:
+    problem = daemon_name_problem(name)
+    if problem is None and name in existing:
         return f"a snapshot named {name!r} already exists"
-    return None
+    return problem
 
 
 def matches_filter(inst: Instance, text: str) -> bool:

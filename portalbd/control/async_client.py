@@ -127,6 +127,10 @@ class AsyncControlClient:
     async def snapshot_restore(self, name: str, force: bool = False) -> None:
         await self.call(calls.snapshot_restore(name, force))
 
+    async def log(self, lines: int = 100, after: int = -1) -> list[dict[str, Any]]:
+        """The daemon's recent log records, oldest first (`Log`)."""
+        return await self.call(calls.log(lines, after))
+
 
 async def request_once(path: Path, request: Any, timeout: float = 60.0) -> Any:  # noqa: ASYNC109
     """One request on its own connection; the reply as decoded, ``{"Error": ...}`` included.

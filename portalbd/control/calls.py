@@ -58,3 +58,12 @@ def snapshot_delete(name: str) -> Call[None]:
 
 def snapshot_restore(name: str, force: bool = False) -> Call[None]:
     return Call(rq.SnapshotRestore(name=name, force=force).document(), replies.ok)
+
+
+def _log(reply: Any) -> list[dict[str, Any]]:
+    body: list[Any] = replies.tagged(reply, "Log", list)
+    return [item for item in body if isinstance(item, dict)]
+
+
+def log(lines: int = 100, after: int = -1) -> Call[list[dict[str, Any]]]:
+    return Call(rq.Log(lines=lines, after=after).document(), _log)

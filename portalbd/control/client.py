@@ -147,6 +147,10 @@ class ControlClient:
     def snapshot_restore(self, name: str, force: bool = False) -> None:
         self.call(calls.snapshot_restore(name, force))
 
+    def log(self, lines: int = 100, after: int = -1) -> list[dict[str, Any]]:
+        """The daemon's recent log records, oldest first (`Log`)."""
+        return self.call(calls.log(lines, after))
+
 
 def request_once(path: Path, request: Any, timeout: float = 60.0) -> Any:
     """One request on its own connection; the reply as decoded, ``{"Error": ...}`` included."""

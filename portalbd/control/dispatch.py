@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, assert_never
 
 from portalbd.control import protocol as cp
 from portalbd.control import requests as rq
+from portalbd.log import recent as recent_log
 
 if TYPE_CHECKING:
     from portalbd.instance import Instance
@@ -50,5 +51,10 @@ async def dispatch(instance: Instance, request: rq.AnyRequest) -> Any:
             if not instance.stop_trace():
                 return cp.error("no trace is being recorded")
             return "Ok"
+        case rq.Log(lines=lines, after=after):
+            # The process's ring (portalbd.log), not the instance's: a daemon is one instance.
+            if lines < 1:
+                return cp.error(f"Log: lines must be at least 1, not {lines}")
+            return {"Log": recent_log.tail(lines, after)}
         case _:
             assert_never(request)

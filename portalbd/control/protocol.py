@@ -98,8 +98,26 @@ def encode_request(kind: str, **args: Any) -> bytes:
     return encode_document(request_document(kind, **args))
 
 
+def snapshot_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a snapshot, in a few words, or None if it can.
+
+    The one rule, shared by the daemon (`check_snapshot_name`) and the TUI's
+    prompt, which checks while typing: the regex decides, the rest only says
+    which part of it the name breaks.
+    """
+    if SNAPSHOT_NAME.fullmatch(name):
+        return None
+    if not name:
+        return "a name is required"
+    if len(name) > MAX_SNAPSHOT_NAME:
+        return f"at most {MAX_SNAPSHOT_NAME} characters"
+    if not SNAPSHOT_NAME.fullmatch(name[0]):
+        return "must start with a letter or digit (or '_')"
+    return "only letters, digits, '.', '_' and '-'"
+
+
 def check_snapshot_name(name: str) -> None:
-    if not SNAPSHOT_NAME.fullmatch(name):
+    if snapshot_name_problem(name) is not None:
         raise BadRequest(
             f"invalid snapshot name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "not starting with '.' or '-'"

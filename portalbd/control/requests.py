@@ -65,6 +65,13 @@ class TraceStop(Message, frozen=True):
     pass
 
 
+class Log(Message, frozen=True):
+    """The daemon's recent log records: the newest `lines` with a sequence number above `after`."""
+
+    lines: int = 100
+    after: int = -1
+
+
 AnyRequest = (
     Status
     | Metrics
@@ -75,6 +82,7 @@ AnyRequest = (
     | SnapshotRestore
     | TraceStart
     | TraceStop
+    | Log
 )
 
 KINDS: dict[str, type[Message]] = {
@@ -89,5 +97,6 @@ KINDS: dict[str, type[Message]] = {
         SnapshotRestore,
         TraceStart,
         TraceStop,
+        Log,
     )
 }

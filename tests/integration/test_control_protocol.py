@@ -84,7 +84,7 @@ def test_status_golden_prefix(daemon: RunningDaemon, wire: Wire) -> None:
         (b'{"Status":{},"SnapshotList":{}}\n', None),
         (
             b'"Bogus"\n',
-            b'{"Error":"unknown request \'Bogus\' (known: Metrics, SnapshotCreate, '
+            b'{"Error":"unknown request \'Bogus\' (known: Log, Metrics, SnapshotCreate, '
             b"SnapshotDelete, SnapshotGet, SnapshotList, SnapshotRestore, Status, "
             b'TraceStart, TraceStop)"}\n',
         ),

@@ -170,6 +170,49 @@ def test_record_start_and_stop(daemon: RunningDaemon) -> None:
     }
 
 
+def test_log_prints_the_daemons_recent_lines(daemon: RunningDaemon) -> None:
+    assert ctl(*sock(daemon), "snapshot", "create", "logged").returncode == 0
+    shown = ctl(*sock(daemon), "log", "-n", "3")
+    assert (shown.returncode, shown.stderr) == (0, "")
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 3 and "snapshot created name=logged" in shown.stdout
+    # The lines the daemon wrote to stderr, as it wrote them (less "instance=t").
+    stderr = [re.sub(r"^(\S+ \S+ +)instance=t ", r"\1", x) for x in daemon.log().splitlines()]
+    assert [line for line in lines if line not in stderr] == [], stderr[-10:]
+    doc = json.loads(ctl("--json", *sock(daemon), "log", "--lines", "2").stdout)
+    assert [set(e) for e in doc["Log"]] == [{"seq", "time", "level", "logger", "message"}] * 2
+    assert doc["Log"][0]["seq"] < doc["Log"][1]["seq"]
+    refused = ctl(*sock(daemon), "log", "-n", "0")
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        "Error: Log: lines must be at least 1, not 0\n",
+    )
+
+
+def test_log_from_a_daemon_older_than_the_request(tmp_path: Path) -> None:
+    """What an older portalbd answers to `Log` (it has no such request), said plainly."""
+    path = tmp_path / "old.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.sendall(b'{"Error":"unknown request \'Log\' (known: Metrics, Status)"}\n')
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        result = ctl("--socket", str(path), "log")
+    finally:
+        thread.join(5)
+        server.close()
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("Error: this daemon is older than the Log request")
+
+
 def test_json_prints_the_raw_response(daemon: RunningDaemon) -> None:
     created = ctl("--json", *sock(daemon), "snapshot", "create", "j1")
     assert created.returncode == 0

@@ -31,6 +31,7 @@ from tui.config import Settings
 from tui.model import Instance, State
 from tui.screens.dialogs import ConfirmScreen, SnapshotNameScreen
 from tui.screens.instance import InstanceScreen
+from tui.widgets.event_log import EventLog
 from tui.widgets.tables import InstanceTable, SnapshotTable
 
 pytestmark = pytest.mark.slow
@@ -160,6 +161,16 @@ def test_tui_against_real_daemons(
                 "toast",
                 lambda: any("snapshot before-change created" in t for t in toasts(app)),
             )
+            # l: the daemon's own log (the Log request) in the panel, then the events again.
+            await pilot.press("l")
+            panel = app.screen.query_one(EventLog)
+            await wait_for(
+                pilot,
+                "daemon log line",  # wrapped at the panel's width: joined to look for it
+                lambda: "created name=before-change" in "".join(x.text for x in panel.lines),
+            )
+            assert panel.border_title == "Daemon log"
+            await pilot.press("l")
 
             # Change the disk, then restore through the UI with the client still
             # attached: the daemon pauses its I/O for the swap and keeps it.
@@ -205,6 +216,10 @@ def test_tui_against_real_daemons(
             await wait_for(pilot, "mem back", lambda: m.state is State.UP)
             await pilot.pause(0.3)
             assert "up" in cell(app, m, "state") and cell(app, m, "size") == "1.0 GiB"
+            # A new process, logged as a restart; its charts started again, nothing negative.
+            assert any(e.text.startswith("daemon restarted (pid") for e in m.events)
+            assert "answering again" not in [e.text for e in m.events]
+            assert all(v >= 0 for v in m.history.total_bps)
 
             # A daemon that stops answering is unresponsive, then recovers.
             disk.process.send_signal(signal.SIGSTOP)

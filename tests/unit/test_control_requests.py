@@ -25,6 +25,7 @@ from portalbd.control import requests as rq
         rq.SnapshotRestore(name="s1", force=True),
         rq.TraceStart(path="t.jsonl", workload="mkfs"),
         rq.TraceStop(),
+        rq.Log(lines=5, after=41),
     ],
 )
 def test_every_request_reads_back_from_its_document(request_: rq.AnyRequest) -> None:
@@ -48,6 +49,7 @@ def test_the_documents_keep_the_wire_shape() -> None:
         "SnapshotRestore",
         "TraceStart",
         "TraceStop",
+        "Log",
     ]
 
 
@@ -58,6 +60,7 @@ def test_optional_fields_take_their_defaults() -> None:
     assert protocol.parse_request(b'{"SnapshotRestore": {"name": "s"}}') == rq.SnapshotRestore(
         name="s", force=False
     )
+    assert protocol.parse_request(b'"Log"') == rq.Log(lines=100, after=-1)
 
 
 @pytest.mark.parametrize(

@@ -315,3 +315,143 @@ def test_slash_filters_the_overview() -> None:
         assert shown() == ["backup"]
 
     run(scenario)
+
+
+def test_the_force_offer_says_the_daemon_flushes_and_disconnects() -> None:
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        db = next(i for i in app.fleet if i.name == "db")
+        app._offer_force(db, "before-upgrade", "refusing to restore: 2 clients connected")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        body = " ".join(str(app.screen.query_one(".dialog--body").render()).split())
+        assert "The daemon refused: refusing to restore: 2 clients connected" in body
+        for said in ("requests in flight finish", "disconnect every client", "flush what"):
+            assert said in body, body
+        await pilot.press("enter")  # Cancel has the focus: nothing is forced
+        assert not isinstance(app.screen, ConfirmScreen)
+
+    run(scenario)
+
+
+def test_s_cycles_the_sort_column_with_an_arrow_and_a_header_click_sorts() -> None:
+    from textual.widgets.data_table import ColumnKey
+
+    from tui.view import SORT_KEYS
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        table = app.screen.query_one(InstanceTable)
+
+        def shown() -> list[str]:
+            return [str(table.get_row(key)[0]) for key in table.rows]
+
+        def header(key: str) -> str:
+            return str(table.columns[ColumnKey(key)].label)
+
+        assert shown() == ["backup", "db", "scratch"] and header("name") == "Instance ▲"
+        assert table.border_subtitle == "sorted by name ▲"
+        await pilot.press("s", "s")  # state, then size: biggest first, the down one last
+        await pilot.pause()
+        assert shown() == ["db", "scratch", "backup"]
+        assert header("size") == "Size ▼" and header("name") == "Instance"
+        assert table.border_subtitle == "sorted by size ▼"
+        await pilot.press("S")  # reversed: smallest first, still no value last
+        await pilot.pause()
+        assert shown() == ["scratch", "db", "backup"] and header("size") == "Size ▲"
+        await pilot.press(*"s" * (len(SORT_KEYS) - 2))  # round to name again
+        await pilot.pause()
+        assert header("name") == "Instance ▲" and shown() == ["backup", "db", "scratch"]
+        # A click on a header sorts by that column.
+        x = sum(table.columns[ColumnKey(k)].get_render_width(table) for k in ("name", "state"))
+        await pilot.click(InstanceTable, offset=(x + 3, 1))
+        await pilot.pause()
+        assert header("size") == "Size ▼" and shown() == ["db", "scratch", "backup"]
+        await pilot.press("question_mark")  # and ? lists both keys
+        await pilot.pause()
+        rows = dict(getattr(app.screen, "rows", []))
+        assert rows.get("s") == "Sort" and rows.get("S") == "Reverse the sort", rows
+
+    run(scenario)
+
+
+def test_l_shows_the_daemons_log_wrapped_at_the_panel_width() -> None:
+    from tui.model import LogLine
+    from tui.widgets.event_log import EventLog
+
+    fleet = demo_fleet()
+    db = next(i for i in fleet if i.name == "db")
+    long = "flush took long: " + "detail " * 30 + "THE-END"
+    db.add_daemon_log(
+        [
+            LogLine(seq=10, wall=1_764_000_100.0, level="info", logger="portalbd", message="up"),
+            LogLine(seq=11, wall=1_764_000_101.0, level="warning", logger="x", message=long),
+        ]
+    )
+    db.add_daemon_log([LogLine(seq=11, wall=0.0, level="info", message="again")])  # held: skipped
+
+    async def scenario(app: PortalbdApp, pilot: Pilot[None]) -> None:
+        await pilot.press("down", "enter")
+        await pilot.pause()
+        log = app.screen.query_one(EventLog)
+        assert log.border_title == "Events" and log.border_subtitle == "l: daemon log"
+        await pilot.press("l")
+        await pilot.pause()
+        text = [line.text for line in log.lines]
+        assert log.border_title == "Daemon log" and log.border_subtitle == "l: events"
+        up = text.index("16:01:40 info portalbd: up")
+        assert len(db.daemon_log) == 6 and "again" not in "".join(text)
+        assert "".join(text[up + 1 :]).endswith("detail THE-END") and len(text) > up + 3  # wrapped
+        assert max(line.cell_length for line in log.lines) <= log.scrollable_content_region.width
+        await pilot.press("l")
+        await pilot.pause()
+        assert log.border_title == "Events" and "snapshot nightly" in log.lines[1].text
+        await pilot.press("question_mark")  # not in the footer, but in ? help
+        await pilot.pause()
+        assert dict(getattr(app.screen, "rows", [])).get("l") == "Daemon log / events"
+
+    run(scenario, fleet=fleet, size=(100, 30))
+
+
+def test_a_daemon_without_the_log_request_gets_a_note_not_a_crash(tmp_path: Path) -> None:
+    """An older daemon (a stand-in speaking its protocol) answers `Log` with an unknown request."""
+    import json
+
+    from tui.widgets.event_log import EventLog
+
+    path = tmp_path / "old" / "control.sock"
+    path.parent.mkdir()
+    asked: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            request = json.loads(line)
+            asked.append(request if isinstance(request, str) else next(iter(request)))
+            if request == "Status":
+                reply: object = {"Status": {"instance": "old", "pid": 1, "uptime_s": 5.0}}
+            elif request == "SnapshotList":
+                reply = {"SnapshotList": []}
+            else:
+                reply = {"Error": f"unknown request {asked[-1]!r} (known: SnapshotList, Status)"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+
+    async def go() -> None:
+        server = await asyncio.start_unix_server(serve, str(path))
+        settings = Settings(sockets=(path,), discover=False, refresh_s=0.2, theme="dark")
+        app = PortalbdApp(settings)
+        async with server, app.run_test(size=(100, 30)) as pilot:
+            for _ in range(50):
+                await pilot.pause(0.05)
+                if app.fleet.get(str(path)) and app.fleet.get(str(path)).status:  # type: ignore[union-attr]
+                    break
+            await pilot.press("enter", "l")
+            for _ in range(50):
+                await pilot.pause(0.05)
+                if "Log" in asked:
+                    break
+            await pilot.pause(0.5)  # more polls: the note stays, Log is not asked again
+            log = app.screen.query_one(EventLog)
+            shown = " ".join(line.text for line in log.lines)
+            assert "older than the Log request" in shown, shown
+            assert asked.count("Log") == 1 and app.fleet.get(str(path)).state.value == "up"  # type: ignore[union-attr]
+
+    asyncio.run(go())

@@ -14,6 +14,7 @@ import pytest
 
 from portalbd.control.async_client import AsyncControlClient
 from portalbd.control.errors import ProtocolError, Timeout, Unreachable
+from portalbd.control.protocol import BadRequest, check_snapshot_name
 from tui.app import parse_args
 from tui.config import pick_theme, terminal_is_light
 from tui.demo import demo_fleet, instance
@@ -29,7 +30,17 @@ from tui.format import (
     resample,
     sparkline,
 )
-from tui.model import Fleet, Rates, Snapshot, State, Status, name_from_socket, rates_between
+from tui.model import (
+    Fleet,
+    LogLine,
+    Rates,
+    Snapshot,
+    State,
+    Status,
+    name_from_socket,
+    rates_between,
+    restart_between,
+)
 from tui.view import (
     COLUMNS_FULL,
     COLUMNS_NARROW,
@@ -211,6 +222,52 @@ def test_instance_states_events_and_history() -> None:
     assert (inst.events[-1].level, inst.events[-1].text) == ("error", "3 NBD requests failed")
 
 
+def test_a_restart_is_logged_as_such_and_starts_the_charts_again() -> None:
+    def up(uptime: float, reads: int, pid: int = 1) -> Status:
+        return Status.from_json(
+            {
+                "pid": pid,
+                "uptime_s": uptime,
+                "stats": {"commands": {"read": reads}, "bytes_read": reads * 4096},
+            }
+        )
+
+    inst, _ = Fleet().add(Path("/run/portalbd/c/control.sock"))
+    for i in range(5):  # started at t=90, 100 reads a second
+        inst.record_status(100.0 + i, 0.0, up(10.0 + i, 100 * i))
+    assert len(inst.history.read_iops) == 4 and inst.rates and inst.rates.read_iops == 100
+    line = LogLine.from_json({"seq": 7, "time": 1.5, "level": "info", "message": "m"})
+    assert line is not None and LogLine.from_json({"message": "no seq"}) is None
+    inst.add_daemon_log([line])
+    assert inst.daemon_log_seq == 7
+    # Same pid (pid 1 in a container), started again at t=104.5, already busier
+    # than the old one was: no down in between, and the counters did not go back.
+    inst.record_status(105.0, 0.0, up(0.5, 900))
+    assert inst.events[-1].text == "daemon restarted (up 0s)"
+    assert inst.events[-1].level == "warning"
+    assert inst.rates is None and len(inst.history.read_iops) == 0  # no spike, charts reset
+    assert inst.daemon_log_seq == -1 and not inst.daemon_log  # its log numbers from 0 again
+    inst.record_status(106.0, 0.0, up(1.5, 1000))
+    assert list(inst.history.read_iops) == [100.0]
+
+    # Across an outage: one "restarted" (not "answering again"), no negative rate.
+    inst.record_failure(107.0, State.DOWN, "connection refused")
+    inst.record_status(120.0, 0.0, up(2.0, 50, pid=2))
+    assert [e.text for e in inst.events][-2:] == [
+        "connection refused",
+        "daemon restarted (pid 1 → 2)",
+    ]
+    inst.record_status(121.0, 0.0, up(3.0, 60, pid=2))
+    assert list(inst.history.read_iops) == [10.0]
+    # Down and back without a restart: answering again, the history kept.
+    inst.record_failure(122.0, State.DOWN, "connection refused")
+    inst.record_status(130.0, 0.0, up(12.0, 70, pid=2))
+    assert inst.events[-1].text == "answering again" and len(inst.history.read_iops) == 1
+    # An older daemon without pid or uptime: counters going back mean a restart.
+    assert restart_between(0, _status(reads=5), 1, _status(reads=4)) == "counters went back"
+    assert restart_between(0, _status(reads=5), 1, _status(reads=5)) is None
+
+
 def test_name_from_socket() -> None:
     assert name_from_socket(Path("/run/portalbd/db/control.sock")) == "db"
     assert name_from_socket(Path("/tmp/x/my.sock")) == "my"
@@ -267,7 +324,18 @@ def test_the_storage_url_gets_a_column_once_a_useful_part_fits() -> None:
 def test_used_is_labelled_as_object_storage_sampled_every_30_s() -> None:
     assert COLUMNS_NARROW[3].label == "Stored"
     shown = [line.plain for line in summary_lines(instance(demo_fleet(), "db"))]
-    assert "storage s3://disks/prod/db  stored 23.7 GiB (sampled every 30 s)" in shown
+    assert "storage s3://disks/prod/db (gen 3)  stored 23.7 GiB (sampled every 30 s)" in shown
+    # The disk's blocks holding data, beside what object storage holds.
+    assert "size 64.0 GiB  allocated 19.8 GiB  dirty 3.1 MiB  cached 48.0 MiB" in shown
+    assert [c.label for c in COLUMNS_FULL[2:5]] == ["Size", "Allocated", "Stored"]
+    assert row(instance(demo_fleet(), "db"), COLUMNS_FULL)[3].plain == "19.8 GiB"
+    older = Status.from_json({"stats": {"used_bytes": 5}})  # a daemon without the key
+    assert older.allocated_bytes is None
+    counting, _ = Fleet().add(Path("/run/portalbd/big/control.sock"))
+    counting.record_status(
+        0.0, 0.0, Status.from_json({"stats": {"allocation_scan_progress": 0.42}})
+    )
+    assert "allocated counting (42%)" in summary_lines(counting)[1].plain
     memory, _ = Fleet().add(Path("/run/portalbd/m/control.sock"))
     memory.record_status(0.0, 0.0, Status.from_json({"storage_url": "memory://"}))
     assert "storage memory://" in [line.plain for line in summary_lines(memory)]
@@ -281,6 +349,9 @@ def test_long_snapshot_names_are_cut_with_an_ellipsis() -> None:
     snap = Snapshot(name="n" * 128, id="1", created_at=0.0, generation=1, size_bytes=0)
     name = snapshot_row(snap)[0].plain
     assert len(name) == 40 and name == "n" * 39 + "…"
+    long, _ = Fleet().add(Path(f"/run/portalbd/{'i' * 60}/control.sock"))
+    assert row(long, COLUMNS_NARROW)[0].plain == "i" * 23 + "…"
+    assert summary_lines(long)[0].plain.startswith("i" * 60)  # whole in the details
 
 
 def test_help_lists_footer_keys_first_and_joins_keys_of_one_action() -> None:
@@ -313,6 +384,20 @@ def test_help_lists_footer_keys_first_and_joins_keys_of_one_action() -> None:
 )
 def test_snapshot_name_validation(name: str, problem: str | None) -> None:
     assert snapshot_name_problem(name, ["taken"]) == problem
+
+
+@pytest.mark.parametrize(
+    "name", ["ok", "_x", "a\n", ".x", "-x", "é", "a" * 128, "a" * 129, "", "a b", "x/../y"]
+)
+def test_the_prompt_refuses_exactly_what_the_daemon_refuses(name: str) -> None:
+    """One rule (portalbd.control.protocol): the prompt cannot accept a name the daemon refuses."""
+    try:
+        check_snapshot_name(name)
+    except BadRequest as exc:
+        refused: str | None = str(exc)
+    else:
+        refused = None
+    assert (snapshot_name_problem(name) is None) == (refused is None), (name, refused)
 
 
 def test_client_refusal_is_recognised() -> None:

@@ -13,7 +13,7 @@ from tui.model import Instance, State
 from tui.screens.base import PortalbdScreen
 from tui.view import summary_lines
 from tui.widgets.chart import Chart
-from tui.widgets.event_log import EventLog
+from tui.widgets.event_log import DAEMON, EVENTS, EventLog
 from tui.widgets.tables import SnapshotTable
 
 
@@ -26,6 +26,8 @@ class InstanceScreen(PortalbdScreen):
         Binding("d", "delete_snapshot", "Delete"),
         Binding("r", "restore_snapshot", "Restore"),
         Binding("f5", "refresh", "Refresh"),
+        # Not in the footer (full at 80 columns): the panel's border says "l: daemon log".
+        Binding("l", "toggle_log", "Daemon log / events", show=False),
     ]
 
     def __init__(self, key: str) -> None:
@@ -49,6 +51,7 @@ class InstanceScreen(PortalbdScreen):
     def on_mount(self) -> None:
         super().on_mount()
         self.query_one(SnapshotTable).focus()
+        self.query_one(EventLog).border_subtitle = "l: daemon log"
         inst = self.instance
         if inst is not None:
             self.portalbd.poll(inst, snapshots=True)
@@ -144,6 +147,21 @@ class InstanceScreen(PortalbdScreen):
         chosen = self._selected()
         if chosen is not None:
             self.portalbd.ask_restore_snapshot(*chosen)
+
+    def action_toggle_log(self) -> None:
+        """The panel shows the TUI's events or the daemon's log; the latter is polled meanwhile."""
+        log = self.query_one(EventLog)
+        daemon = log.mode == EVENTS
+        log.set_mode(DAEMON if daemon else EVENTS)
+        log.border_subtitle = "l: events" if daemon else "l: daemon log"
+        inst = self.instance
+        if inst is not None:
+            self.portalbd.want_log(inst, daemon)
+
+    def on_unmount(self) -> None:
+        inst = self.instance
+        if inst is not None:
+            self.portalbd.want_log(inst, False)
 
     def action_refresh(self) -> None:
         inst = self.instance

@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Footer, Header, Input, Static
 from tui.format import fmt_count, fmt_duration, fmt_mib_s
 from tui.model import Instance, State
 from tui.screens.base import PortalbdScreen
-from tui.view import matches_filter, summary_lines
+from tui.view import SORT_KEYS, SortKey, matches_filter, sort_arrow, sort_instances, summary_lines
 from tui.widgets.chart import Chart
 from tui.widgets.tables import InstanceTable
 
@@ -25,12 +25,20 @@ class OverviewScreen(PortalbdScreen):
         Binding("c", "create_snapshot", "Snapshot"),
         Binding("r,f5", "app.refresh", "Refresh", key_display="r/f5"),
         Binding("slash", "filter", "Filter"),
+        Binding("s", "sort", "Sort"),
+        Binding("S", "reverse_sort", "Reverse the sort", show=False),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self.filter_text = ""
+        self.sort_index = 0  # into SORT_KEYS: by name until `s`
+        self.sort_reverse = False
+
+    @property
+    def sort_key(self) -> SortKey:
+        return SORT_KEYS[self.sort_index]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -52,9 +60,11 @@ class OverviewScreen(PortalbdScreen):
     def render_fleet(self) -> None:
         app = self.portalbd
         every = app.fleet.sorted()
-        instances = [i for i in every if matches_filter(i, self.filter_text)]
+        shown = [i for i in every if matches_filter(i, self.filter_text)]
+        instances = sort_instances(shown, self.sort_key, self.sort_reverse)
         table = self.query_one(InstanceTable)
-        table.show(instances, self.size.width)
+        arrow = sort_arrow(self.sort_key, self.sort_reverse)
+        table.show(instances, self.size.width, (arrow, *sorted(self.sort_key.columns)))
         up = sum(1 for i in every if i.state is State.UP)
         self.sub_title = f"{len(every)} instance{'s' if len(every) != 1 else ''}, {up} up"
         if self.filter_text:
@@ -62,6 +72,8 @@ class OverviewScreen(PortalbdScreen):
             table.border_title = f"Instances matching {self.filter_text!r}"
         else:
             table.border_title = "Instances"
+        # Said in the border too: the sorted column may not fit the width.
+        table.border_subtitle = f"sorted by {self.sort_key.label} {arrow}"
         empty = self.query_one("#empty", Static)
         empty.display = not instances
         self.query_one("#details").display = bool(instances)
@@ -117,6 +129,29 @@ class OverviewScreen(PortalbdScreen):
     @on(DataTable.RowSelected)
     def _selected(self, _: DataTable.RowSelected) -> None:
         self.action_open()
+
+    def action_sort(self) -> None:
+        """Next sort column, in its natural direction (numbers biggest first)."""
+        self.sort_index = (self.sort_index + 1) % len(SORT_KEYS)
+        self.sort_reverse = False
+        self.render_fleet()
+
+    def action_reverse_sort(self) -> None:
+        self.sort_reverse = not self.sort_reverse
+        self.render_fleet()
+
+    @on(DataTable.HeaderSelected)
+    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
+        """A click on a header sorts by it; a second click reverses."""
+        column = str(event.column_key.value)
+        for index, key in enumerate(SORT_KEYS):
+            if column in key.columns:
+                if index == self.sort_index:
+                    self.sort_reverse = not self.sort_reverse
+                else:
+                    self.sort_index, self.sort_reverse = index, False
+                self.render_fleet()
+                return
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

@@ -30,19 +30,28 @@ class InstanceTable(DataTable[Text]):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self._columns: tuple[Column, ...] = ()
+        self._sorted_by: tuple[str, ...] = ()
 
-    def show(self, instances: Sequence[Instance], width: int) -> None:
+    def column_keys(self) -> list[str]:
+        return [col.key for col in self._columns]
+
+    def show(
+        self, instances: Sequence[Instance], width: int, sorted_by: tuple[str, ...] = ()
+    ) -> None:
+        """The rows in the order given; `sorted_by` is (arrow, column keys it marks)."""
         columns = columns_for_width(width)
         keep = self.highlighted_key()
-        if columns != self._columns:
+        if (columns, sorted_by) != (self._columns, self._sorted_by):
             self.clear(columns=True)
-            self._columns = columns
+            self._columns, self._sorted_by = columns, sorted_by
+            arrow, marked = (sorted_by[0], sorted_by[1:]) if sorted_by else ("", ())
             for col in columns:
-                self.add_column(Text(col.label, justify=_justify(col)), key=col.key)
+                label = f"{col.label} {arrow}" if col.key in marked else col.label
+                self.add_column(Text(label, justify=_justify(col)), key=col.key)
         wanted = [inst.key for inst in instances]
         if [key.value for key in self.rows] != wanted[: self.row_count]:
-            # A filter took rows away or a new instance sorts in between:
-            # rebuild, so the table keeps the fleet's order.
+            # A filter took rows away, a new instance sorts in between or
+            # the sort order changed: rebuild, so the table keeps the order.
             self.clear()
         present = {key.value for key in self.rows}
         for inst in instances:
