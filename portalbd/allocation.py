@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from portalbd.bitmap import SparseBitmap
 from portalbd.pages import base_key, group_by_block
 
 if TYPE_CHECKING:
@@ -33,20 +34,34 @@ log = logging.getLogger("portalbd.allocation")
 SCAN_ENTRIES = 16
 SCAN_PAUSE_S = 0.02  # the shortest rest between steps
 SCAN_REST = 2.0  # rest after a step, as a multiple of the step's duration
+# The opening scan reads every stored value through the binding (on S3: the
+# whole disk's data, in GETs). Past this many stored blocks (64 GiB of 64 KiB
+# blocks) it stops, and the count stays unknown rather than cost that at
+# every start.
+SCAN_MAX_STORED_BLOCKS = 1 << 20
+
+
+class TooMuchToScan(Exception):
+    """The disk stores more than the opening scan is allowed to read."""
+
 
 Scan = Callable[[bytes, bytes, int], Awaitable[list[tuple[bytes, bytes]]]]
 IsAllocated = Callable[[Sequence[tuple[bytes, bytes]]], bool]
 
 
 class AllocationMap:
-    """A bit per block, set when the block holds data; ``allocated_blocks`` counts them."""
+    """A bit per block, set when the block holds data; ``allocated_blocks`` counts them.
+
+    Sparse (``bitmap.py``): a disk far larger than what it stores costs
+    only the groups that hold data.
+    """
 
     def __init__(self, block_count: int) -> None:
         self.block_count = block_count
-        self._bits = bytearray((block_count + 7) // 8)
+        self._bits = SparseBitmap()
         self.allocated_blocks = 0
         # Blocks drained since the scan began; None once the scan is done.
-        self._touched: bytearray | None = bytearray(len(self._bits))
+        self._touched: SparseBitmap | None = SparseBitmap()
         self.scanned_blocks = 0  # how far the scan has come, for status
 
     @property
@@ -55,14 +70,17 @@ class AllocationMap:
         return self._touched is None
 
     def is_allocated(self, block: int) -> bool:
-        return bool(self._bits[block >> 3] & (1 << (block & 7)))
+        return block in self._bits
 
     def _set(self, block: int, allocated: bool) -> None:
-        byte, mask = block >> 3, 1 << (block & 7)
-        if bool(self._bits[byte] & mask) == allocated:
+        if (block in self._bits) == allocated:
             return
-        self._bits[byte] ^= mask
-        self.allocated_blocks += 1 if allocated else -1
+        if allocated:
+            self._bits.add(block)
+            self.allocated_blocks += 1
+        else:
+            self._bits.discard(block)
+            self.allocated_blocks -= 1
 
     def drained(self, block: int, allocated: bool) -> None:
         """A drain made `block` data (True) or a hole (False) in the store."""
@@ -70,14 +88,14 @@ class AllocationMap:
             return
         self._set(block, allocated)
         if self._touched is not None:
-            self._touched[block >> 3] |= 1 << (block & 7)
+            self._touched.add(block)
 
     def scanned(self, block: int, allocated: bool) -> None:
         """The scan found `block` stored; a drain's newer word wins."""
         touched = self._touched
         if touched is None or not 0 <= block < self.block_count:
             return
-        if not touched[block >> 3] & (1 << (block & 7)):
+        if block not in touched:
             self._set(block, allocated)
 
     def finish_scan(self) -> None:
@@ -86,7 +104,11 @@ class AllocationMap:
 
 
 async def scan(
-    amap: AllocationMap, read: Scan, allocated: IsAllocated, entries_per_block: int = 17
+    amap: AllocationMap,
+    read: Scan,
+    allocated: IsAllocated,
+    entries_per_block: int = 17,
+    max_stored_blocks: int | None = None,
 ) -> None:
     """Walk the block key space once, in bounded steps, and fill in `amap`.
 
@@ -96,6 +118,9 @@ async def scan(
     """
     block, end = 0, amap.block_count
     limit = max(SCAN_ENTRIES, entries_per_block + 1)
+    stored = 0
+    if max_stored_blocks is None:
+        max_stored_blocks = SCAN_MAX_STORED_BLOCKS
     while block < end:
         started = time.monotonic()
         found = await read(base_key(block), base_key(end), limit)
@@ -108,6 +133,12 @@ async def scan(
                 groups.pop()
         for b, entries in groups:
             amap.scanned(b, allocated(entries))
+        stored += len(groups)
+        if stored > max_stored_blocks:
+            raise TooMuchToScan(
+                f"the disk stores more than {max_stored_blocks} blocks; allocated data is"
+                " not counted at start (it would read them all from storage)"
+            )
         block = following
         amap.scanned_blocks = block
         await asyncio.sleep(max(SCAN_PAUSE_S, SCAN_REST * (time.monotonic() - started)))
@@ -129,11 +160,13 @@ class Tracker:
         self._task: asyncio.Task[None] | None = None
         self._block_size = 0
         self._size = 0
+        self.not_counted: str | None = None  # why the count will stay unknown
 
     def start(self, device: Device) -> None:
         """Count the blocks `device` serves: a new map, fed by its drains and one scan."""
         self._stop_task()
         self._block_size, self._size = device.block_size, device.size
+        self.not_counted = None
         amap = AllocationMap(-(-device.size // device.block_size))
         self.map = device.allocation = amap
         self._task = asyncio.get_running_loop().create_task(
@@ -150,6 +183,10 @@ class Tracker:
                     amap.allocated_blocks,
                     amap.block_count,
                 )
+                return
+            except TooMuchToScan as exc:
+                self.not_counted = str(exc)
+                log.warning("allocation scan stopped: %s", exc)
                 return
             except Exception as exc:  # a storage hiccup: the count stays unknown
                 log.warning("allocation scan failed, retrying in %.0f s: %s", self.RETRY_S, exc)
@@ -171,7 +208,7 @@ class Tracker:
     def scan_progress(self) -> float | None:
         """How far the opening scan has come (0 to 1) while it runs; None before or after."""
         amap = self.map
-        if amap is None or amap.ready:
+        if amap is None or amap.ready or self.not_counted is not None:
             return None
         return amap.scanned_blocks / amap.block_count if amap.block_count else 0.0
 

@@ -15,40 +15,11 @@ scanned, which is always right).
 
 from __future__ import annotations
 
-GROUP_BLOCKS = 4096  # blocks per bitmap: 512 bytes, 256 MiB of 64 KiB blocks
+from portalbd.bitmap import GROUP_BLOCKS as GROUP_BLOCKS
+from portalbd.bitmap import SparseBitmap
 
 
-class BaseOnlyBlocks:
+class BaseOnlyBlocks(SparseBitmap):
     """A sparse bitmap of blocks known to have no deltas newer than their base."""
 
-    __slots__ = ("_groups",)
-
-    def __init__(self) -> None:
-        self._groups: dict[int, bytearray] = {}
-
-    def __contains__(self, block: int) -> bool:
-        bits = self._groups.get(block // GROUP_BLOCKS)
-        if bits is None:
-            return False
-        index = block % GROUP_BLOCKS
-        return bool(bits[index >> 3] & (1 << (index & 7)))
-
-    def add(self, block: int) -> None:
-        group, index = divmod(block, GROUP_BLOCKS)
-        bits = self._groups.get(group)
-        if bits is None:
-            bits = self._groups[group] = bytearray(GROUP_BLOCKS // 8)
-        bits[index >> 3] |= 1 << (index & 7)
-
-    def discard(self, block: int) -> None:
-        bits = self._groups.get(block // GROUP_BLOCKS)
-        if bits is not None:
-            index = block % GROUP_BLOCKS
-            bits[index >> 3] &= ~(1 << (index & 7)) & 0xFF
-
-    def clear(self) -> None:
-        self._groups.clear()
-
-    @property
-    def memory_bytes(self) -> int:
-        return len(self._groups) * (GROUP_BLOCKS // 8)
+    __slots__ = ()

@@ -32,6 +32,8 @@ def status_document(instance: Instance) -> dict[str, Any]:
     progress = instance.allocation.scan_progress
     if progress is not None:  # meanwhile: how much of the disk that scan has covered
         stats["allocation_scan_progress"] = round(progress, 3)
+    if instance.allocation.not_counted is not None:  # too much stored to count at start
+        stats["allocation_not_counted"] = instance.allocation.not_counted
     stats["store"] = instance.store.counters.as_dict()
     # "ok", or why storage last failed (full, read-only, gone, unreachable)
     stats["storage_state"] = instance.store.data.health

@@ -147,3 +147,39 @@ def test_a_scan_reads_a_block_again_when_the_limit_cuts_it() -> None:
     assert [n for _, n in calls] == [limit] * steps + [300 - steps * (limit - 1)]
     reached = [at for at, _ in calls]  # status reports it as allocation_scan_progress
     assert reached[0] == 0 and reached == sorted(set(reached)) and reached[-1] < 600
+
+
+def test_a_huge_disk_that_stores_little_costs_little_memory() -> None:
+    """A 1 EiB disk has 2^44 blocks: a flat bitmap of it would take 2 TiB."""
+    amap = AllocationMap(1 << 44)
+    for block in (0, 1, (1 << 44) - 1):
+        amap.drained(block, True)
+    amap.drained(1, False)
+    assert amap.allocated_blocks == 2 and amap.is_allocated((1 << 44) - 1)
+
+
+def test_the_opening_scan_stops_past_its_limit_and_says_why() -> None:
+    async def body() -> None:
+        store = resolve_object_store("memory:///")
+        handle = await SlateHandle.open(store, "c", LsmConfig(block_cache_size_bytes=0))
+        device = Device(handle, size=64 * BS, block_size=BS, cache_bytes=0, dirty_bytes=64 * BS)
+        device.start()
+        await device.write(0, memoryview(b"\x03" * 40 * BS), fua=True)
+        saved = allocation.SCAN_MAX_STORED_BLOCKS
+        allocation.SCAN_MAX_STORED_BLOCKS = 20
+        try:
+            tracker = Tracker()
+            tracker.start(device)
+            await tracker.scanned()
+        finally:
+            allocation.SCAN_MAX_STORED_BLOCKS = saved
+        assert tracker.allocated_bytes is None and tracker.scan_progress is None
+        assert tracker.not_counted == (
+            "the disk stores more than 20 blocks; allocated data is not counted at start"
+            " (it would read them all from storage)"
+        )
+        await device.stop()
+        await handle.close()
+
+    with no_rest():
+        asyncio.run(body())
