@@ -496,7 +496,7 @@ class Device:
         self.counters.cache_misses += len(run)
         drains_started = self._seq
         try:
-            found = await self.store.scan(base_key(run[0]), base_key(run[-1] + 1))
+            found = await self.store.scan(base_key(run[0]), base_key(run[-1] + 1), sequential=True)
             groups = dict(group_by_block(found))
             for block, load in loads.items():
                 entries = groups.get(block, ())

@@ -281,6 +281,9 @@ class FaultyDb:
     async def scan(self, key_range: Any) -> Any:
         return await self._call("scan", lambda: self._db.scan(key_range))
 
+    async def scan_with_options(self, key_range: Any, options: Any) -> Any:
+        return await self._call("scan", lambda: self._db.scan_with_options(key_range, options))
+
     async def write(self, batch: Any) -> Any:
         return await self._call("write", lambda: self._db.write(batch))
 
