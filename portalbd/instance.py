@@ -175,8 +175,8 @@ class Instance:
         )
         budgets = memory_budgets(cfg)
         log.info(
-            "memory budgets %s total=%dMiB (RSS runs some 100 MiB above: "
-            "interpreter, SlateDB compaction, allocator)",
+            "memory budgets %s total=%dMiB (RSS may run up to 100 MiB above: "
+            "interpreter, SlateDB's SST builds, allocator; benchmarks/memory.py)",
             " ".join(f"{k}={v >> 20}MiB" for k, v in budgets.items()),
             sum(budgets.values()) >> 20,
         )

@@ -212,6 +212,10 @@ def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
     put("compactor_options.poll_interval", '"500ms"')
     put("compactor_options.worker.compactions_poll_interval", '"500ms"')
     put("compactor_options.worker.max_concurrent_compactions", "1")
+    # Each subcompaction and each L0 flush builds an SST in memory: one at a
+    # time keeps that to one L0 SST plus one compaction output.
+    put("compactor_options.worker.max_subcompactions", "1")
+    put("l0_flush_parallelism", "1")
     if lsm.l0_max_ssts is not None:
         put("l0_max_ssts", str(lsm.l0_max_ssts))
     if lsm.max_unflushed_bytes is not None:

@@ -3,7 +3,8 @@
 Each of 64 fio jobs has its own connection and its own 1 MiB slice of the
 disk, writes it with mixed block sizes and checks it (crc32c). The round
 runs twice; the daemon's RSS is taken at start and after each round and
-must stay bounded once the caches are warm. No fio errors allowed.
+must stay within the memory budgets it logs at start plus 100 MiB, the
+target benchmarks/memory.py measures. No fio errors allowed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 JOBS = 64
 SLICE = 1 << 20
 MIB = 1 << 20
-RSS_LIMIT_KIB = 768 * 1024
+SLACK_KIB = 100 * 1024  # interpreter, SlateDB's SST builds, allocator
 
 
 def rss_kib(pid: int) -> int:
@@ -115,6 +116,9 @@ def test_64_connections_fio_verify_memory_flat(
         f"connections_total {stats.get('connections_total')}"
     )
     assert daemon.process.poll() is None
-    # Bounded: with every buffer small, the daemon stays far below this. (It
-    # is not perfectly flat: see docs/reliability.md, "Memory under load".)
-    assert end < RSS_LIMIT_KIB, (start, warm, end)
+    # Within its budgets (about 200 MiB here) + 100 MiB; measured about 120
+    # MiB. It is not perfectly flat: see docs/reliability.md, "Memory under load".
+    found = re.search(r"memory budgets .* total=(\d+)MiB", daemon.log())
+    assert found is not None, daemon.log()[-2000:]
+    limit = int(found[1]) * 1024 + SLACK_KIB
+    assert max(warm, end) < limit, (start, warm, end, limit)
