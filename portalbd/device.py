@@ -28,7 +28,14 @@ Correctness rules kept here:
 * A value loaded from the store is used only while no drain has written
   that block since the load began (``_written_since``).
 * FLUSH returns only after every write acknowledged before it is in the
-  store and the store has flushed its WAL. Concurrent flushes share rounds.
+  store and the store has flushed its WAL. Concurrent flushes share rounds,
+  and a round shares the WAL flush of a drain that already holds every
+  write acknowledged before it (``_durable_gen``).
+* A background drain puts its blocks into the store at once but flushes the
+  WAL only after ``writeback_delay`` or when asked (a FLUSH, a full
+  buffer): a FLUSH that follows a write then waits for one WAL flush, not
+  for the write's batch to cross the binding too, and writes that need no
+  FLUSH still cost one WAL flush per ``writeback_delay``.
 * Memory is bounded: writers wait while dirty + draining exceed the limit.
 """
 
@@ -183,6 +190,15 @@ class Device:
         self._room = asyncio.Event()
         self._room.set()
         self._wake_writeback = asyncio.Event()
+        # Wakes a background drain that holds its WAL flush back when
+        # someone waits for durability (_must_flush says who).
+        self._flush_wanted = asyncio.Event()
+        # Generations: every change applied in memory counts one; a drain
+        # that succeeds makes every change counted before it took the dirty
+        # blocks durable. Drains run one at a time and a failed one puts its
+        # blocks back, so the last successful drain's count is a floor.
+        self._write_gen = 0
+        self._durable_gen = 0
         self._next_round: asyncio.Future[None] | None = None
         self._flush_runner: asyncio.Task[None] | None = None
         self._writeback_task: asyncio.Task[None] | None = None
@@ -587,9 +603,10 @@ class Device:
         if block not in self._dirty:
             if not self._dirty:
                 self._first_dirty_at = time.monotonic()
+                self._wake_writeback.set()
             self.dirty_bytes += self.block_size
             if self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2:
-                self._wake_writeback.set()
+                self._flush_wanted.set()
         self._dirty[block] = value
 
     def _apply(
@@ -600,6 +617,7 @@ class Device:
         loaded: dict[int, bytes] | None = None,
     ) -> None:
         """Change one block in memory; ``data`` None means zeros."""
+        self._write_gen += 1
         bs = self.block_size
         block = piece.block
         if piece.whole(bs):
@@ -671,6 +689,7 @@ class Device:
                 raise DeviceError(f"write buffer full and storage failing: {self._drain_error}")
             self._room.clear()
             self._wake_writeback.set()
+            self._flush_wanted.set()
             await self._room.wait()
         parts = list(pieces(offset, length, self.block_size))
         if data is None and not explicit_zero:
@@ -862,14 +881,39 @@ class Device:
             elif isinstance(newer, Pages):
                 self._dirty[block] = _stack_over(value, newer, self.block_size)
 
-    async def _drain(self) -> bool:
+    def _must_flush(self) -> bool:
+        """Whether someone waits for durability: a FLUSH (or FUA, or stop)
+        pending or under way, or a buffer half full (writers may wait)."""
+        runner = self._flush_runner
+        if runner is not None and not runner.done():
+            return True
+        return self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2
+
+    async def _hold_flush(self, until: float) -> None:
+        """Wait until ``until`` (monotonic) unless someone needs durability first."""
+        while not self._must_flush():
+            delay = until - time.monotonic()
+            if delay <= 0:
+                return
+            self._flush_wanted.clear()
+            if self._must_flush():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), delay)
+
+    async def _drain(self, *, hold: bool = False) -> bool:
         """Move every dirty block into the store, in batches, durably.
 
-        Returns whether it wrote (and so flushed) anything.
+        With ``hold`` (a background drain) the batches go in at once and the
+        WAL flush waits until the oldest block has waited ``writeback_delay``,
+        or until someone needs durability (:meth:`_must_flush`). Returns
+        whether it wrote (and so flushed) anything.
         """
         async with self._drain_lock:
             if not self._dirty:
                 return False
+            covers = self._write_gen
+            hold_until = self._first_dirty_at + self.writeback_delay if hold else None
             draining = self._dirty
             self._dirty = {}
             self._draining = draining
@@ -900,11 +944,14 @@ class Device:
                     for result in results:
                         if isinstance(result, BaseException):
                             raise result
+                if hold_until is not None:
+                    await self._hold_flush(hold_until)
                 # The blocks leave ``draining`` only once durable: a database
                 # reopened after an outage has lost whatever was in its
                 # memtable, so until this flush succeeds the only safe copy
                 # of an acknowledged write is ours.
                 await self.store.flush()
+                self._durable_gen = covers
             except BaseException:
                 # A failed drain, and a cancelled one too (shutdown, a stuck
                 # store): its blocks are acknowledged writes, and outside
@@ -951,6 +998,7 @@ class Device:
         Callers that arrive while a round is running wait for the next one,
         which starts after them; one round serves all who wait on it.
         """
+        self._flush_wanted.set()
         if self._next_round is None:
             self._next_round = asyncio.get_running_loop().create_future()
         waiter = self._next_round
@@ -963,9 +1011,15 @@ class Device:
             round_future = self._next_round
             self._next_round = None
             started = time.monotonic_ns()
+            # Every waiter of this round arrived before now.
+            target = self._write_gen
             try:
-                if not await self._drain():
+                # Nothing left dirty and every change up to ``target``
+                # durable (a drain that was under way when this round began
+                # flushed them): answered without another WAL flush.
+                if not await self._drain() and self._durable_gen < target:
                     await self.store.flush()
+                    self._durable_gen = max(self._durable_gen, target)
             except StoreError as exc:
                 round_future.set_exception(DeviceError(str(exc)))
                 round_future.exception()
@@ -983,19 +1037,17 @@ class Device:
             round_future.set_result(None)
 
     async def _writeback_loop(self) -> None:
-        """Drain in the background: when half full, or when data has waited."""
+        """Drain in the background as soon as anything is dirty; the drain holds
+        its WAL flush back until data has waited or someone needs it."""
         while True:
-            timeout = self.writeback_delay
-            if self._dirty:
-                age = time.monotonic() - self._first_dirty_at
-                timeout = max(0.0, self.writeback_delay - age)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_writeback.wait(), timeout)
+            if not self._dirty:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_writeback.wait(), self.writeback_delay)
             self._wake_writeback.clear()
             if not self._dirty:
                 continue
             try:
-                await self._drain()
+                await self._drain(hold=True)
             except StoreError as exc:
                 # Keep serving reads; FLUSH reports EIO, and writers that find
                 # the buffer full get EIO instead of waiting forever. Retry
