@@ -42,6 +42,7 @@ Correctness rules kept here:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import time
@@ -67,6 +68,7 @@ from portalbd.pages import (
     split_batches,
     stored_flags,
 )
+from portalbd.statusmap import StatusMap
 from portalbd.store import envelope
 from portalbd.store.sealing import Sealer
 from portalbd.store.slate import SlateHandle, StoreError
@@ -168,6 +170,9 @@ class Device:
         self._scan_run = 2 if self.layout.deltas else 4
         # blocks a get can load (no deltas newer than the base): baseonly.py
         self._base_only = BaseOnlyBlocks()
+        # block status of scanned stretches of the store (statusmap.py);
+        # off when another daemon writes the store
+        self._status = StatusMap(max_groups=0 if follows_store else 1024)
         self.cache_limit = cache_bytes
         self.dirty_limit = dirty_bytes
         self.writeback_delay = writeback_delay
@@ -235,6 +240,7 @@ class Device:
         self.store = store
         self.forget_clean_cache()
         self._base_only.clear()
+        self._status.clear()
         self._drains_done += 1  # values loaded from the old store are void
         self._drain_log.clear()
 
@@ -242,6 +248,7 @@ class Device:
         """Drop cached clean blocks (after a restore, or a reopened store)."""
         self._clean.clear()
         self.cached_bytes = 0
+        self._status.clear()
 
     # --- lookups ---------------------------------------------------------
 
@@ -783,12 +790,22 @@ class Device:
             return STATE_HOLE | STATE_ZERO
         return STATE_ZERO if value == self._zero_block else 0
 
+    def _entry_flags(self, entry: Entry) -> int:
+        """Status flags of a drained entry (pages: data, the safe answer)."""
+        if isinstance(entry, Pages):
+            return 0
+        if not entry:
+            return STATE_HOLE | STATE_ZERO
+        return STATE_ZERO if entry == self._zero_block else 0
+
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """(length, flags) extents from ``offset``; may cover only a prefix.
 
         A run of blocks the store does not hold, however long, costs one
         range scan: the scan returns the next stored entries, and everything
-        before them that memory does not override is a hole.
+        before them that memory does not override is a hole. What scans
+        found is kept (statusmap.py), so stretches already scanned are
+        answered without reading their values through the binding again.
         """
         bs = self.block_size
         end = offset + length
@@ -808,29 +825,54 @@ class Device:
             position += count
 
         scans = 0
+        status = self._status
+        in_memory: list[int] | None = None  # dirty and draining blocks, until the next await
         while position < end:
             block = position // bs
             flags = self._memory_flags(block)
             if flags is not None:
                 emit_until((block + 1) * bs, flags)
                 continue
+            run = status.run(block, last_block + 1)
+            if run is not None:
+                # Scanned before: the run ends at its end or at the next block
+                # memory holds (clean blocks equal what the store holds).
+                flags, stop = run
+                if in_memory is None:
+                    in_memory = sorted(chain(self._dirty, self._draining))
+                i = bisect.bisect_right(in_memory, block)
+                if i < len(in_memory):
+                    stop = min(stop, in_memory[i])
+                emit_until(stop * bs, flags)
+                continue
             if scans == STATUS_SCANS:
                 break
             scans += 1
+            # From where this block's group is known up to (so coverage grows
+            # contiguously), until the next group already known.
+            scan_from = status.scan_start(block)
+            scan_end = last_block + 1
+            following = status.next_known(block)
+            if following is not None:
+                scan_end = min(scan_end, following)
             since = self._drains_done
             found = await self.store.scan(
-                base_key(block), base_key(last_block + 1), limit=STATUS_SCAN_ENTRIES
+                base_key(scan_from), base_key(scan_end), limit=STATUS_SCAN_ENTRIES
             )
+            in_memory = None
             if self._drains_done != since:
                 continue  # a drain moved blocks from memory into the store meanwhile
             groups = list(group_by_block(found))
-            scanned_to = last_block + 1
+            scanned_to = scan_end
             if len(found) == STATUS_SCAN_ENTRIES and len(groups) > 1:
                 scanned_to = groups[-1][0]  # the last block may have more entries
                 groups.pop()
             stored = {b: entries for b, entries in groups}
+            if status.max_groups:
+                learned = {b: self._stored_flags(entries) for b, entries in groups}
+                status.learn(scan_from, scanned_to, learned)
             overrides = {b for b in chain(self._dirty, self._draining) if block <= b < scanned_to}
-            for b in sorted(overrides | stored.keys()):
+            for b in sorted(overrides | {b for b in stored if b >= block}):
                 emit_until(b * bs, STATE_HOLE | STATE_ZERO)
                 known = self._memory_flags(b)
                 if known is None:
@@ -971,6 +1013,7 @@ class Device:
             self.counters.drains += 1
             self.counters.drained_blocks += len(draining)
             for block, entry in draining.items():
+                self._status.note(block, self._entry_flags(entry))
                 load = self._loading.get(block)
                 if load is not None:
                     load.stale = True
