@@ -977,6 +977,11 @@ class Device:
                 # many in flight as the store has threads to build them.
                 batches = split_batches(items, self.batch_bytes)
                 width = self.store.parallelism
+                if len(batches) == 1:
+                    # the common small drain (a commit's few pages): no task
+                    # for gather to wrap it in, no extra pass of the loop
+                    await self.store.write(batches[0], encode=encode)
+                    batches = []
                 for i in range(0, len(batches), width):
                     group = batches[i : i + width]
                     results = await asyncio.gather(
