@@ -868,9 +868,7 @@ class Device:
                 scanned_to = groups[-1][0]  # the last block may have more entries
                 groups.pop()
             stored = {b: entries for b, entries in groups}
-            if status.max_groups:
-                learned = {b: self._stored_flags(entries) for b, entries in groups}
-                status.learn(scan_from, scanned_to, learned)
+            status.learn(scan_from, scanned_to, {b: self._stored_flags(e) for b, e in groups})
             overrides = {b for b in chain(self._dirty, self._draining) if block <= b < scanned_to}
             for b in sorted(overrides | {b for b in stored if b >= block}):
                 emit_until(b * bs, STATE_HOLE | STATE_ZERO)

@@ -89,6 +89,8 @@ class StatusMap:
     def learn(self, start: int, end: int, stored: Mapping[int, int]) -> None:
         """A scan saw every stored block of ``[start, end)``: ``stored`` maps the
         ones it found to their flags, the rest are holes."""
+        if not self.max_groups:
+            return  # kept off (a replica: another daemon writes the store)
         by_group: dict[int, list[tuple[int, int]]] = {}
         for b, value in stored.items():
             if start <= b < end:

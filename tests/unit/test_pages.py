@@ -410,7 +410,12 @@ def test_block_status_does_not_scan_a_stretch_it_has_scanned() -> None:
             handle, size=size, block_size=BS, cache_bytes=0, dirty_bytes=8 * BS, layout=Layout()
         )
         assert await twin.block_status(0, size) == extents_of(expected)
+        # Another database (a restore): nothing learned from the old one holds.
+        other = await SlateHandle.open(store, "other", LsmConfig(block_cache_size_bytes=0))
+        device.swap_store(other)
+        assert await device.block_status(0, size) == [(size, STATE_HOLE | STATE_ZERO)]
         await device.stop()
+        await other.close()
         await handle.close()
 
     asyncio.run(body())

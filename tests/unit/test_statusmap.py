@@ -49,3 +49,9 @@ def test_the_oldest_groups_go_first_when_full() -> None:
     assert status.next_known(0) == GROUP_BLOCKS
     status.clear()
     assert len(status) == 0 and status.next_known(0) is None
+
+
+def test_a_map_of_no_groups_learns_nothing() -> None:
+    status = StatusMap(max_groups=0)
+    status.learn(0, GROUP_BLOCKS, {1: 0})
+    assert len(status) == 0 and status.run(1, 2) is None
