@@ -7,12 +7,17 @@ disk is exposed as a file with ``nbdfuse``, made a block device with
 ``losetup``, formatted ext4 and mounted; PostgreSQL runs there as the
 ``postgres`` user, ``pgbench -i`` loads the data (scale 10 by default) and
 ``pgbench -c 4 -T 20`` (TPC-B-like) runs against it. The same steps run over
-``nbdkit memory`` (C, nothing durable) in the same run as the peer; the table
-shows tps, average latency, the load time and portalbd's tps as a fraction
-of the peer's. Needs root (loop devices, mount) and Debian's ``postgresql``.
+``nbdkit memory`` (C, nothing durable) in the same run as the peer. Each
+target runs ``--runs`` times, the targets alternating (and the first of each
+round alternating too) so that load from others on a shared machine falls on
+both; the table shows every run, the medians of tps, average latency and load
+time, and portalbd's median tps as a fraction of the peer's. Needs root (loop
+devices, mount) and Debian's ``postgresql``. With ``--baseline DIR`` (a
+checkout of an earlier portalbd) the ``baseline-file`` target runs that
+checkout's daemon the same way, for a before/after table in one run.
 
     .venv/bin/python benchmarks/pgbench.py [--scale N] [--clients N] [--jobs N] [--time S]
-        [--disk-gib N] [--only NAME,...]
+        [--disk-gib N] [--runs N] [--only NAME,...] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +40,8 @@ from portalbd.launch import LaunchError, free_port, serving, spawn, start, stop_
 
 PG_USER = "postgres"
 TARGETS = ["portalbd-file", "nbdkit-memory"]
+# --baseline: a checkout whose daemon the baseline-file target runs
+BASELINE: list[Path | None] = [None]
 
 
 @dataclass
@@ -70,10 +78,15 @@ def run(argv: list[str], timeout: float, user: str | None = None) -> str:
 def serve(name: str, disk_gib: int, workdir: Path) -> Iterator[str]:
     """Start one NBD target on a free port; yield its URI; stop it afterwards."""
     port = free_port()
-    if name.startswith("portalbd"):
-        storage = f"file://{workdir}/data-{port}" if name == "portalbd-file" else None
+    if name.startswith(("portalbd", "baseline")):
+        storage = f"file://{workdir}/data-{port}" if name.endswith("-file") else None
+        env = None
+        if name.startswith("baseline"):
+            assert BASELINE[0] is not None, "baseline targets need --baseline DIR"
+            # its package first on the daemon's path; PYTHONSAFEPATH: not the cwd's
+            env = {"PYTHONPATH": str(BASELINE[0]), "PYTHONSAFEPATH": "1"}
         daemon = start(
-            workdir, storage_url=storage, disk_size_gb=disk_gib, instance=name, port=port
+            workdir, storage_url=storage, disk_size_gb=disk_gib, instance=name, port=port, env=env
         )
         try:
             yield daemon.uri
@@ -211,21 +224,52 @@ def pgbench(target: str, args: argparse.Namespace, workdir: Path) -> Result:
     return result
 
 
-def print_table(results: dict[str, Result]) -> None:
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_table(results: dict[str, list[Result]]) -> None:
     print()
-    print(f"{'target':16}{'tps':>10}{'latency ms':>12}{'load s':>9}")
-    for name, r in results.items():
-        if r.error is not None:
-            print(f"{name:16}{'failed':>10}  {r.error.splitlines()[0][:100]}")
+    header = f"{'target':16}{'runs':>5}{'tps (median)':>14}{'latency ms':>12}{'load s':>9}"
+    print(f"{header}  tps by run")
+    medians: dict[str, float] = {}
+    for name, runs in results.items():
+        good = [r for r in runs if r.error is None]
+        failed = [r for r in runs if r.error is not None]
+        if not good:
+            error = failed[0].error or ""
+            print(f"{name:16}{len(runs):>5}{'failed':>14}  {error.splitlines()[0][:100]}")
             continue
-        print(f"{name:16}{r.tps:>10.1f}{r.latency_ms:>12.2f}{r.load_seconds:>9.1f}")
-    ours = [n for n in results if n.startswith("portalbd") and results[n].error is None]
-    peers = [n for n in results if not n.startswith("portalbd") and results[n].error is None]
+        medians[name] = median([r.tps for r in good])
+        by_run = " ".join(f"{r.tps:.0f}" if r.error is None else "failed" for r in runs)
+        print(
+            f"{name:16}{len(good):>5}{medians[name]:>14.1f}"
+            f"{median([r.latency_ms for r in good]):>12.2f}"
+            f"{median([r.load_seconds for r in good]):>9.1f}  {by_run}"
+        )
+    ours = [n for n in medians if n.startswith(("portalbd", "baseline"))]
+    peers = [n for n in medians if n.startswith("nbdkit")]
     if ours and peers:
         print()
         for o in ours:
             for p in peers:
-                print(f"{o} / {p}: tps {results[o].tps / results[p].tps:.2f}x")
+                print(f"{o} / {p}: median tps {medians[o] / medians[p]:.2f}x")
+
+
+def one_run(target: str, args: argparse.Namespace, workdir: Path) -> Result:
+    """One run of one target, its failure kept as a result rather than raised."""
+    try:
+        result = pgbench(target, args, workdir)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        print(f"  {target:16} failed: {exc}", flush=True)
+        return Result(error=str(exc))
+    load = os.getloadavg()
+    print(
+        f"  {target:16} {result.tps:10.1f} tps  latency {result.latency_ms:.2f} ms"
+        f"  load {result.load_seconds:.1f} s  (load average {load[0]:.2f})",
+        flush=True,
+    )
+    return result
 
 
 def main() -> int:
@@ -235,8 +279,22 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="pgbench -j")
     parser.add_argument("--time", type=int, default=20, help="pgbench -T seconds")
     parser.add_argument("--disk-gib", type=int, default=4, help="disk size")
+    parser.add_argument("--runs", type=int, default=3, help="runs per target, alternating")
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a checkout of an earlier portalbd (e.g. git worktree add /tmp/before REV): "
+        "target baseline-file runs its daemon, for a before/after table in one run",
+    )
     args = parser.parse_args()
+    if args.baseline is not None:
+        if not (args.baseline / "portalbd" / "daemon.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a portalbd checkout")
+        BASELINE[0] = args.baseline.resolve()
+    elif "baseline" in args.only:
+        parser.error("baseline-file needs --baseline DIR")
     if os.geteuid() != 0:
         print("needs root (losetup, mount)", file=sys.stderr)
         return 1
@@ -250,31 +308,22 @@ def main() -> int:
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; cpus: {os.cpu_count()}")
     print(
         f"{version}; pgbench -i -s {args.scale}, then -c {args.clients} -j {args.jobs}"
-        f" -T {args.time}; ext4 on nbdfuse + loop, {args.disk_gib} GiB disk"
+        f" -T {args.time}; ext4 on nbdfuse + loop, {args.disk_gib} GiB disk;"
+        f" {args.runs} runs per target, alternating"
     )
-    results: dict[str, Result] = {}
-    with tempfile.TemporaryDirectory(prefix="portalbd-bench-", dir="/var/tmp") as tmp:
-        workdir = Path(tmp)
-        workdir.chmod(0o755)  # the postgres user reaches its data directory through it
-        for target in args.only.split(","):
-            try:
-                result = pgbench(target, args, workdir)
-            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-                result = Result(error=str(exc))
-                print(f"  {target:16} failed: {exc}", flush=True)
-            else:
-                print(
-                    f"  {target:16} {result.tps:10.1f} tps  latency {result.latency_ms:.2f} ms"
-                    f"  load {result.load_seconds:.1f} s",
-                    flush=True,
-                )
-            results[target] = result
-            load = os.getloadavg()
-            print(f"  load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    targets = args.only.split(",")
+    results: dict[str, list[Result]] = {target: [] for target in targets}
+    for round_number in range(args.runs):
+        order = targets if round_number % 2 == 0 else targets[::-1]
+        for target in order:
+            with tempfile.TemporaryDirectory(prefix="portalbd-bench-", dir="/var/tmp") as tmp:
+                workdir = Path(tmp)
+                workdir.chmod(0o755)  # the postgres user reaches its data directory through it
+                results[target].append(one_run(target, args, workdir))
     print_table(results)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    return 1 if any(r.error for r in results.values()) else 0
+    return 1 if any(r.error for runs in results.values() for r in runs) else 0
 
 
 if __name__ == "__main__":

@@ -28,13 +28,21 @@ Correctness rules kept here:
 * A value loaded from the store is used only while no drain has written
   that block since the load began (``_written_since``).
 * FLUSH returns only after every write acknowledged before it is in the
-  store and the store has flushed its WAL. Concurrent flushes share rounds.
+  store and the store has flushed its WAL. Concurrent flushes share rounds,
+  and a round shares the WAL flush of a drain that already holds every
+  write acknowledged before it (``_durable_gen``).
+* A background drain puts its blocks into the store at once but flushes the
+  WAL only after ``writeback_delay`` or when asked (a FLUSH, a full
+  buffer): a FLUSH that follows a write then waits for one WAL flush, not
+  for the write's batch to cross the binding too, and writes that need no
+  FLUSH still cost one WAL flush per ``writeback_delay``.
 * Memory is bounded: writers wait while dirty + draining exceed the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import time
@@ -62,6 +70,7 @@ from portalbd.pages import (
     split_batches,
     stored_flags,
 )
+from portalbd.statusmap import StatusMap
 from portalbd.store import envelope
 from portalbd.store.items import DELETE
 from portalbd.store.sealing import Sealer
@@ -170,6 +179,9 @@ class Device:
         # superset is harmless): a drain writing the block whole deletes
         # them in the same batch, so scans stop returning shadowed deltas.
         self._stored_deltas: dict[int, int] = {}
+        # block status of scanned stretches of the store (statusmap.py);
+        # off when another daemon writes the store
+        self._status = StatusMap(max_groups=0 if follows_store else 1024)
         self.cache_limit = cache_bytes
         self.dirty_limit = dirty_bytes
         self.writeback_delay = writeback_delay
@@ -192,6 +204,15 @@ class Device:
         self._room = asyncio.Event()
         self._room.set()
         self._wake_writeback = asyncio.Event()
+        # Wakes a background drain that holds its WAL flush back when
+        # someone waits for durability (_must_flush says who).
+        self._flush_wanted = asyncio.Event()
+        # Generations: every change applied in memory counts one; a drain
+        # that succeeds makes every change counted before it took the dirty
+        # blocks durable. Drains run one at a time and a failed one puts its
+        # blocks back, so the last successful drain's count is a floor.
+        self._write_gen = 0
+        self._durable_gen = 0
         self._next_round: asyncio.Future[None] | None = None
         self._flush_runner: asyncio.Task[None] | None = None
         self._writeback_task: asyncio.Task[None] | None = None
@@ -231,6 +252,7 @@ class Device:
         self.forget_clean_cache()
         self._base_only.clear()
         self._stored_deltas.clear()
+        self._status.clear()
         self._drains_done += 1  # values loaded from the old store are void
         self._drain_log.clear()
 
@@ -238,6 +260,7 @@ class Device:
         """Drop cached clean blocks (after a restore, or a reopened store)."""
         self._clean.clear()
         self.cached_bytes = 0
+        self._status.clear()
 
     # --- lookups ---------------------------------------------------------
 
@@ -627,11 +650,12 @@ class Device:
         if old is None:
             if not self._dirty:
                 self._first_dirty_at = time.monotonic()
+                self._wake_writeback.set()
             self.dirty_bytes += self._entry_cost(value)
         else:
             self.dirty_bytes += self._entry_cost(value) - self._entry_cost(old)
         if self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2:
-            self._wake_writeback.set()
+            self._flush_wanted.set()
         self._dirty[block] = value
 
     def _apply(
@@ -642,6 +666,7 @@ class Device:
         loaded: dict[int, bytes] | None = None,
     ) -> None:
         """Change one block in memory; ``data`` None means zeros."""
+        self._write_gen += 1
         bs = self.block_size
         block = piece.block
         if piece.whole(bs):
@@ -713,6 +738,7 @@ class Device:
                 raise DeviceError(f"write buffer full and storage failing: {self._drain_error}")
             self._room.clear()
             self._wake_writeback.set()
+            self._flush_wanted.set()
             await self._room.wait()
         parts = list(pieces(offset, length, self.block_size))
         if data is None and not explicit_zero:
@@ -806,12 +832,22 @@ class Device:
             return STATE_HOLE | STATE_ZERO
         return STATE_ZERO if value == self._zero_block else 0
 
+    def _entry_flags(self, entry: Entry) -> int:
+        """Status flags of a drained entry (pages: data, the safe answer)."""
+        if isinstance(entry, Pages):
+            return 0
+        if not entry:
+            return STATE_HOLE | STATE_ZERO
+        return STATE_ZERO if entry == self._zero_block else 0
+
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         """(length, flags) extents from ``offset``; may cover only a prefix.
 
         A run of blocks the store does not hold, however long, costs one
         range scan: the scan returns the next stored entries, and everything
-        before them that memory does not override is a hole.
+        before them that memory does not override is a hole. What scans
+        found is kept (statusmap.py), so stretches already scanned are
+        answered without reading their values through the binding again.
         """
         bs = self.block_size
         end = offset + length
@@ -831,29 +867,52 @@ class Device:
             position += count
 
         scans = 0
+        status = self._status
+        in_memory: list[int] | None = None  # dirty and draining blocks, until the next await
         while position < end:
             block = position // bs
             flags = self._memory_flags(block)
             if flags is not None:
                 emit_until((block + 1) * bs, flags)
                 continue
+            run = status.run(block, last_block + 1)
+            if run is not None:
+                # Scanned before: the run ends at its end or at the next block
+                # memory holds (clean blocks equal what the store holds).
+                flags, stop = run
+                if in_memory is None:
+                    in_memory = sorted(chain(self._dirty, self._draining))
+                i = bisect.bisect_right(in_memory, block)
+                if i < len(in_memory):
+                    stop = min(stop, in_memory[i])
+                emit_until(stop * bs, flags)
+                continue
             if scans == STATUS_SCANS:
                 break
             scans += 1
+            # From where this block's group is known up to (so coverage grows
+            # contiguously), until the next group already known.
+            scan_from = status.scan_start(block)
+            scan_end = last_block + 1
+            following = status.next_known(block)
+            if following is not None:
+                scan_end = min(scan_end, following)
             since = self._drains_done
             found = await self.store.scan(
-                base_key(block), base_key(last_block + 1), limit=STATUS_SCAN_ENTRIES
+                base_key(scan_from), base_key(scan_end), limit=STATUS_SCAN_ENTRIES
             )
+            in_memory = None
             if self._drains_done != since:
                 continue  # a drain moved blocks from memory into the store meanwhile
             groups = list(group_by_block(found))
-            scanned_to = last_block + 1
+            scanned_to = scan_end
             if len(found) == STATUS_SCAN_ENTRIES and len(groups) > 1:
                 scanned_to = groups[-1][0]  # the last block may have more entries
                 groups.pop()
             stored = {b: entries for b, entries in groups}
+            status.learn(scan_from, scanned_to, {b: self._stored_flags(e) for b, e in groups})
             overrides = {b for b in chain(self._dirty, self._draining) if block <= b < scanned_to}
-            for b in sorted(overrides | stored.keys()):
+            for b in sorted(overrides | {b for b in stored if b >= block}):
                 emit_until(b * bs, STATE_HOLE | STATE_ZERO)
                 known = self._memory_flags(b)
                 if known is None:
@@ -920,14 +979,39 @@ class Device:
             elif isinstance(newer, Pages):
                 self._dirty[block] = _stack_over(value, newer, self.block_size)
 
-    async def _drain(self) -> bool:
+    def _must_flush(self) -> bool:
+        """Whether someone waits for durability: a FLUSH (or FUA, or stop)
+        pending or under way, or a buffer half full (writers may wait)."""
+        runner = self._flush_runner
+        if runner is not None and not runner.done():
+            return True
+        return self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2
+
+    async def _hold_flush(self, until: float) -> None:
+        """Wait until ``until`` (monotonic) unless someone needs durability first."""
+        while not self._must_flush():
+            delay = until - time.monotonic()
+            if delay <= 0:
+                return
+            self._flush_wanted.clear()
+            if self._must_flush():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), delay)
+
+    async def _drain(self, *, hold: bool = False) -> bool:
         """Move every dirty block into the store, in batches, durably.
 
-        Returns whether it wrote (and so flushed) anything.
+        With ``hold`` (a background drain) the batches go in at once and the
+        WAL flush waits until the oldest block has waited ``writeback_delay``,
+        or until someone needs durability (:meth:`_must_flush`). Returns
+        whether it wrote (and so flushed) anything.
         """
         async with self._drain_lock:
             if not self._dirty:
                 return False
+            covers = self._write_gen
+            hold_until = self._first_dirty_at + self.writeback_delay if hold else None
             draining = self._dirty
             self._dirty = {}
             self._draining = draining
@@ -949,6 +1033,11 @@ class Device:
                 # many in flight as the store has threads to build them.
                 batches = split_batches(items, self.batch_bytes)
                 width = self.store.parallelism
+                if len(batches) == 1:
+                    # the common small drain (a commit's few pages): no task
+                    # for gather to wrap it in, no extra pass of the loop
+                    await self.store.write(batches[0], encode=encode)
+                    batches = []
                 for i in range(0, len(batches), width):
                     group = batches[i : i + width]
                     results = await asyncio.gather(
@@ -958,11 +1047,14 @@ class Device:
                     for result in results:
                         if isinstance(result, BaseException):
                             raise result
+                if hold_until is not None:
+                    await self._hold_flush(hold_until)
                 # The blocks leave ``draining`` only once durable: a database
                 # reopened after an outage has lost whatever was in its
                 # memtable, so until this flush succeeds the only safe copy
                 # of an acknowledged write is ours.
                 await self.store.flush()
+                self._durable_gen = covers
             except BaseException:
                 # A failed drain, and a cancelled one too (shutdown, a stuck
                 # store): its blocks are acknowledged writes, and outside
@@ -985,6 +1077,7 @@ class Device:
                 for block, entry in draining.items():  # b"" is a hole; zeros are allocated
                     self.allocation.drained(block, isinstance(entry, Pages) or bool(entry))
             for block, entry in draining.items():
+                self._status.note(block, self._entry_flags(entry))
                 load = self._loading.get(block)
                 if load is not None:
                     load.stale = True
@@ -1014,6 +1107,7 @@ class Device:
         Callers that arrive while a round is running wait for the next one,
         which starts after them; one round serves all who wait on it.
         """
+        self._flush_wanted.set()
         if self._next_round is None:
             self._next_round = asyncio.get_running_loop().create_future()
         waiter = self._next_round
@@ -1026,9 +1120,15 @@ class Device:
             round_future = self._next_round
             self._next_round = None
             started = time.monotonic_ns()
+            # Every waiter of this round arrived before now.
+            target = self._write_gen
             try:
-                if not await self._drain():
+                # Nothing left dirty and every change up to ``target``
+                # durable (a drain that was under way when this round began
+                # flushed them): answered without another WAL flush.
+                if not await self._drain() and self._durable_gen < target:
                     await self.store.flush()
+                    self._durable_gen = max(self._durable_gen, target)
             except StoreError as exc:
                 round_future.set_exception(DeviceError(str(exc)))
                 round_future.exception()
@@ -1046,19 +1146,17 @@ class Device:
             round_future.set_result(None)
 
     async def _writeback_loop(self) -> None:
-        """Drain in the background: when half full, or when data has waited."""
+        """Drain in the background as soon as anything is dirty; the drain holds
+        its WAL flush back until data has waited or someone needs it."""
         while True:
-            timeout = self.writeback_delay
-            if self._dirty:
-                age = time.monotonic() - self._first_dirty_at
-                timeout = max(0.0, self.writeback_delay - age)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_writeback.wait(), timeout)
+            if not self._dirty:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_writeback.wait(), self.writeback_delay)
             self._wake_writeback.clear()
             if not self._dirty:
                 continue
             try:
-                await self._drain()
+                await self._drain(hold=True)
             except StoreError as exc:
                 # Keep serving reads; FLUSH reports EIO, and writers that find
                 # the buffer full get EIO instead of waiting forever. Retry

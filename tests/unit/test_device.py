@@ -220,3 +220,49 @@ def test_full_buffer_with_failing_storage_gives_an_error_not_a_hang() -> None:
             raise AssertionError("flush succeeded on closed storage")
 
     asyncio.run(body())
+
+
+def test_flush_shares_the_wal_flush_of_a_held_background_drain() -> None:
+    """A background drain puts its blocks in the store at once and holds the
+    WAL flush back; a FLUSH then needs that one WAL flush, not a drain of
+    its own, and writes meanwhile are not blocked."""
+
+    async def body() -> None:
+        device, handle, store = await open_device(writeback_delay=60)
+        await device.write(0, memoryview(b"a" * BS))
+        for _ in range(100):  # the background drain has written its batch
+            if handle.counters.batches:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert handle.counters.batches == 1 and handle.counters.flushes == 0
+        assert device.draining_bytes == BS  # held: not durable yet, still ours
+        assert device.write_nowait(BS, memoryview(b"b" * BS))  # not blocked by the hold
+        await asyncio.wait_for(device.flush(), 10)  # far sooner than writeback_delay
+        # the held drain's flush, then one drain for the write made meanwhile
+        assert handle.counters.flushes == 2
+        await device.flush()  # nothing new since: no store call at all
+        assert handle.counters.flushes == 2
+        reopened = await SlateHandle.open(store, "dev", LsmConfig(block_cache_size_bytes=0))
+        fresh = Device(reopened, size=SIZE, block_size=BS, cache_bytes=0, dirty_bytes=4 * BS)
+        assert bytes(await fresh.read(0, 2 * BS)) == b"a" * BS + b"b" * BS
+        await reopened.close()
+
+    asyncio.run(body())
+
+
+def test_background_drain_makes_writes_durable_without_a_flush() -> None:
+    async def body() -> None:
+        device, handle, store = await open_device(writeback_delay=0.02)
+        await device.write(3 * BS, memoryview(b"d" * BS))
+        for _ in range(500):
+            if handle.counters.flushes and not device.draining_bytes:
+                break
+            await asyncio.sleep(0.01)
+        assert handle.counters.flushes >= 1 and device.dirty_bytes == device.draining_bytes == 0
+        reopened = await SlateHandle.open(store, "dev", LsmConfig(block_cache_size_bytes=0))
+        fresh = Device(reopened, size=SIZE, block_size=BS, cache_bytes=0, dirty_bytes=4 * BS)
+        assert bytes(await fresh.read(3 * BS, BS)) == b"d" * BS
+        await reopened.close()
+
+    asyncio.run(body())

@@ -277,6 +277,8 @@ def test_page_deltas_match_a_bytearray(cache_blocks: int, plan: list[list[Op]]) 
         await run_waves(device, plan, model)
         await check_whole_disk(device, model)
         await device.flush()
+        # again, with what the first block status learned and the drain since
+        await check_whole_disk(device, model)
         # A fresh device on the same database sees only what the store holds.
         await check_whole_disk(uncached_twin(device), model)
         await device.stop()
@@ -417,6 +419,64 @@ def test_block_status_of_a_huge_sparse_disk_is_one_scan() -> None:
         zeroed = await device.block_status(2 << 40, BS)
         assert zeroed == [(BS, STATE_ZERO)]
         await device.stop()
+        await handle.close()
+
+    asyncio.run(body())
+
+
+def test_block_status_does_not_scan_a_stretch_it_has_scanned() -> None:
+    """A scan passes every value it finds through the binding: a second map of
+    the same data, and one after drains changed it, need no scan."""
+
+    async def body() -> None:
+        store = resolve_object_store("memory:///")
+        handle = await SlateHandle.open(store, "dev", LsmConfig(block_cache_size_bytes=0))
+        blocks = 256
+        size = blocks * BS
+        device = Device(
+            handle, size=size, block_size=BS, cache_bytes=0, dirty_bytes=8 * BS, layout=Layout()
+        )
+        device.start()
+        expected = [STATE_HOLE | STATE_ZERO] * blocks
+        for block in range(0, blocks, 16):
+            await device.write(block * BS, memoryview(b"d" * BS))
+            expected[block] = 0
+        await device.write_zeroes(3 * BS, BS, no_hole=True)
+        expected[3] = STATE_ZERO
+        await device.write(7 * BS, memoryview(b"p" * PS))  # a page delta: data
+        expected[7] = 0
+        await device.flush()
+
+        def extents_of(flags: list[int]) -> list[tuple[int, int]]:
+            return [(len(list(run)) * BS, f) for f, run in itertools.groupby(flags)]
+
+        scans = handle.counters.scans
+        assert await device.block_status(0, size) == extents_of(expected)
+        assert handle.counters.scans > scans
+        scans = handle.counters.scans
+        assert await device.block_status(0, size) == extents_of(expected)
+        assert await device.block_status(5 * BS, 20 * BS) == extents_of(expected[5:25])
+        assert handle.counters.scans == scans
+        # Drains keep it current: data into a hole, a trim, zeros over data.
+        await device.write(100 * BS, memoryview(b"n" * BS))
+        await device.trim(16 * BS, BS)
+        await device.write_zeroes(32 * BS, BS, no_hole=True)
+        expected[100], expected[16], expected[32] = 0, STATE_HOLE | STATE_ZERO, STATE_ZERO
+        assert await device.block_status(0, size) == extents_of(expected)  # from memory
+        await device.flush()
+        assert await device.block_status(0, size) == extents_of(expected)
+        assert handle.counters.scans == scans
+        # A device without that knowledge finds the same in the store.
+        twin = Device(
+            handle, size=size, block_size=BS, cache_bytes=0, dirty_bytes=8 * BS, layout=Layout()
+        )
+        assert await twin.block_status(0, size) == extents_of(expected)
+        # Another database (a restore): nothing learned from the old one holds.
+        other = await SlateHandle.open(store, "other", LsmConfig(block_cache_size_bytes=0))
+        device.swap_store(other)
+        assert await device.block_status(0, size) == [(size, STATE_HOLE | STATE_ZERO)]
+        await device.stop()
+        await other.close()
         await handle.close()
 
     asyncio.run(body())
