@@ -28,6 +28,7 @@ from portalbd.store.binding import StoreError as StoreError
 from portalbd.store.binding import StoreFenced as StoreFenced
 from portalbd.store.binding import sdb, translate_error
 from portalbd.store.items import Tombstone
+from portalbd.store.localsync import sync_filesystem
 from portalbd.store.read_bound import ReadBound
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ class StoreCounters:
     deletes: int = 0
     batches: int = 0
     flushes: int = 0
+    syncs: int = 0  # syncfs of a file:// store's filesystem after a flush
     scans: int = 0
     bytes_put: int = 0
     bytes_got: int = 0
@@ -181,6 +183,7 @@ class StoreCounters:
             "deletes": self.deletes,
             "batches": self.batches,
             "flushes": self.flushes,
+            "syncs": self.syncs,
             "scans": self.scans,
             "bytes_put": self.bytes_put,
             "bytes_got": self.bytes_got,
@@ -603,7 +606,20 @@ class SlateHandle:
                 await self._bounded(self._db.flush(), "flush failed")
         except sdb.Error as exc:
             raise self._failed(exc, "flush failed") from exc
+        if self.local_dir is not None:
+            await self._sync_local()
         self._set_health("ok")
+
+    async def _sync_local(self) -> None:
+        """file:// storage: what SlateDB wrote reaches the disk (localsync.py)."""
+        assert self.local_dir is not None
+        self.counters.syncs += 1
+        try:
+            await self._bounded(asyncio.to_thread(sync_filesystem, self.local_dir), "flush failed")
+        except OSError as exc:
+            raise self._error(
+                StoreError(f"flush failed: syncing {self.local_dir} to disk: {exc.strerror}")
+            ) from exc
 
     async def scan(
         self, start: bytes, end: bytes, limit: int = 1 << 30, *, sequential: bool = False
