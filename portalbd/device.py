@@ -1129,6 +1129,9 @@ class Device:
                 if not await self._drain() and self._durable_gen < target:
                     await self.store.flush()
                     self._durable_gen = max(self._durable_gen, target)
+                # The WAL flush survives the daemon; a power cut needs the
+                # local disk synced too (file:// storage, store/localsync.py).
+                await self.store.sync()
             except StoreError as exc:
                 round_future.set_exception(DeviceError(str(exc)))
                 round_future.exception()

@@ -606,13 +606,19 @@ class SlateHandle:
                 await self._bounded(self._db.flush(), "flush failed")
         except sdb.Error as exc:
             raise self._failed(exc, "flush failed") from exc
-        if self.local_dir is not None:
-            await self._sync_local()
+        if memtable:
+            await self.sync()  # a snapshot's tables, on disk before it is listed
         self._set_health("ok")
 
-    async def _sync_local(self) -> None:
-        """file:// storage: what SlateDB wrote reaches the disk (localsync.py)."""
-        assert self.local_dir is not None
+    async def sync(self) -> None:
+        """file:// storage: what SlateDB wrote so far reaches the disk (localsync.py).
+
+        A WAL flush survives the daemon; only this survives a power cut. It
+        is what an NBD FLUSH needs, not every background drain: data no
+        FLUSH covered may be lost in a power cut anyway.
+        """
+        if self.local_dir is None or self.read_only:
+            return
         self.counters.syncs += 1
         try:
             await self._bounded(asyncio.to_thread(sync_filesystem, self.local_dir), "flush failed")
