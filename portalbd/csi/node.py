@@ -93,6 +93,19 @@ class NodeService(pb_grpc.NodeServicer):
             raise e.invalid(f"invalid volume_id {volume_id!r}")
         return self.state_root / volume_id
 
+    def _daemon_spec(
+        self, volume_id: str, record: VolumeRecord, key_file: Path | None
+    ) -> DaemonSpec:
+        """How this node runs the volume's daemon: its record's size and block size."""
+        return DaemonSpec(
+            volume_id=volume_id,
+            storage_url=self.registry.storage_url(volume_id),
+            size_bytes=record.capacity_bytes,
+            block_size=record.block_size,
+            state_dir=self.state_dir(volume_id),
+            key_file=key_file,
+        )
+
     def _read_state(self, volume_id: str) -> dict[str, Any] | None:
         try:
             doc: dict[str, Any] = json.loads((self.state_dir(volume_id) / "stage.json").read_text())
@@ -151,14 +164,7 @@ class NodeService(pb_grpc.NodeServicer):
                 keys.is_encrypted(record.parameters),
                 dict(request.secrets),
             )
-            spec = DaemonSpec(
-                volume_id=volume_id,
-                storage_url=self.registry.storage_url(volume_id),
-                size_bytes=record.capacity_bytes,
-                block_size=record.block_size,
-                state_dir=state_dir,
-                key_file=key_file,
-            )
+            spec = self._daemon_spec(volume_id, record, key_file)
             state_dir.mkdir(parents=True, exist_ok=True)
             self.registry.mark_staged(
                 volume_id, StageRecord(self.node_id, str(spec.control_socket), staging)
@@ -424,14 +430,7 @@ class NodeService(pb_grpc.NodeServicer):
                 "unstage and stage it again to grow it"
             )
         key_file = state_dir / keys.KEY_FILE
-        spec = DaemonSpec(
-            volume_id=volume_id,
-            storage_url=self.registry.storage_url(volume_id),
-            size_bytes=record.capacity_bytes,
-            block_size=record.block_size,
-            state_dir=state_dir,
-            key_file=key_file if key_file.exists() else None,
-        )
+        spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
         daemon = self.daemons.get(volume_id)
         if daemon is None:  # staged by an earlier driver: adopt its daemon first
             daemon = SupervisedDaemon(spec)

@@ -6,6 +6,7 @@ status, stdout/stderr split and argument parsing are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -189,9 +190,9 @@ def test_log_prints_the_daemons_recent_lines(daemon: RunningDaemon) -> None:
     )
 
 
-def test_log_from_a_daemon_older_than_the_request(tmp_path: Path) -> None:
-    """What an older portalbd answers to `Log` (it has no such request), said plainly."""
-    path = tmp_path / "old.sock"
+@contextlib.contextmanager
+def answering_once(path: Path, reply: bytes) -> Iterator[None]:
+    """A control socket that reads one request, sends ``reply`` (maybe none) and hangs up."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -199,16 +200,24 @@ def test_log_from_a_daemon_older_than_the_request(tmp_path: Path) -> None:
     def answer() -> None:
         conn, _ = server.accept()
         conn.recv(1024)
-        conn.sendall(b'{"Error":"unknown request \'Log\' (known: Metrics, Status)"}\n')
+        if reply:
+            conn.sendall(reply)
         conn.close()
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     try:
-        result = ctl("--socket", str(path), "log")
+        yield
     finally:
         thread.join(5)
         server.close()
+
+
+def test_log_from_a_daemon_older_than_the_request(tmp_path: Path) -> None:
+    """What an older portalbd answers to `Log` (it has no such request), said plainly."""
+    path = tmp_path / "old.sock"
+    with answering_once(path, b'{"Error":"unknown request \'Log\' (known: Metrics, Status)"}\n'):
+        result = ctl("--socket", str(path), "log")
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith("Error: this daemon is older than the Log request")
 
@@ -405,45 +414,16 @@ def test_timeout(silent_server: Path) -> None:
 
 def test_garbage_reply(tmp_path: Path) -> None:
     path = tmp_path / "garbage.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def answer() -> None:
-        conn, _ = server.accept()
-        conn.recv(1024)
-        conn.sendall(b"HTTP/1.1 400 Bad Request\n")
-        conn.close()
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    try:
+    with answering_once(path, b"HTTP/1.1 400 Bad Request\n"):
         result = ctl("--socket", str(path), "status")
-    finally:
-        thread.join(5)
-        server.close()
     assert result.returncode == 1
     assert result.stderr == "Error: reply is not JSON: b'HTTP/1.1 400 Bad Request'\n"
 
 
 def test_daemon_closes_without_answer(tmp_path: Path) -> None:
     path = tmp_path / "closer.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def hang_up() -> None:
-        conn, _ = server.accept()
-        conn.recv(1024)
-        conn.close()
-
-    thread = threading.Thread(target=hang_up, daemon=True)
-    thread.start()
-    try:
+    with answering_once(path, b""):
         result = ctl("--socket", str(path), "status")
-    finally:
-        thread.join(5)
-        server.close()
     assert (result.returncode, result.stderr) == (
         1,
         f"Error: the daemon closed control socket {path}\n",
