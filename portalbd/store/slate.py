@@ -42,8 +42,8 @@ log = logging.getLogger("portalbd.store")
 REOPEN_INTERVAL_S = 2.0
 SCAN_BATCH = 256  # entries per call into a scan iterator
 # A scan over a run of blocks fetches SST blocks ahead of the iterator, four
-# requests at a time: on S3 (moto) a sequential 1 MiB read went from 4.8 to
-# 48 MiB/s and from 2.3 to 0.09 GETs per MiB. In memory it costs nothing
+# requests at a time: on S3 (moto) sequential 1 MiB reads ran at 12-73 MiB/s
+# in four runs, 4.8 and 10.9 without (docs/s3.md). In memory it costs nothing
 # (4.7 against 5.7 ms of CPU per 16-block scan). Scans of one block (random
 # reads) keep SlateDB's default, which fetches only what it needs.
 SCAN_READ_AHEAD_BYTES = 1 << 20
