@@ -65,6 +65,7 @@ from portalbd.pages import (
     delta_key,
     delta_pages,
     group_by_block,
+    mask_pages,
     merge_stored,
     page_span,
     split_batches,
@@ -444,7 +445,6 @@ class Device:
             if self._deltas and block not in self._base_only:
                 found = await self.store.scan(base_key(block), base_key(block + 1))
                 self._note_scanned(block, found, load, drains_started)
-                self._note_deltas(block, delta_pages(found))
             else:
                 raw = await self.store.get(base_key(block))
                 found = [] if raw is None else [(base_key(block), raw)]
@@ -467,12 +467,15 @@ class Device:
         load: _Load,
         drains_started: int,
     ) -> None:
-        """A scan found no deltas: later loads of the block may use a get.
+        """What a scan of one block tells: its delta keys, and whether it has none.
 
-        Only when no drain started meanwhile and none overtook the load: a
-        drain writing deltas for the block may have committed after the
-        scan's snapshot (a drain also forgets its delta blocks when it ends).
+        The delta keys are remembered whatever happened meanwhile (a superset
+        is harmless). A block with none may later load with a get, but only
+        when no drain started meanwhile and none overtook the load: a drain
+        writing deltas for the block may have committed after the scan's
+        snapshot (a drain also forgets its delta blocks when it ends).
         """
+        self._note_deltas(block, delta_pages(entries))
         if load.stale or self._seq != drains_started or self.follows_store:
             return
         if len(entries) <= 1 and all(key == base_key(block) for key, _ in entries):
@@ -524,7 +527,6 @@ class Device:
             for block, load in loads.items():
                 entries = groups.get(block, ())
                 self._note_scanned(block, entries, load, drains_started)
-                self._note_deltas(block, delta_pages(entries))
                 self._loaded(block, load, self._decode(block, entries))
         except (StoreError, DeviceError) as exc:
             error = exc if isinstance(exc, DeviceError) else DeviceError(str(exc))
@@ -828,12 +830,10 @@ class Device:
             ):
                 return 0  # some pages written: data (a safe answer)
             return None
-        if not value:
-            return STATE_HOLE | STATE_ZERO
-        return STATE_ZERO if value == self._zero_block else 0
+        return self._entry_flags(value)
 
     def _entry_flags(self, entry: Entry) -> int:
-        """Status flags of a drained entry (pages: data, the safe answer)."""
+        """Status flags of a block's entry in memory (pages: data, the safe answer)."""
         if isinstance(entry, Pages):
             return 0
         if not entry:
@@ -956,12 +956,7 @@ class Device:
             whole.append((block, value))
             items.append((base_key(block), value if value else None))
             stale = self._stored_deltas.get(block, 0)
-            page = 0
-            while stale:
-                if stale & 1:
-                    items.append((delta_key(block, page), DELETE))
-                stale >>= 1
-                page += 1
+            items.extend((delta_key(block, page), DELETE) for page in mask_pages(stale))
         return items, whole
 
     def _forget_base_only(self, draining: dict[int, Entry]) -> None:
@@ -1073,11 +1068,12 @@ class Device:
                 self._room.set()
             self.counters.drains += 1
             self.counters.drained_blocks += len(draining)
-            if self.allocation is not None:
-                for block, entry in draining.items():  # b"" is a hole; zeros are allocated
-                    self.allocation.drained(block, isinstance(entry, Pages) or bool(entry))
+            allocation = self.allocation
             for block, entry in draining.items():
-                self._status.note(block, self._entry_flags(entry))
+                flags = self._entry_flags(entry)
+                self._status.note(block, flags)
+                if allocation is not None:  # holes are not allocated; zeros are
+                    allocation.drained(block, not flags & STATE_HOLE)
                 load = self._loading.get(block)
                 if load is not None:
                     load.stale = True

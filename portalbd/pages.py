@@ -124,12 +124,7 @@ class Pages:
         self.mask |= page_mask(start, end, self.page_size)
 
     def pages(self) -> Iterator[int]:
-        mask, page = self.mask, 0
-        while mask:
-            if mask & 1:
-                yield page
-            mask >>= 1
-            page += 1
+        return mask_pages(self.mask)
 
     def overlay(self, target: bytearray) -> None:
         """Copy the held pages over ``target`` (a whole block)."""
@@ -210,6 +205,16 @@ def stored_flags(entries: Sequence[tuple[bytes, bytes]], *, sealed: bool = False
     if base_seq < 0:
         return CODEC_HOLE
     return base_codec if base_codec in (CODEC_HOLE, CODEC_ZERO) else 0
+
+
+def mask_pages(mask: int) -> Iterator[int]:
+    """The page numbers whose bits are set in ``mask``, lowest first."""
+    page = 0
+    while mask:
+        if mask & 1:
+            yield page
+        mask >>= 1
+        page += 1
 
 
 def delta_pages(entries: Iterable[tuple[bytes, bytes]]) -> int:

@@ -4,8 +4,9 @@ SlateDB writes a ``file://`` database through a local object store that
 writes and renames files but never calls fsync (strace of 20 NBD FLUSHes:
 no fsync, fdatasync or syncfs at all). Its WAL flush therefore survives a
 daemon crash but not a power cut or a kernel crash, and NBD FLUSH promises
-the latter. ``syncfs`` on the directory's filesystem after each WAL flush
-makes everything written so far durable, whichever files SlateDB touched.
+the latter. ``syncfs`` on the directory's filesystem at the end of each
+FLUSH round (and snapshot) makes everything written so far durable,
+whichever files SlateDB touched.
 """
 
 from __future__ import annotations
