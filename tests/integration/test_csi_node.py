@@ -74,6 +74,22 @@ def unstage(driver: Driver, vid: str, staging: Path) -> None:
     )
 
 
+def publish_request(
+    vid: str,
+    staging: Path,
+    target: Path,
+    readonly: bool = False,
+    cap: pb.VolumeCapability | None = None,
+) -> pb.NodePublishVolumeRequest:
+    return pb.NodePublishVolumeRequest(
+        volume_id=vid,
+        staging_target_path=str(staging),
+        target_path=str(target),
+        volume_capability=cap or mount_cap(),
+        readonly=readonly,
+    )
+
+
 def publish(
     driver: Driver,
     vid: str,
@@ -82,15 +98,7 @@ def publish(
     readonly: bool = False,
     cap: pb.VolumeCapability | None = None,
 ) -> None:
-    driver.node.NodePublishVolume(
-        pb.NodePublishVolumeRequest(
-            volume_id=vid,
-            staging_target_path=str(staging),
-            target_path=str(target),
-            volume_capability=cap or mount_cap(),
-            readonly=readonly,
-        )
-    )
+    driver.node.NodePublishVolume(publish_request(vid, staging, target, readonly, cap))
 
 
 def unpublish(driver: Driver, vid: str, target: Path) -> None:
@@ -176,25 +184,13 @@ def test_stage_publish_unstage_restage_keeps_files(driver: Driver, tmp_path: Pat
     publish(driver, vid, staging, target)  # idempotent
     publish(driver, vid, staging, ro_target, readonly=True)
     error = rpc_error(
-        driver.node.NodePublishVolume,
-        pb.NodePublishVolumeRequest(
-            volume_id=vid,
-            staging_target_path=str(staging),
-            target_path=str(target),
-            volume_capability=mount_cap(),
-            readonly=True,
-        ),
+        driver.node.NodePublishVolume, publish_request(vid, staging, target, readonly=True)
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert f"{target} is already published read-write as a filesystem" in (error.details() or "")
     error = rpc_error(
         driver.node.NodePublishVolume,
-        pb.NodePublishVolumeRequest(
-            volume_id=vid,
-            staging_target_path=str(staging),
-            target_path=str(tmp_path / "pod/raw"),
-            volume_capability=block_cap(),
-        ),
+        publish_request(vid, staging, tmp_path / "pod/raw", cap=block_cap()),
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "is staged as ext4 mode SINGLE_NODE_WRITER: publish it as a filesystem" in (
@@ -409,13 +405,7 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     publish(driver, vid, staging, target, cap=block_cap())
     error = rpc_error(
         driver.node.NodePublishVolume,
-        pb.NodePublishVolumeRequest(
-            volume_id=vid,
-            staging_target_path=str(staging),
-            target_path=str(target),
-            volume_capability=block_cap(),
-            readonly=True,
-        ),
+        publish_request(vid, staging, target, readonly=True, cap=block_cap()),
     )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert f"{target} is already published read-write as a block device" in (error.details() or "")

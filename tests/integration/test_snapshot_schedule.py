@@ -73,6 +73,17 @@ async def with_instance(
         await instance.close()
 
 
+async def started_scheduler(instance: Instance, keep: int) -> tuple[SnapshotScheduler, Clock]:
+    """A 15-minute schedule keeping ``keep``, on a test clock, started and asleep."""
+    clock = Clock(START)
+    scheduler = SnapshotScheduler(
+        instance, Schedule("15m", 900, RetentionPolicy(keep=keep)), clock=clock, sleep=clock.sleep
+    )
+    scheduler.start()
+    await asyncio.sleep(0.01)
+    return scheduler, clock
+
+
 def names(instance: Instance) -> list[str]:
     return [s.name for s in instance.snapshot_records()]
 
@@ -80,13 +91,7 @@ def names(instance: Instance) -> list[str]:
 def test_slots_names_and_pruning_with_a_test_clock() -> None:
     async def body(instance: Instance) -> None:
         await instance.create_snapshot("before-upgrade")
-        clock = Clock(START)
-        policy = RetentionPolicy(keep=3)
-        scheduler = SnapshotScheduler(
-            instance, Schedule("15m", 900, policy), clock=clock, sleep=clock.sleep
-        )
-        scheduler.start()
-        await asyncio.sleep(0.01)
+        scheduler, clock = await started_scheduler(instance, keep=3)
         assert clock.sleeps == [467]  # to 03:15:00
         assert scheduler.public()["next_at"] == calendar.timegm((2026, 12, 2, 3, 15, 0))
         assert instance.status()["snapshot_schedule"] is None  # not the instance's own
@@ -109,12 +114,7 @@ def test_slots_names_and_pruning_with_a_test_clock() -> None:
 
 def test_restore_skips_a_slot_and_the_restored_snapshot_is_kept() -> None:
     async def body(instance: Instance) -> None:
-        clock = Clock(START)
-        scheduler = SnapshotScheduler(
-            instance, Schedule("15m", 900, RetentionPolicy(keep=1)), clock=clock, sleep=clock.sleep
-        )
-        scheduler.start()
-        await asyncio.sleep(0.01)
+        scheduler, clock = await started_scheduler(instance, keep=1)
         await clock.next_slot()
         assert names(instance) == ["auto-20261202T031500Z"]
         restore = asyncio.ensure_future(instance.restore("auto-20261202T031500Z", force=False))
@@ -140,12 +140,7 @@ def test_stopping_lets_a_snapshot_in_progress_finish() -> None:
     """Cancelling one half-way could leave a checkpoint the catalog never records."""
 
     async def body(instance: Instance) -> None:
-        clock = Clock(START)
-        scheduler = SnapshotScheduler(
-            instance, Schedule("15m", 900, RetentionPolicy(keep=1)), clock=clock, sleep=clock.sleep
-        )
-        scheduler.start()
-        await asyncio.sleep(0.01)
+        scheduler, clock = await started_scheduler(instance, keep=1)
         async with instance._admin_lock:  # a manual snapshot or restore holds it
             clock.release()
             await asyncio.sleep(0.05)
@@ -174,12 +169,7 @@ def test_a_failed_snapshot_is_logged_shown_and_retried(
 
     async def body(instance: Instance) -> None:
         assert instance.device is not None
-        clock = Clock(START)
-        scheduler = SnapshotScheduler(
-            instance, Schedule("15m", 900, RetentionPolicy(keep=1)), clock=clock, sleep=clock.sleep
-        )
-        scheduler.start()
-        await asyncio.sleep(0.01)
+        scheduler, clock = await started_scheduler(instance, keep=1)
         await clock.next_slot()
         assert names(instance) == ["auto-20261202T031500Z"]
         await mount("--bind", str(store), str(store))
