@@ -171,7 +171,7 @@ class StoreCounters:
     deletes: int = 0
     batches: int = 0
     flushes: int = 0
-    syncs: int = 0  # syncfs of a file:// store's filesystem after a flush
+    syncs: int = 0  # syncfs of a file:// store's filesystem, once per FLUSH round or snapshot
     scans: int = 0
     bytes_put: int = 0
     bytes_got: int = 0
