@@ -515,6 +515,10 @@ class SlateHandle:
             try:
                 fresh: SlateHandle = await self._bounded(self._reopen(), "reopening")
             except StoreError as exc:
+                # The interval counts from the end of a failed attempt: one
+                # that took longer than the interval must not let the very
+                # next caller (a disconnect's flush) start another at once.
+                self._last_reopen = time.monotonic()
                 raise StoreError(f"storage unavailable, reconnect failed: {exc}") from exc
             old_db, old_recorder = self._db, self._recorder
             self._db, self._recorder = fresh._db, fresh._recorder
