@@ -66,11 +66,16 @@ def _fuse_paths(state_dir: Path) -> tuple[Path, Path]:
     return mount_dir, mount_dir / "disk"
 
 
-async def _loop_for(file: Path) -> str | None:
-    out = await run("losetup", "-j", str(file), check=False)
-    for line in out.splitlines():
-        if line.startswith("/dev/loop"):
-            return line.split(":", 1)[0]
+def _loop_for(file: Path) -> str | None:
+    """The loop device over ``file``, from sysfs: ``losetup -j`` stats the file,
+    which fails (ENOTCONN) once the volume is cut off and its FUSE mount is
+    dead; the kernel then shows the path with " (deleted)" after it."""
+    wanted = os.path.realpath(file)  # what the kernel shows; works on a dead mount too
+    for backing in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
+        with contextlib.suppress(OSError):  # detached in between
+            shown = Path(backing).read_text().rstrip("\n").removesuffix(" (deleted)")
+            if shown == wanted:
+                return f"/dev/{Path(backing).parent.parent.name}"
     return None
 
 
@@ -200,7 +205,7 @@ async def _attach_fuse(state_dir: Path, nbd_socket: Path, size: int) -> Attachme
                 proc.kill()
             log = (state_dir / "nbdfuse.log").read_text(errors="replace")[-1000:]
             raise internal(f"nbdfuse did not expose the disk: {log.strip()}")
-    loop = await _loop_for(disk)
+    loop = _loop_for(disk)
     if loop is None:
         loop = (
             await run("losetup", "--find", "--show", "--sizelimit", str(size), str(disk))
@@ -233,7 +238,7 @@ async def current_device(state_dir: Path) -> Attachment | None:
         return Attachment(device, "kernel")
     mount_dir, disk = _fuse_paths(state_dir)
     if is_mounted(mount_dir):
-        loop = await _loop_for(disk)
+        loop = _loop_for(disk)
         if loop:
             return Attachment(loop, "nbdfuse")
     return None
@@ -252,12 +257,12 @@ async def detach(state_dir: Path) -> None:
     if not is_mounted(mount_dir):
         await _stop_proxy(state_dir)  # a stage that failed before nbdfuse ran
         return
-    while (loop := await _loop_for(disk)) is not None:
+    while (loop := _loop_for(disk)) is not None:
         await run("blockdev", "--flushbufs", loop, check=False)
         await run("losetup", "-d", loop)
 
-        async def detached(loop: str = loop) -> bool:
-            return await _loop_for(disk) != loop
+        def detached(loop: str = loop) -> bool:
+            return _loop_for(disk) != loop
 
         with contextlib.suppress(LaunchError):  # detach is asynchronous in the kernel
             await wait_until_async(detached, None, 5, f"{loop} to detach")
