@@ -15,6 +15,13 @@ the device under the mount). Its truncate filter gives nbdfuse a fixed,
 larger-than-any-volume file whatever the daemon serves; the loop device's
 size limit is the volume's size. Growing a volume online is then: restart
 the daemon with the new size, raise the loop's limit, grow the filesystem.
+
+That reconnect is only safe after a clean exit. A daemon that was killed or
+crashed lost the writes it had answered since the last flush; reconnected,
+the filesystem would carry on over them. So after such an exit the
+supervisor cuts the volume off (``cut_off``): the proxy and nbdfuse die,
+every I/O on the device fails from then on, and unstaging cleans up a dead
+FUSE mount.
 """
 
 # Local file, /proc and socket-path checks take microseconds; the node's I/O
@@ -179,6 +186,32 @@ async def _stop_proxy(state_dir: Path) -> None:
         with contextlib.suppress(LaunchError):
             await wait_until_async(lambda: not pid_alive(pid), None, 10, "nbdkit to exit")
     for path in (pidfile, state_dir / "proxy.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def cut_off(state_dir: Path) -> None:
+    """SIGKILL the volume's proxy and nbdfuse, so that nothing reconnects the
+    device to a restarted daemon: every further I/O on the loop device fails
+    (EIO), as on a disk after a power cut, and the filesystem on it stops
+    instead of carrying on over writes the dead daemon never made durable.
+    SIGKILL, not SIGTERM: the proxy would hold its failed requests for the
+    retry and nbdfuse would try to unmount. Safe to repeat.
+
+    The kernel NBD client has no reconnect: its device is left as it is."""
+    for name in ("proxy.pid", "nbdfuse.pid"):
+        pid = _pid_in(state_dir / name)
+        if pid is None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+        def dead(pid: int = pid) -> bool:
+            return not pid_alive(pid)
+
+        with contextlib.suppress(LaunchError):
+            await wait_until_async(dead, None, 10, f"{name} to die", 0.05)
+    for path in (state_dir / "proxy.pid", state_dir / "proxy.sock"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
