@@ -36,6 +36,7 @@ from portalbd.csi.supervisor import (
     CONDITION_FILE,
     DaemonSpec,
     SupervisedDaemon,
+    cut_off_reason,
     daemon_pid,
     read_condition,
 )
@@ -113,6 +114,13 @@ class NodeService(pb_grpc.NodeServicer):
             return None
         return doc
 
+    def _refuse_cut_off(self, volume_id: str) -> None:
+        """FAILED_PRECONDITION while the volume's device is cut off: publishing or
+        growing a dead mount helps no pod, and only unstaging revives it."""
+        reason = cut_off_reason(self.state_dir(volume_id))
+        if reason is not None:
+            raise e.precondition(f"volume {volume_id}: {reason}")
+
     # --- stage ----------------------------------------------------------------
 
     @rpc
@@ -150,6 +158,8 @@ class NodeService(pb_grpc.NodeServicer):
                     f"volume {volume_id} is already staged at {staging} as {describe(state)}, "
                     f"not {describe(wanted)}: unstage it first"
                 )
+            if state is not None:
+                self._refuse_cut_off(volume_id)
             other = self.registry.staged(volume_id)
             if other is not None and other.node_id != self.node_id:
                 log.warning(
@@ -283,6 +293,7 @@ class NodeService(pb_grpc.NodeServicer):
                     f"volume {volume_id} is staged as {describe(state)}: publish it as "
                     f"{'a block volume' if state['block'] else 'a filesystem'}"
                 )
+            self._refuse_cut_off(volume_id)
             current = mount_of(target)
             if current is not None:
                 readonly = "ro" in current[1].split(",")
@@ -394,6 +405,7 @@ class NodeService(pb_grpc.NodeServicer):
                 raise e.not_found(f"volume path {volume_path} does not exist")
             if not self._serves(state, attachment.device, volume_path):
                 raise e.not_found(f"volume {volume_id} is not staged or published at {volume_path}")
+            self._refuse_cut_off(volume_id)
             record = self.registry.volume(volume_id)
             if record is None:
                 raise e.not_found(f"volume {volume_id} does not exist")
