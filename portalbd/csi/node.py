@@ -121,6 +121,39 @@ class NodeService(pb_grpc.NodeServicer):
         if reason is not None:
             raise e.precondition(f"volume {volume_id}: {reason}")
 
+    async def _supervise(self, volume_id: str, record: VolumeRecord) -> SupervisedDaemon:
+        """The volume's supervised daemon: ours, or adopted from an earlier driver."""
+        daemon = self.daemons.get(volume_id)
+        if daemon is None:
+            key_file = self.state_dir(volume_id) / keys.KEY_FILE
+            spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
+            daemon = SupervisedDaemon(spec)
+            await daemon.start()
+            self.daemons[volume_id] = daemon
+        return daemon
+
+    async def adopt_staged(self) -> None:
+        """Supervise the daemons of volumes an earlier driver staged here, now.
+
+        Otherwise a daemon is adopted only by the next RPC on its volume, and
+        one that died while no driver ran would be noticed (and its device cut
+        off) only then: SupervisedDaemon.start does both."""
+        if not self.state_root.is_dir():
+            return
+        for state_dir in sorted(self.state_root.iterdir()):
+            volume_id = state_dir.name
+            if not (state_dir / "stage.json").exists():
+                continue
+            async with self.lock(volume_id):
+                record = self.registry.volume(volume_id)
+                if record is None:
+                    log.warning("volume %s is staged here but has no record", volume_id)
+                    continue
+                try:
+                    await self._supervise(volume_id, record)
+                except Exception:
+                    log.exception("adopting the daemon of volume %s failed", volume_id)
+
     # --- stage ----------------------------------------------------------------
 
     @rpc
@@ -182,11 +215,12 @@ class NodeService(pb_grpc.NodeServicer):
             (state_dir / "stage.json").write_text(json.dumps(wanted))
             was_staged = state is not None
             try:
-                daemon = self.daemons.get(volume_id)
-                if daemon is None:
+                if volume_id not in self.daemons:
                     daemon = SupervisedDaemon(spec)
                     await daemon.start()
                     self.daemons[volume_id] = daemon
+                if was_staged:  # its daemon may have died unwatched: start() cut it off
+                    self._refuse_cut_off(volume_id)
                 attachment = await att.attach(state_dir, spec.nbd_socket, spec.size_bytes)
                 if block:
                     Path(staging).mkdir(parents=True, exist_ok=True)
@@ -443,11 +477,8 @@ class NodeService(pb_grpc.NodeServicer):
             )
         key_file = state_dir / keys.KEY_FILE
         spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
-        daemon = self.daemons.get(volume_id)
-        if daemon is None:  # staged by an earlier driver: adopt its daemon first
-            daemon = SupervisedDaemon(spec)
-            await daemon.start()
-            self.daemons[volume_id] = daemon
+        daemon = await self._supervise(volume_id, record)
+        self._refuse_cut_off(volume_id)  # an adopted daemon may have died unwatched
         log.info("growing volume %s to %d bytes: restarting its daemon", volume_id, spec.size_bytes)
         await daemon.restart(spec)
         await att.grow(attachment, record.capacity_bytes)

@@ -158,8 +158,23 @@ class SupervisedDaemon:
         self._stopping = False
 
     async def start(self) -> None:
-        """Start (or adopt) the daemon and wait until it answers."""
+        """Start (or adopt) the daemon and wait until it answers.
+
+        A driver that starts after another one learns only what the volume's
+        state directory says. No daemon answering while the proxy still
+        runs means it died with nobody watching, its exit status unknown:
+        the device is cut off before a new daemon could be reconnected to.
+        An abnormal condition already recorded is cut off again (the driver
+        that recorded it may have died before it could, or predates
+        cutting off)."""
+        state_dir = self.spec.state_dir
         pid = await daemon_pid(self.spec.control_socket)
+        abnormal, message = read_condition(state_dir)
+        if abnormal:
+            await self._cut_off(message if cut_off_reason(state_dir) else f"{message}; {CUT_OFF}")
+        elif pid is None and attach.has_proxy(state_dir):
+            log.error("daemon for volume %s is gone (died unwatched)", self.spec.volume_id)
+            await self._cut_off(condition_message(None) or "")
         if pid is not None:
             log.info("adopting running daemon volume=%s pid=%d", self.spec.volume_id, pid)
             self.pid = pid
@@ -168,8 +183,9 @@ class SupervisedDaemon:
         self._monitor = asyncio.create_task(self._watch())
 
     async def _cut_off(self, message: str) -> None:
-        """Record why, then cut the device off. The first reason stays: a later
-        one says less about what was lost."""
+        """Record why, then cut the device off (in that order: a driver that
+        dies in between finds the condition at its start and cuts again).
+        The first reason stays: a later one says less about what was lost."""
         state_dir = self.spec.state_dir
         if cut_off_reason(state_dir) is None:
             record_condition(state_dir, message)

@@ -34,6 +34,8 @@ from tests.support.csi import (
     mount_cap,
     rpc_error,
     running_driver,
+    start_driver,
+    stop_driver,
 )
 from tests.support.leaks import leaked_runs
 
@@ -476,6 +478,10 @@ KILLED = (
     "the volume's daemon was killed by signal 9: writes since the last flush are lost; "
     "the device is cut off (its I/O fails): unstage and stage the volume again"
 )
+UNKNOWN = (
+    "the volume's daemon ended (exit status unknown): writes since the last flush may be "
+    "lost; the device is cut off (its I/O fails): unstage and stage the volume again"
+)
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -599,6 +605,65 @@ def test_killed_daemon_cuts_the_mount_off_until_restaged(driver: Driver, tmp_pat
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     unstage(driver, vid, raw)
     driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def test_a_new_driver_cuts_off_a_volume_whose_daemon_died_unwatched(
+    driver: Driver, tmp_path: Path
+) -> None:
+    """A driver learns from the state directory alone, and an adopted daemon is
+    not its child: whatever ended it, the exit status is unknown, so unclean."""
+    vid = new_volume(driver, "unwatched", 16 * MIB)
+    staging, target = tmp_path / "staging", tmp_path / "pod/dev"
+    stage(driver, vid, staging, block_cap())
+    publish(driver, vid, staging, target, cap=block_cap())
+    data = os.urandom(4096)
+    fd = os.open(target, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    # Killed while no driver runs: the next one notices as it starts.
+    stop_driver(driver)
+    kill_daemon(vid)
+    root = f"file://{driver.base}/root"  # the same volumes and state; a log of its own
+    second = start_driver(driver.base / "second", state=driver.state, root=root)
+    try:
+        condition = wait_cut_off(second, vid, target)
+        assert condition.abnormal and condition.message == UNKNOWN
+        assert "is gone (died unwatched)" in second.log()
+        assert_dead(target, target)
+        error = rpc_error(
+            second.node.NodePublishVolume,
+            publish_request(vid, staging, tmp_path / "pod/other", cap=block_cap()),
+        )
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.details() == f"volume {vid}: {UNKNOWN}"
+        unpublish(second, vid, target)
+        unstage(second, vid, staging)
+        assert_nothing_left(second, vid)
+        stage(second, vid, staging, block_cap())
+        publish(second, vid, staging, target, cap=block_cap())
+        assert read_direct(target) == data
+    finally:
+        stop_driver(second)
+
+    # Adopted alive by the next driver, then killed: noticed as it goes.
+    third = start_driver(driver.base / "third", state=driver.state, root=root)
+    try:
+        deadline = time.monotonic() + 30
+        while "adopting running daemon" not in third.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kill_daemon(vid)
+        condition = wait_cut_off(third, vid, target)
+        assert condition.abnormal and condition.message == UNKNOWN
+        assert_dead(target, target)
+        unpublish(third, vid, target)
+        unstage(third, vid, staging)
+        assert_nothing_left(third, vid)
+    finally:
+        stop_driver(third)
 
 
 def test_encrypted_block_volume_takes_its_key_from_the_stage_secret(
