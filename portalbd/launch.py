@@ -202,8 +202,17 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float, what: str) ->
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` still runs: for a process we did not start (so cannot wait for)."""
-    return Path(f"/proc/{pid}").exists()
+    """Whether ``pid`` still runs: for a process we did not start (so cannot wait for).
+
+    A zombie does not: it only waits for its parent to collect its status,
+    and an orphan's parent (PID 1 here, or a driver in a container) may do
+    that seconds later, or never."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses.
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 async def stop_async(

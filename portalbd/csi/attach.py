@@ -15,6 +15,13 @@ the device under the mount). Its truncate filter gives nbdfuse a fixed,
 larger-than-any-volume file whatever the daemon serves; the loop device's
 size limit is the volume's size. Growing a volume online is then: restart
 the daemon with the new size, raise the loop's limit, grow the filesystem.
+
+That reconnect is only safe after a clean exit. A daemon that was killed or
+crashed lost the writes it had answered since the last flush; reconnected,
+the filesystem would carry on over them. So after such an exit the
+supervisor cuts the volume off (``cut_off``): the proxy and nbdfuse die,
+every I/O on the device fails from then on, and unstaging cleans up a dead
+FUSE mount.
 """
 
 # Local file, /proc and socket-path checks take microseconds; the node's I/O
@@ -66,11 +73,16 @@ def _fuse_paths(state_dir: Path) -> tuple[Path, Path]:
     return mount_dir, mount_dir / "disk"
 
 
-async def _loop_for(file: Path) -> str | None:
-    out = await run("losetup", "-j", str(file), check=False)
-    for line in out.splitlines():
-        if line.startswith("/dev/loop"):
-            return line.split(":", 1)[0]
+def _loop_for(file: Path) -> str | None:
+    """The loop device over ``file``, from sysfs: ``losetup -j`` stats the file,
+    which fails (ENOTCONN) once the volume is cut off and its FUSE mount is
+    dead; the kernel then shows the path with " (deleted)" after it."""
+    wanted = os.path.realpath(file)  # what the kernel shows; works on a dead mount too
+    for backing in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
+        with contextlib.suppress(OSError):  # detached in between
+            shown = Path(backing).read_text().rstrip("\n").removesuffix(" (deleted)")
+            if shown == wanted:
+                return f"/dev/{Path(backing).parent.parent.name}"
     return None
 
 
@@ -178,6 +190,32 @@ async def _stop_proxy(state_dir: Path) -> None:
             path.unlink()
 
 
+async def cut_off(state_dir: Path) -> None:
+    """SIGKILL the volume's proxy and nbdfuse, so that nothing reconnects the
+    device to a restarted daemon: every further I/O on the loop device fails
+    (EIO), as on a disk after a power cut, and the filesystem on it stops
+    instead of carrying on over writes the dead daemon never made durable.
+    SIGKILL, not SIGTERM: the proxy would hold its failed requests for the
+    retry and nbdfuse would try to unmount. Safe to repeat.
+
+    The kernel NBD client has no reconnect: its device is left as it is."""
+    for name in ("proxy.pid", "nbdfuse.pid"):
+        pid = _pid_in(state_dir / name)
+        if pid is None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+        def dead(pid: int = pid) -> bool:
+            return not pid_alive(pid)
+
+        with contextlib.suppress(LaunchError):
+            await wait_until_async(dead, None, 10, f"{name} to die", 0.05)
+    for path in (state_dir / "proxy.pid", state_dir / "proxy.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 async def _attach_fuse(state_dir: Path, nbd_socket: Path, size: int) -> Attachment:
     mount_dir, disk = _fuse_paths(state_dir)
     proxy = await _start_proxy(state_dir, nbd_socket)
@@ -200,7 +238,7 @@ async def _attach_fuse(state_dir: Path, nbd_socket: Path, size: int) -> Attachme
                 proc.kill()
             log = (state_dir / "nbdfuse.log").read_text(errors="replace")[-1000:]
             raise internal(f"nbdfuse did not expose the disk: {log.strip()}")
-    loop = await _loop_for(disk)
+    loop = _loop_for(disk)
     if loop is None:
         loop = (
             await run("losetup", "--find", "--show", "--sizelimit", str(size), str(disk))
@@ -233,7 +271,7 @@ async def current_device(state_dir: Path) -> Attachment | None:
         return Attachment(device, "kernel")
     mount_dir, disk = _fuse_paths(state_dir)
     if is_mounted(mount_dir):
-        loop = await _loop_for(disk)
+        loop = _loop_for(disk)
         if loop:
             return Attachment(loop, "nbdfuse")
     return None
@@ -252,12 +290,12 @@ async def detach(state_dir: Path) -> None:
     if not is_mounted(mount_dir):
         await _stop_proxy(state_dir)  # a stage that failed before nbdfuse ran
         return
-    while (loop := await _loop_for(disk)) is not None:
+    while (loop := _loop_for(disk)) is not None:
         await run("blockdev", "--flushbufs", loop, check=False)
         await run("losetup", "-d", loop)
 
-        async def detached(loop: str = loop) -> bool:
-            return await _loop_for(disk) != loop
+        def detached(loop: str = loop) -> bool:
+            return _loop_for(disk) != loop
 
         with contextlib.suppress(LaunchError):  # detach is asynchronous in the kernel
             await wait_until_async(detached, None, 5, f"{loop} to detach")

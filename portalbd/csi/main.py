@@ -85,6 +85,8 @@ async def serve(args: argparse.Namespace) -> int:
         path.unlink()  # a stale socket from an earlier run
     server.add_insecure_port(f"unix://{path}")
     await server.start()
+    # In the background, each volume under its lock: RPCs are answered meanwhile.
+    adopting = asyncio.create_task(node.adopt_staged()) if node is not None else None
     log.info(
         "portalbd-csi %s serving mode=%s endpoint=%s root=%s",
         __version__,
@@ -99,6 +101,10 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("shutting down; staged volumes keep serving")
     await server.stop(grace=5)
+    if adopting is not None:
+        adopting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await adopting
     if node is not None:
         await node.close()
     with contextlib.suppress(FileNotFoundError):

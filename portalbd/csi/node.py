@@ -36,6 +36,7 @@ from portalbd.csi.supervisor import (
     CONDITION_FILE,
     DaemonSpec,
     SupervisedDaemon,
+    cut_off_reason,
     daemon_pid,
     read_condition,
 )
@@ -113,6 +114,46 @@ class NodeService(pb_grpc.NodeServicer):
             return None
         return doc
 
+    def _refuse_cut_off(self, volume_id: str) -> None:
+        """FAILED_PRECONDITION while the volume's device is cut off: publishing or
+        growing a dead mount helps no pod, and only unstaging revives it."""
+        reason = cut_off_reason(self.state_dir(volume_id))
+        if reason is not None:
+            raise e.precondition(f"volume {volume_id}: {reason}")
+
+    async def _supervise(self, volume_id: str, record: VolumeRecord) -> SupervisedDaemon:
+        """The volume's supervised daemon: ours, or adopted from an earlier driver."""
+        daemon = self.daemons.get(volume_id)
+        if daemon is None:
+            key_file = self.state_dir(volume_id) / keys.KEY_FILE
+            spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
+            daemon = SupervisedDaemon(spec)
+            await daemon.start()
+            self.daemons[volume_id] = daemon
+        return daemon
+
+    async def adopt_staged(self) -> None:
+        """Supervise the daemons of volumes an earlier driver staged here, now.
+
+        Otherwise a daemon is adopted only by the next RPC on its volume, and
+        one that died while no driver ran would be noticed (and its device cut
+        off) only then: SupervisedDaemon.start does both."""
+        if not self.state_root.is_dir():
+            return
+        for state_dir in sorted(self.state_root.iterdir()):
+            volume_id = state_dir.name
+            if not (state_dir / "stage.json").exists():
+                continue
+            async with self.lock(volume_id):
+                record = self.registry.volume(volume_id)
+                if record is None:
+                    log.warning("volume %s is staged here but has no record", volume_id)
+                    continue
+                try:
+                    await self._supervise(volume_id, record)
+                except Exception:
+                    log.exception("adopting the daemon of volume %s failed", volume_id)
+
     # --- stage ----------------------------------------------------------------
 
     @rpc
@@ -150,6 +191,8 @@ class NodeService(pb_grpc.NodeServicer):
                     f"volume {volume_id} is already staged at {staging} as {describe(state)}, "
                     f"not {describe(wanted)}: unstage it first"
                 )
+            if state is not None:
+                self._refuse_cut_off(volume_id)
             other = self.registry.staged(volume_id)
             if other is not None and other.node_id != self.node_id:
                 log.warning(
@@ -172,11 +215,12 @@ class NodeService(pb_grpc.NodeServicer):
             (state_dir / "stage.json").write_text(json.dumps(wanted))
             was_staged = state is not None
             try:
-                daemon = self.daemons.get(volume_id)
-                if daemon is None:
+                if volume_id not in self.daemons:
                     daemon = SupervisedDaemon(spec)
                     await daemon.start()
                     self.daemons[volume_id] = daemon
+                if was_staged:  # its daemon may have died unwatched: start() cut it off
+                    self._refuse_cut_off(volume_id)
                 attachment = await att.attach(state_dir, spec.nbd_socket, spec.size_bytes)
                 if block:
                     Path(staging).mkdir(parents=True, exist_ok=True)
@@ -283,6 +327,7 @@ class NodeService(pb_grpc.NodeServicer):
                     f"volume {volume_id} is staged as {describe(state)}: publish it as "
                     f"{'a block volume' if state['block'] else 'a filesystem'}"
                 )
+            self._refuse_cut_off(volume_id)
             current = mount_of(target)
             if current is not None:
                 readonly = "ro" in current[1].split(",")
@@ -394,6 +439,7 @@ class NodeService(pb_grpc.NodeServicer):
                 raise e.not_found(f"volume path {volume_path} does not exist")
             if not self._serves(state, attachment.device, volume_path):
                 raise e.not_found(f"volume {volume_id} is not staged or published at {volume_path}")
+            self._refuse_cut_off(volume_id)
             record = self.registry.volume(volume_id)
             if record is None:
                 raise e.not_found(f"volume {volume_id} does not exist")
@@ -431,11 +477,8 @@ class NodeService(pb_grpc.NodeServicer):
             )
         key_file = state_dir / keys.KEY_FILE
         spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
-        daemon = self.daemons.get(volume_id)
-        if daemon is None:  # staged by an earlier driver: adopt its daemon first
-            daemon = SupervisedDaemon(spec)
-            await daemon.start()
-            self.daemons[volume_id] = daemon
+        daemon = await self._supervise(volume_id, record)
+        self._refuse_cut_off(volume_id)  # an adopted daemon may have died unwatched
         log.info("growing volume %s to %d bytes: restarting its daemon", volume_id, spec.size_bytes)
         await daemon.restart(spec)
         await att.grow(attachment, record.capacity_bytes)

@@ -2,9 +2,11 @@
 
 The daemon is started with the volume's storage URL and size, serves NBD on
 a Unix socket in the volume's state directory, and is restarted with the
-same arguments if it dies. It runs in its own session, so restarting the
-CSI driver does not take staged volumes down; a new driver adopts the
-daemon it finds answering on the volume's control socket.
+same arguments if it dies. One that died without its final flush has its
+volume's device cut off first (attach.cut_off), until the volume is
+unstaged. It runs in its own session, so restarting the CSI driver does not
+take staged volumes down; a new driver adopts the daemon it finds answering
+on the volume's control socket.
 """
 
 # Local file, /proc and socket-path checks take microseconds; the node's I/O
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
+from portalbd.csi import attach
 from portalbd.csi.errors import internal
 from portalbd.launch import (
     LaunchError,
@@ -69,19 +72,42 @@ def lost_writes(code: int | None) -> str | None:
     return f"exited with code {code}: writes since the last flush may be lost"
 
 
+# What the operator does about it: the device is dead until then (attach.cut_off).
+CUT_OFF = "the device is cut off (its I/O fails): unstage and stage the volume again"
+
+
+def condition_message(code: int | None) -> str | None:
+    """The volume's condition after its daemon exited with ``code``, or None
+    when that lost nothing (and the device may reconnect to a new daemon)."""
+    lost = lost_writes(code)
+    return None if lost is None else f"the volume's daemon {lost}; {CUT_OFF}"
+
+
 def record_condition(state_dir: Path, message: str) -> None:
+    """Abnormal, and cut off: since cutting off, the one condition there is."""
     path = state_dir / CONDITION_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"abnormal": True, "message": message}))
+    tmp.write_text(json.dumps({"abnormal": True, "message": message, "cut_off": True}))
     tmp.replace(path)
 
 
-def read_condition(state_dir: Path) -> tuple[bool, str]:
+def _condition(state_dir: Path) -> dict[str, object]:
     try:
         doc = json.loads((state_dir / CONDITION_FILE).read_text())
     except (FileNotFoundError, ValueError):
-        return False, ""
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def read_condition(state_dir: Path) -> tuple[bool, str]:
+    doc = _condition(state_dir)
     return bool(doc.get("abnormal")), str(doc.get("message", ""))
+
+
+def cut_off_reason(state_dir: Path) -> str | None:
+    """Why the volume's device is cut off, or None while it serves."""
+    doc = _condition(state_dir)
+    return str(doc.get("message", "")) if doc.get("abnormal") and doc.get("cut_off") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +158,39 @@ class SupervisedDaemon:
         self._stopping = False
 
     async def start(self) -> None:
-        """Start (or adopt) the daemon and wait until it answers."""
+        """Start (or adopt) the daemon and wait until it answers.
+
+        A driver that starts after another one learns only what the volume's
+        state directory says. No daemon answering while the proxy still
+        runs means it died with nobody watching, its exit status unknown:
+        the device is cut off before a new daemon could be reconnected to.
+        An abnormal condition already recorded is cut off again (the driver
+        that recorded it may have died before it could, or predates
+        cutting off)."""
+        state_dir = self.spec.state_dir
         pid = await daemon_pid(self.spec.control_socket)
+        abnormal, message = read_condition(state_dir)
+        if abnormal:
+            await self._cut_off(message if cut_off_reason(state_dir) else f"{message}; {CUT_OFF}")
+        elif pid is None and attach.has_proxy(state_dir):
+            log.error("daemon for volume %s is gone (died unwatched)", self.spec.volume_id)
+            await self._cut_off(condition_message(None) or "")
         if pid is not None:
             log.info("adopting running daemon volume=%s pid=%d", self.spec.volume_id, pid)
             self.pid = pid
         else:
             await self._spawn()
         self._monitor = asyncio.create_task(self._watch())
+
+    async def _cut_off(self, message: str) -> None:
+        """Record why, then cut the device off (in that order: a driver that
+        dies in between finds the condition at its start and cuts again).
+        The first reason stays: a later one says less about what was lost."""
+        state_dir = self.spec.state_dir
+        if cut_off_reason(state_dir) is None:
+            record_condition(state_dir, message)
+        await attach.cut_off(state_dir)
+        log.error("cut off volume %s: %s", self.spec.volume_id, cut_off_reason(state_dir))
 
     async def _spawn(self) -> None:
         spec = self.spec
@@ -185,16 +236,21 @@ class SupervisedDaemon:
             if self._stopping:
                 return
             self.restarts += 1
+            # An adopted daemon is not our child: its status is unknown (None),
+            # so it counts as unclean.
             code = self._process.returncode if self._process is not None else None
-            lost = lost_writes(code)
             log.error(
                 "daemon for volume %s exited unexpectedly; restarting (restart %d, %s)",
                 self.spec.volume_id,
                 self.restarts,
-                lost or "exit code 0: it flushed everything",
+                lost_writes(code) or "exit code 0: it flushed everything",
             )
-            if lost:
-                record_condition(self.spec.state_dir, f"the volume's daemon {lost}")
+            message = condition_message(code)
+            if message:
+                # Before the new daemon starts: the proxy must not reach it. It
+                # still starts: its control socket answers (status, a block
+                # volume's snapshot) and unstaging stops it like any other.
+                await self._cut_off(message)
             await asyncio.sleep(RESTART_DELAY_S)
             if self._stopping:
                 return

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +25,18 @@ import pytest
 
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
+from portalbd.csi.mounts import mounts
 from portalbd.csi.proto import csi_pb2 as pb
-from tests.support.csi import MODE, Driver, block_cap, mount_cap, rpc_error, running_driver
+from tests.support.csi import (
+    MODE,
+    Driver,
+    block_cap,
+    mount_cap,
+    rpc_error,
+    running_driver,
+    start_driver,
+    stop_driver,
+)
 from tests.support.leaks import leaked_runs
 
 MIB = 1 << 20
@@ -440,18 +452,16 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     finally:
         os.close(fd)
 
-    # The supervisor restarts a daemon that dies; the device keeps working.
-    old = kill_daemon(vid)
+    # The supervisor restarts a daemon that exits (cleanly: it flushed); the
+    # device keeps working.
+    old = kill_daemon(vid, signal.SIGTERM)
     wait_restarted(driver, vid, old)
     assert "exited unexpectedly; restarting" in driver.log()
-    # Killed, it could not flush: the volume is reported abnormal until unstaged.
     stats = driver.node.NodeGetVolumeStats(
         pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(target))
     )
-    assert stats.volume_condition.abnormal
-    assert stats.volume_condition.message == (
-        "the volume's daemon was killed by signal 9: writes since the last flush are lost"
-    )
+    assert not stats.volume_condition.abnormal
+    assert stats.volume_condition.message == "serving"
     fd = os.open(target, os.O_RDWR)
     try:
         assert os.pread(fd, MIB, 4 * MIB) == data
@@ -462,7 +472,198 @@ def test_block_volume_and_daemon_restart(driver: Driver, tmp_path: Path) -> None
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
     assert daemon_pids(vid) == []
-    assert not (driver.state / vid / "condition.json").exists()  # a new stage starts clean
+
+
+KILLED = (
+    "the volume's daemon was killed by signal 9: writes since the last flush are lost; "
+    "the device is cut off (its I/O fails): unstage and stage the volume again"
+)
+UNKNOWN = (
+    "the volume's daemon ended (exit status unknown): writes since the last flush may be "
+    "lost; the device is cut off (its I/O fails): unstage and stage the volume again"
+)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_direct(path: Path, offset: int = 0) -> bytes:
+    """Read past the page cache: from the device itself."""
+    buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def wait_cut_off(driver: Driver, vid: str, path: Path) -> pb.VolumeCondition:
+    """The volume's condition once its device is cut off (the condition is
+    recorded first, then the proxy and nbdfuse die, then the log says so)."""
+    deadline = time.monotonic() + 30
+    while f"cut off volume {vid}: " not in driver.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = driver.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(path))
+    )
+    condition: pb.VolumeCondition = stats.volume_condition
+    return condition
+
+
+def assert_dead(read: Path, write: Path) -> None:
+    """Every I/O fails: the disk is gone (not one that silently lost its cache)."""
+    with pytest.raises(OSError) as exc:
+        read_direct(read)
+    assert exc.value.errno == errno.EIO, exc.value
+    with pytest.raises(OSError) as exc:
+        write_synced(write, b"x" * 4096)
+    assert exc.value.errno in (errno.EIO, errno.EROFS), exc.value
+
+
+def current_loop(driver: Driver, vid: str) -> str:
+    """The loop device over the volume's nbdfuse file."""
+    disk = str(driver.state / vid / "fuse/disk")
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if backing.read_text().strip() == disk:
+            return f"/dev/{backing.parent.parent.name}"
+    raise AssertionError(f"no loop device over {disk}")
+
+
+def assert_nothing_left(driver: Driver, vid: str) -> None:
+    state = driver.state / vid
+    assert daemon_pids(vid) == []
+    assert not any(p.startswith(str(state)) for p, _, _ in mounts())
+    loops = Path("/sys/block").glob("loop*/loop/backing_file")
+    assert not [b for b in loops if b.read_text().startswith(str(state))]
+    assert not (state / "condition.json").exists()  # a new stage starts clean
+
+
+def test_killed_daemon_cuts_the_mount_off_until_restaged(driver: Driver, tmp_path: Path) -> None:
+    """SIGKILL loses the writes answered since the last flush: the mount must
+    not carry on over them through a restarted daemon. Its device dies
+    instead, the RPCs that would use it say why, and a restage brings back
+    what was flushed, on a filesystem fsck finds clean."""
+    vid = new_volume(driver, "killed", 32 * MIB)
+    staging, target = tmp_path / "staging", tmp_path / "pod/vol"
+    stage(driver, vid, staging)
+    publish(driver, vid, staging, target)
+    flushed = os.urandom(MIB)
+    write_synced(target / "flushed.bin", flushed)
+    (target / "unflushed.txt").write_text("maybe lost")
+    assert read_direct(target / "flushed.bin") == flushed[:4096]
+
+    old = kill_daemon(vid)
+    condition = wait_cut_off(driver, vid, target)
+    assert condition.abnormal and condition.message == KILLED
+    wait_restarted(driver, vid, old)  # the daemon is back; the mount stays dead
+    assert_dead(target / "flushed.bin", target / "after-the-kill")
+    assert_dead(staging / "flushed.bin", staging / "after-the-kill-too")
+    assert wait_cut_off(driver, vid, staging).message == KILLED
+
+    refused = f"volume {vid}: {KILLED}"
+    for call, request in (
+        (driver.node.NodePublishVolume, publish_request(vid, staging, target)),
+        (driver.node.NodePublishVolume, publish_request(vid, staging, tmp_path / "pod/other")),
+        (
+            driver.node.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id=vid, staging_target_path=str(staging), volume_capability=mount_cap()
+            ),
+        ),
+        (
+            driver.node.NodeExpandVolume,
+            pb.NodeExpandVolumeRequest(volume_id=vid, volume_path=str(target)),
+        ),
+    ):
+        error = rpc_error(call, request)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        assert error.details() == refused
+    assert not (tmp_path / "pod/other").exists()
+
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    assert_nothing_left(driver, vid)
+
+    stage(driver, vid, staging)
+    publish(driver, vid, staging, target)
+    assert (target / "flushed.bin").read_bytes() == flushed
+    write_synced(target / "after-restage.txt", b"the device works again")
+    unpublish(driver, vid, target)
+    unstage(driver, vid, staging)
+    # What the kill left, replayed by the mount above: a clean filesystem.
+    raw = tmp_path / "raw"
+    stage(driver, vid, raw, block_cap())
+    device = current_loop(driver, vid)
+    fsck = subprocess.run(["e2fsck", "-fn", device], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    unstage(driver, vid, raw)
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid))
+
+
+def test_a_new_driver_cuts_off_a_volume_whose_daemon_died_unwatched(
+    driver: Driver, tmp_path: Path
+) -> None:
+    """A driver learns from the state directory alone, and an adopted daemon is
+    not its child: whatever ended it, the exit status is unknown, so unclean."""
+    vid = new_volume(driver, "unwatched", 16 * MIB)
+    staging, target = tmp_path / "staging", tmp_path / "pod/dev"
+    stage(driver, vid, staging, block_cap())
+    publish(driver, vid, staging, target, cap=block_cap())
+    data = os.urandom(4096)
+    fd = os.open(target, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    # Killed while no driver runs: the next one notices as it starts.
+    stop_driver(driver)
+    kill_daemon(vid)
+    root = f"file://{driver.base}/root"  # the same volumes and state; a log of its own
+    second = start_driver(driver.base / "second", state=driver.state, root=root)
+    try:
+        condition = wait_cut_off(second, vid, target)
+        assert condition.abnormal and condition.message == UNKNOWN
+        assert "is gone (died unwatched)" in second.log()
+        assert_dead(target, target)
+        error = rpc_error(
+            second.node.NodePublishVolume,
+            publish_request(vid, staging, tmp_path / "pod/other", cap=block_cap()),
+        )
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.details() == f"volume {vid}: {UNKNOWN}"
+        unpublish(second, vid, target)
+        unstage(second, vid, staging)
+        assert_nothing_left(second, vid)
+        stage(second, vid, staging, block_cap())
+        publish(second, vid, staging, target, cap=block_cap())
+        assert read_direct(target) == data
+    finally:
+        stop_driver(second)
+
+    # Adopted alive by the next driver, then killed: noticed as it goes.
+    third = start_driver(driver.base / "third", state=driver.state, root=root)
+    try:
+        deadline = time.monotonic() + 30
+        while "adopting running daemon" not in third.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kill_daemon(vid)
+        condition = wait_cut_off(third, vid, target)
+        assert condition.abnormal and condition.message == UNKNOWN
+        assert_dead(target, target)
+        unpublish(third, vid, target)
+        unstage(third, vid, staging)
+        assert_nothing_left(third, vid)
+    finally:
+        stop_driver(third)
 
 
 def test_encrypted_block_volume_takes_its_key_from_the_stage_secret(

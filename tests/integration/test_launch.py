@@ -7,7 +7,9 @@ stand in for a server that never listens or a process that ignores SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -103,6 +105,17 @@ def test_the_async_wait_fails_when_the_child_exits(
 
     with pytest.raises(LaunchError, match=r"^quitter exited with status 3 while starting$"):
         asyncio.run(launch.wait_until_async(never, quitter.poll, 30, "quitter"))
+
+
+def test_a_zombie_is_not_alive(children: list[subprocess.Popen[bytes]]) -> None:
+    """Killed and not yet reaped (what an orphan is until PID 1 gets to it)."""
+    sleeper = python_child("import time\ntime.sleep(60)\n", children)
+    assert launch.pid_alive(sleeper.pid)
+    os.kill(sleeper.pid, signal.SIGKILL)
+    launch.wait_until(lambda: not launch.pid_alive(sleeper.pid), None, 10, "the zombie", 0.01)
+    assert Path(f"/proc/{sleeper.pid}").exists()  # still there: a zombie, not reaped
+    assert sleeper.wait(10) == -9
+    assert not launch.pid_alive(sleeper.pid)
 
 
 def test_the_async_stop_kills_what_ignores_sigterm(
