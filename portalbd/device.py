@@ -84,6 +84,7 @@ STATUS_SCANS = 8  # scans one BLOCK_STATUS request may make
 DRAIN_LOG = 32  # recent drains remembered to tell whether a loaded value is stale
 STORED_DELTAS_MAX = 1 << 16  # blocks whose stored delta keys are remembered (~6 MiB)
 _HOLE_COST = 64  # what a cached hole costs in memory, roughly
+_PAGES_COST = 256  # a Pages entry beside its page buffers, roughly
 STOP_WAIT_S = 5.0  # how long stop() waits for the background writer to end
 
 Block = bytes | bytearray
@@ -134,11 +135,8 @@ def _runs(blocks: Sequence[int]) -> Iterator[list[int]]:
 def _stack_over(older: Entry, newer: Pages, block_size: int) -> Entry:
     """``newer`` pages written over ``older`` (put back after a failed drain)."""
     if isinstance(older, Pages):
-        merged = Pages(block_size, older.page_size)
-        merged.buf[:] = older.buf
-        newer.overlay(merged.buf)
-        merged.mask = older.mask | newer.mask
-        return merged.buf if merged.full else merged
+        merged = older.under(newer)
+        return merged.block() if merged.full else merged
     return compose(older, [newer], block_size)
 
 
@@ -324,7 +322,8 @@ class Device:
                     lo = max(piece.start, page * ps)
                     hi = min(piece.end, (page + 1) * ps)
                     dst = piece.offset + lo - piece.start
-                    out[dst : dst + hi - lo] = layer.buf[lo:hi]
+                    held = layer.page(page)
+                    out[dst : dst + hi - lo] = held[lo - page * ps : hi - page * ps]
                     break
             else:
                 return False
@@ -424,7 +423,7 @@ class Device:
                 layers.insert(0, below)
             elif below is not None:
                 base = below
-            self._dirty[block] = compose(base, layers, self.block_size)
+            self._set_dirty(block, compose(base, layers, self.block_size))
 
     async def _load(self, block: int) -> bytes | None:
         """Read one block from the store (once, however many ask).
@@ -645,6 +644,8 @@ class Device:
         """
         if isinstance(value, bytes) and (not value or value is self._zero_block):
             return _HOLE_COST
+        if isinstance(value, Pages):
+            return value.held_bytes + _PAGES_COST
         return self.block_size
 
     def _set_dirty(self, block: int, value: Entry) -> None:
@@ -656,9 +657,12 @@ class Device:
             self.dirty_bytes += self._entry_cost(value)
         else:
             self.dirty_bytes += self._entry_cost(value) - self._entry_cost(old)
+        self._dirty[block] = value
+        self._check_half_full()
+
+    def _check_half_full(self) -> None:
         if self.dirty_bytes + self.draining_bytes >= self.dirty_limit // 2:
             self._flush_wanted.set()
-        self._dirty[block] = value
 
     def _apply(
         self,
@@ -696,16 +700,21 @@ class Device:
             aligned(piece.start, piece.end, self.page_size)
             or current.covers(piece.start, piece.end)
         ):
+            held = current.held_bytes
             current.put(piece.start, piece.end, chunk)
+            # changed in place: the buffer's bytes follow (see _entry_cost)
+            self.dirty_bytes += current.held_bytes - held
             if current.full:
-                self._dirty[block] = current.buf
+                self._set_dirty(block, current.block())
+            else:
+                self._check_half_full()
             return
         base = self._lookup(block, loaded)
         if base is None:
             assert self._deltas and current is None, "partial update of an unloaded block"
             pages = Pages(bs, self.page_size)
             pages.put(piece.start, piece.end, chunk)
-            self._set_dirty(block, pages.buf if pages.full else pages)
+            self._set_dirty(block, pages.block() if pages.full else pages)
             return
         if isinstance(base, bytearray):  # composed just now: ours to change
             buf = base
@@ -939,13 +948,11 @@ class Device:
         """
         items: list[tuple[bytes, Payload]] = []
         whole: list[tuple[int, bytes]] = []
-        ps = self.page_size
         for block in sorted(draining):
             value = draining[block]
             if isinstance(value, Pages):
-                view = memoryview(value.buf)
                 for page in value.pages():
-                    items.append((delta_key(block, page), view[page * ps : (page + 1) * ps]))
+                    items.append((delta_key(block, page), memoryview(value.page(page))))
                 self.counters.drained_pages += bin(value.mask).count("1")
                 # Noted before the write: if it fails halfway they may exist.
                 self._note_deltas(block, value.mask)
@@ -972,7 +979,7 @@ class Device:
             if newer is None:
                 self._set_dirty(block, value)
             elif isinstance(newer, Pages):
-                self._dirty[block] = _stack_over(value, newer, self.block_size)
+                self._set_dirty(block, _stack_over(value, newer, self.block_size))
 
     def _must_flush(self) -> bool:
         """Whether someone waits for durability: a FLUSH (or FUA, or stop)

@@ -163,7 +163,9 @@ def test_scan_entries_group_per_block_with_their_deltas() -> None:
 # --- the device with page deltas, against a bytearray ---------------------------------
 
 
-async def open_device(cache_blocks: int, version: int = 2, **extra: Any) -> Device:
+async def open_device(
+    cache_blocks: int, version: int = 2, writeback_delay: float = 0.001, **extra: Any
+) -> Device:
     store = resolve_object_store("memory:///")
     handle = await SlateHandle.open(store, "dev", LsmConfig(block_cache_size_bytes=0))
     device = Device(
@@ -172,7 +174,7 @@ async def open_device(cache_blocks: int, version: int = 2, **extra: Any) -> Devi
         block_size=BS,
         cache_bytes=cache_blocks * BS,
         dirty_bytes=6 * BS,
-        writeback_delay=0.001,
+        writeback_delay=writeback_delay,
         layout=Layout(version=version, page_size=PS),
         **extra,
     )
@@ -232,6 +234,7 @@ async def run_waves(device: Device, plan: list[list[Op]], model: bytearray) -> N
     for wave in plan:
         expected = bytes(model)
         await asyncio.gather(*(one(*op) for op in wave))
+        assert_budget_counts_what_is_held(device)
         for kind, offset, length, _ in wave:
             if kind == "read":
                 continue
@@ -242,6 +245,37 @@ async def run_waves(device: Device, plan: list[list[Op]], model: bytearray) -> N
                 + expected[offset + length :]
             )
         assert bytes(model) == expected
+
+
+def assert_budget_counts_what_is_held(device: Device) -> None:
+    """The write-back budget's count is the sum of what its entries hold, also
+    after pages were written into an entry in place."""
+    held = sum(device._entry_cost(v) for v in device._dirty.values())
+    assert device.dirty_bytes == held
+    assert device.draining_bytes >= 0
+
+
+def test_scattered_page_writes_count_their_pages_not_whole_blocks() -> None:
+    async def body() -> None:
+        device = await open_device(0, writeback_delay=60)
+        blocks = 5  # of the budget's 6 blocks: counted whole, that would be most of it
+        for block in range(blocks):
+            await device.write(block * BS + PS, memoryview(b"p" * PS))
+        assert device.dirty_bytes + device.draining_bytes < blocks * (PS + 1024)
+        await device.write(0, memoryview(b"q" * PS))  # a second page of block 0, in place
+        assert_budget_counts_what_is_held(device)
+        for page in range(BS // PS):  # the rest of block 1: now whole
+            await device.write(BS + page * PS, memoryview(bytes([page]) * PS))
+        assert isinstance(device._dirty.get(1, device._draining.get(1)), bytearray | bytes)
+        assert_budget_counts_what_is_held(device)
+        await device.flush()
+        assert device.dirty_bytes == 0
+        assert bytes(await device.read(PS, PS)) == b"p" * PS
+        assert bytes(await device.read(BS + 3 * PS, PS)) == bytes([3]) * PS
+        await device.stop()
+        await device.store.close()
+
+    asyncio.run(body())
 
 
 def uncached_twin(device: Device) -> Device:
