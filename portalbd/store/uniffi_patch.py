@@ -1,4 +1,5 @@
-"""Make the SlateDB binding copy byte arguments with one memmove.
+"""Make the SlateDB binding copy byte arguments with one memmove, and wake
+awaited calls without a thread-safe wakeup when none is needed.
 
 The UniFFI-generated Python code (slatedb 0.17.0) lowers every ``bytes``
 argument into the Rust buffer with a Python ``for`` loop, one byte per
@@ -12,6 +13,7 @@ binding release fails loudly instead of silently running slow (or wrong).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import importlib.metadata
 import struct
@@ -85,14 +87,52 @@ def apply() -> None:
         rbuf.len = size + 4
         return rbuf
 
+    continuation = _same_thread_continuation(module)
+
     builder.write = write
     builder._pack_into = pack_into
     bytes_converter.lower = staticmethod(lower_bytes)
+    module._uniffi_continuation_callback = continuation
     builder._portalbd_patched = True
     _applied = True
 
 
+def _same_thread_continuation(module: Any) -> Any:
+    """A continuation callback that wakes a future on its own thread directly.
+
+    Rust calls the callback when an awaited call can make progress, often
+    synchronously, from inside the poll on the event loop's own thread (about
+    three of every four calls under random reads). The generated callback
+    always uses ``call_soon_threadsafe``, which writes to the loop's wakeup
+    descriptor and wakes it through the kernel for nothing; ``call_soon``
+    does the same job there. From any other thread it stays threadsafe.
+    Measured: 8-10% more 64 KiB gets per second at 32 in flight.
+    """
+    needed = (
+        "_UNIFFI_RUST_FUTURE_CONTINUATION_CALLBACK",
+        "_UniffiContinuationHandleMap",
+        "_uniffi_set_future_result",
+        "_uniffi_continuation_callback",
+    )
+    if not all(hasattr(module, name) for name in needed):
+        raise BindingPatchError("slatedb binding changed shape: async continuation not found")
+    handles = module._UniffiContinuationHandleMap
+    set_result = module._uniffi_set_future_result
+    running_loop = asyncio._get_running_loop
+
+    def continuation(future_ptr: int, poll_code: int) -> None:
+        eventloop, future = handles.remove(future_ptr)
+        here = running_loop()
+        if here is not None and here is eventloop:
+            here.call_soon(set_result, future, poll_code)
+        else:
+            eventloop.call_soon_threadsafe(set_result, future, poll_code)
+
+    # the ctypes wrapper must outlive every call Rust may make: kept on the module
+    return module._UNIFFI_RUST_FUTURE_CONTINUATION_CALLBACK(continuation)
+
+
 def is_applied() -> bool:
-    """True when the binding's buffer builder carries our fast copy."""
+    """True when the binding's buffer builder carries our fast copy (and the callback)."""
     module = _generated_module()
     return bool(getattr(module._UniffiRustBufferBuilder, "_portalbd_patched", False))

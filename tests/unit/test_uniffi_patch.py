@@ -36,3 +36,28 @@ def test_values_round_trip_through_the_patched_path() -> None:
         await handle.close()
 
     asyncio.run(body())
+
+
+def test_continuation_wakes_futures_from_the_loop_and_from_other_threads() -> None:
+    """The patched callback: call_soon on the loop's own thread, threadsafe elsewhere."""
+    import threading
+
+    uniffi_patch.apply()
+    module = sdb._generated
+    callback = module._uniffi_continuation_callback
+    assert isinstance(callback, module._UNIFFI_RUST_FUTURE_CONTINUATION_CALLBACK)
+    handles = module._UniffiContinuationHandleMap
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        here = loop.create_future()
+        callback(handles.insert((loop, here)), 0)  # as Rust does, inside a poll
+        assert await asyncio.wait_for(here, 5) == 0
+        there = loop.create_future()
+        handle = handles.insert((loop, there))
+        thread = threading.Thread(target=callback, args=(handle, 1))
+        thread.start()
+        assert await asyncio.wait_for(there, 5) == 1
+        thread.join()
+
+    asyncio.run(body())
