@@ -15,6 +15,7 @@ all driven from one poll loop in this thread: no threads, no asyncio.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno as errno_mod
 import functools
 import select
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nbd
+import numpy as np
+import numpy.typing as npt
 
 from portalbd.trace.format import (
     FLAG_FAST_ZERO,
@@ -126,6 +129,36 @@ def _noop_extent(*_args: Any) -> int:
     return 0
 
 
+class _BufferPool:
+    """libnbd buffers reused once their request has completed.
+
+    Debian 12's libnbd Python binding (1.14) keeps a reference to every
+    ``nbd.Buffer`` handed to ``aio_pread``/``aio_pwrite`` and never drops
+    it, so a buffer per request is never freed: a replay leaked every byte
+    it read or wrote (660 MiB a pass of the pgbench trace; ``bench --all``
+    went past 18 GiB and the OOM killer ended it). A buffer is a view of a
+    numpy array here, refilled for its next request, so memory stays what
+    is in flight at once, for each request size. One pool serves every
+    replay in the process (:data:`_BUFFERS`): a pool per replay would leave
+    its buffers behind, held by the binding, at the end of each pass.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[tuple[npt.NDArray[np.uint8], Any]]] = {}
+
+    def take(self, length: int) -> tuple[npt.NDArray[np.uint8], Any]:
+        with contextlib.suppress(KeyError, IndexError):  # none free of that size
+            return self._free[length].pop()
+        data = np.empty(length, dtype=np.uint8)
+        return data, nbd.Buffer.from_buffer(data)
+
+    def give(self, entry: tuple[npt.NDArray[np.uint8], Any]) -> None:
+        self._free.setdefault(len(entry[0]), []).append(entry)
+
+
+_BUFFERS = _BufferPool()
+
+
 class Replayer:
     """One replay of `ops` (in arrival order) against `uri`."""
 
@@ -168,7 +201,13 @@ class Replayer:
         poller = select.poll()
         by_fd = {c.fd: c for c in conns}
         state = {"prefix": 0, "inflight": 0, "completed": 0}
-        keep: dict[int, Any] = {}  # buffers must outlive their requests
+        pool = _BUFFERS
+        keep: dict[int, tuple[npt.NDArray[np.uint8], Any]] = {}  # outlive their requests
+
+        def release(i: int) -> None:
+            entry = keep.pop(i, None)
+            if entry is not None:
+                pool.give(entry)
 
         speed = self.opt.speed
         max_inflight = self.opt.max_inflight
@@ -179,7 +218,7 @@ class Replayer:
             res.latency_ns[i] = now - t0 - res.start_ns[i]
             res.errors[i] = err
             done[i] = 1
-            keep.pop(i, None)
+            release(i)
             state["inflight"] -= 1
             state["completed"] += 1
             p = state["prefix"]
@@ -217,15 +256,14 @@ class Replayer:
             state["inflight"] += 1
             try:
                 if kind == OpType.Read:
-                    buf = nbd.Buffer(op.length)
-                    keep[i] = buf
-                    h.aio_pread(buf, op.offset, completion=cb)
+                    entry = keep[i] = pool.take(op.length)
+                    h.aio_pread(entry[1], op.offset, completion=cb)
                 elif kind == OpType.Write:
                     if op.flags & FLAG_FUA and c.can_fua:
                         flags |= nbd.CMD_FLAG_FUA
-                    buf = nbd.Buffer.from_buffer(pattern(op.offset, op.length))
-                    keep[i] = buf
-                    h.aio_pwrite(buf, op.offset, completion=cb, flags=flags)
+                    entry = keep[i] = pool.take(op.length)
+                    np.copyto(entry[0], pattern(op.offset, op.length))
+                    h.aio_pwrite(entry[1], op.offset, completion=cb, flags=flags)
                 elif kind == OpType.Flush:
                     if not c.can_flush:
                         state["inflight"] -= 1
@@ -274,7 +312,7 @@ class Replayer:
                     return
             except nbd.Error as e:
                 # Refused locally (libnbd strict checks): count as a failed request.
-                keep.pop(i, None)
+                release(i)
                 finish(i, e.errno or errno_mod.EINVAL)
             res.issued += 1
             if state["inflight"] > res.max_inflight_seen:
