@@ -121,12 +121,16 @@ class NodeService(pb_grpc.NodeServicer):
         if reason is not None:
             raise e.precondition(f"volume {volume_id}: {reason}")
 
-    async def _supervise(self, volume_id: str, record: VolumeRecord) -> SupervisedDaemon:
-        """The volume's supervised daemon: ours, or adopted from an earlier driver."""
+    def _staged_spec(self, volume_id: str, record: VolumeRecord) -> DaemonSpec:
+        """The daemon spec of a volume staged already (its key file, if any, in place)."""
+        key_file = self.state_dir(volume_id) / keys.KEY_FILE
+        return self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
+
+    async def _supervise(self, volume_id: str, spec: DaemonSpec) -> SupervisedDaemon:
+        """The volume's supervised daemon: ours, started from ``spec`` if there is
+        none yet, or adopted from an earlier driver."""
         daemon = self.daemons.get(volume_id)
         if daemon is None:
-            key_file = self.state_dir(volume_id) / keys.KEY_FILE
-            spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
             daemon = SupervisedDaemon(spec)
             await daemon.start()
             self.daemons[volume_id] = daemon
@@ -150,7 +154,7 @@ class NodeService(pb_grpc.NodeServicer):
                     log.warning("volume %s is staged here but has no record", volume_id)
                     continue
                 try:
-                    await self._supervise(volume_id, record)
+                    await self._supervise(volume_id, self._staged_spec(volume_id, record))
                 except Exception:
                     log.exception("adopting the daemon of volume %s failed", volume_id)
 
@@ -215,10 +219,7 @@ class NodeService(pb_grpc.NodeServicer):
             (state_dir / "stage.json").write_text(json.dumps(wanted))
             was_staged = state is not None
             try:
-                if volume_id not in self.daemons:
-                    daemon = SupervisedDaemon(spec)
-                    await daemon.start()
-                    self.daemons[volume_id] = daemon
+                await self._supervise(volume_id, spec)
                 if was_staged:  # its daemon may have died unwatched: start() cut it off
                     self._refuse_cut_off(volume_id)
                 attachment = await att.attach(state_dir, spec.nbd_socket, spec.size_bytes)
@@ -475,9 +476,8 @@ class NodeService(pb_grpc.NodeServicer):
                 f"volume {volume_id} was attached without the reconnecting proxy: "
                 "unstage and stage it again to grow it"
             )
-        key_file = state_dir / keys.KEY_FILE
-        spec = self._daemon_spec(volume_id, record, key_file if key_file.exists() else None)
-        daemon = await self._supervise(volume_id, record)
+        spec = self._staged_spec(volume_id, record)
+        daemon = await self._supervise(volume_id, spec)
         self._refuse_cut_off(volume_id)  # an adopted daemon may have died unwatched
         log.info("growing volume %s to %d bytes: restarting its daemon", volume_id, spec.size_bytes)
         await daemon.restart(spec)
