@@ -231,8 +231,12 @@ def build_settings(lsm: LsmConfig, *, max_retries: int | None = None) -> Any:
     if lsm.object_cache_dir is not None:
         put("object_store_cache_options.root_folder", json.dumps(lsm.object_cache_dir))
         put("object_store_cache_options.max_cache_size_bytes", str(lsm.object_cache_bytes))
-        # what this daemon writes is what it reads next: cache it on the way out
+        # What this daemon writes is what it reads next: cache it on the way
+        # out, L0 SSTs and the compactor's output alike. Without the latter,
+        # every read after a compaction fetched the new sorted run from the
+        # bucket again (docs/s3.md).
         put("object_store_cache_options.cache_on_flush", "true")
+        put("object_store_cache_options.cache_on_compaction", "true")
     return settings
 
 

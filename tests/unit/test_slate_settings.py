@@ -20,3 +20,13 @@ def test_sst_builds_run_one_at_a_time_and_no_larger_than_l0() -> None:
     assert worker["max_concurrent_compactions"] == 1
     assert worker["max_sst_size"] == settings["l0_sst_size_bytes"] == 64 * MIB
     assert settings["max_unflushed_bytes"] == 128 * MIB
+
+
+def test_an_object_cache_keeps_what_the_daemon_uploads() -> None:
+    # Reads go to what was just flushed or compacted: both are cached as
+    # they are written, not fetched back from the bucket.
+    lsm = LsmConfig(object_cache_dir="/var/cache/portalbd/x")
+    cache = json.loads(build_settings(lsm).to_json_string())["object_store_cache_options"]
+    assert cache["root_folder"] == "/var/cache/portalbd/x"
+    assert cache["cache_on_flush"] is True
+    assert cache["cache_on_compaction"] is True
