@@ -586,6 +586,16 @@ def test_killed_daemon_cuts_the_mount_off_until_restaged(driver: Driver, tmp_pat
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
         assert error.details() == refused
     assert not (tmp_path / "pod/other").exists()
+    # nor is a dead filesystem snapshotted (its freeze would fail with EIO)
+    error = rpc_error(
+        driver.controller.CreateSnapshot,
+        pb.CreateSnapshotRequest(source_volume_id=vid, name="of-the-dead"),
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+    assert error.details() == refused
+    assert not driver.controller.ListSnapshots(
+        pb.ListSnapshotsRequest(source_volume_id=vid)
+    ).entries
 
     unpublish(driver, vid, target)
     unstage(driver, vid, staging)
