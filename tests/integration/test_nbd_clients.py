@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -388,3 +389,58 @@ def test_concurrent_partial_writes_to_shared_blocks(daemon: RunningDaemon) -> No
         got = handles[1].pread(blocks * BLOCK, 0)
     for i in range(stripes):
         assert got[i * stripe : (i + 1) * stripe] == data[i], f"stripe {i} lost"
+
+
+def test_replies_of_loads_finishing_together_leave_in_fewer_writes(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """Reads answered from the store complete in bursts; their replies are
+    gathered until the loop has run what is ready and leave in one write, not
+    one send() each (with no cache, every read here is a load). strace counts
+    the daemon's writes that carry read data."""
+    count, size = 64, 4096
+    d = daemon_factory("--cache-bytes", "0")
+    chunks = [os.urandom(size) for _ in range(count)]
+    with client(d.uri) as h:
+        for i in range(count):
+            h.pwrite(chunks[i], i * BLOCK)
+        h.flush()
+    trace = tmp_path / "strace.txt"
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=write,writev,sendmsg,sendto",
+            "-o",
+            str(trace),
+            "-p",
+            str(d.process.pid),
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.0)  # attached to every thread
+        with client(d.uri) as h:
+            buffers = [nbd.Buffer(size) for _ in range(count)]
+            cookies = [h.aio_pread(buffers[i], i * BLOCK) for i in range(count)]
+            while h.aio_in_flight():
+                h.poll(-1)
+            for cookie in cookies:
+                assert h.aio_command_completed(cookie)
+        time.sleep(0.5)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    assert [buffers[i].to_bytearray() for i in range(count)] == chunks
+    # a reply carries 4 KiB of data; other writes (wakeups, the log) are small
+    sizes = [
+        int(line.rsplit("= ", 1)[1].split()[0])
+        for line in trace.read_text().splitlines()
+        if "= " in line and line.rsplit("= ", 1)[1].split()[0].isdigit()
+    ]
+    replies = [n for n in sizes if n >= size]
+    assert sum(replies) >= count * size, trace.read_text()
+    assert len(replies) < count, f"{len(replies)} writes for {count} replies"
+    assert d.status()["stats"]["device"]["cache_misses"] >= count
