@@ -1154,7 +1154,8 @@ class NbdConnection(asyncio.Protocol):
         own. The replies of one burst leave in one write instead, after the
         callbacks already queued (microseconds, never a wait for I/O).
         """
-        self._cork = cork = []
+        cork: list[bytes | memoryview] = []
+        self._cork = cork
         asyncio.get_running_loop().call_soon(self._uncork)
         return cork
 
