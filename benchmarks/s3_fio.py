@@ -16,7 +16,10 @@ smaller requests with EINVAL, so it runs behind nbdkit's blocksize filter,
 which serves fio's 4 KiB jobs by read-modify-write of whole objects.
 
     .venv/bin/python benchmarks/s3_fio.py [--runtime S] [--region-mib N] [--object-size 64K]
-        [--only portalbd,nbdkit-s3] [--config FILE]
+        [--only portalbd,nbdkit-s3] [--config FILE] [--baseline DIR]
+
+``--baseline DIR`` adds target ``baseline``: DIR's daemon (an earlier
+checkout) on the same moto, for a before/after row in one run.
 """
 
 from __future__ import annotations
@@ -37,15 +40,20 @@ from benchmarks.core_fio import JOBS, MiB, Server, fio
 from portalbd.launch import LaunchError, MotoServer, free_port, serving, start
 
 DISK_GIB = 1
-TARGETS = ("portalbd", "nbdkit-s3")
+TARGETS = ("portalbd", "nbdkit-s3", "baseline")
+DEFAULT_TARGETS = ("portalbd", "nbdkit-s3")
 
 
 @contextlib.contextmanager
 def serve(name: str, workdir: Path, moto: MotoServer, args: argparse.Namespace) -> Iterator[Server]:
     bucket = moto.create_bucket(bucket_of(name))
     port = free_port()
-    if name == "portalbd":
+    if name in ("portalbd", "baseline"):
         extra = ("-c", str(args.config)) if args.config else ()
+        env = moto.env()
+        if name == "baseline":
+            # another checkout's daemon (its package first on the path; not the cwd's)
+            env = {**env, "PYTHONPATH": str(args.baseline), "PYTHONSAFEPATH": "1"}
         daemon = start(
             workdir,
             *extra,
@@ -53,7 +61,7 @@ def serve(name: str, workdir: Path, moto: MotoServer, args: argparse.Namespace) 
             disk_size_gb=DISK_GIB,
             instance=name,
             port=port,
-            env=moto.env(),
+            env=env,
         )
         try:
             yield Server(name, daemon.process, daemon.uri)
@@ -132,7 +140,19 @@ def main() -> int:
     parser.add_argument(
         "--object-size", default="64K", help="nbdkit S3 plugin's object size (at most 64K)"
     )
-    parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated targets of {', '.join(TARGETS)} (default: "
+        f"{', '.join(DEFAULT_TARGETS)}, and baseline with --baseline)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a checkout of an earlier portalbd (git worktree add /tmp/before REV): "
+        "target baseline runs its daemon on the same moto",
+    )
     parser.add_argument("--config", type=Path, help="a portalbd config file for its run")
     parser.add_argument(
         "--keep",
@@ -141,7 +161,12 @@ def main() -> int:
         help="work in DIR and keep its logs (default: a temp dir)",
     )
     args = parser.parse_args()
-    targets = [t for t in args.only.split(",") if t]
+    if args.only is None:
+        targets = [*DEFAULT_TARGETS, *(["baseline"] if args.baseline else [])]
+    else:
+        targets = [t for t in args.only.split(",") if t]
+    if "baseline" in targets and args.baseline is None:
+        parser.error("target baseline needs --baseline DIR")
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
@@ -161,9 +186,10 @@ def main() -> int:
         finally:
             moto.stop()
     print(f"\nS3 (moto), {args.region_mib} MiB region, {args.runtime:g} s per job\n")
-    ratio_head = " | portalbd / plugin |" if len(targets) > 1 else " |"
+    compared = "portalbd" in targets and "nbdkit-s3" in targets
+    ratio_head = " | portalbd / plugin |" if compared else " |"
     print("| job | " + " | ".join(targets) + ratio_head)
-    print("|---" * (len(targets) + 1 + (len(targets) > 1)) + "|")
+    print("|---" * (len(targets) + 1 + compared) + "|")
     ratios: list[float] = []
     for label, rw, *_rest, unit in JOBS:
         cells = []
@@ -173,7 +199,7 @@ def main() -> int:
                 cell += f" ({table[t][f'{label} GET/MiB']:.1f} GET/MiB)"
             cells.append(cell)
         row = f"| {label} | " + " | ".join(cells)
-        if len(targets) > 1:
+        if compared:
             peer = table["nbdkit-s3"][label]
             ratio = table["portalbd"][label] / peer if peer else float("inf")
             ratios.append(ratio)
@@ -183,6 +209,16 @@ def main() -> int:
         finite = [r for r in ratios if r != float("inf")]
         if finite:
             print(f"\nmedian ratio over jobs the plugin served: {statistics.median(finite):.2f}x")
+    if "portalbd" in targets and "baseline" in targets:
+        print(
+            "portalbd / baseline: "
+            + "  ".join(
+                f"{label}: {table['portalbd'][label] / table['baseline'][label]:.2f}x"
+                if table["baseline"][label]
+                else f"{label}: -"
+                for label, *_ in JOBS
+            )
+        )
     return 0
 
 
