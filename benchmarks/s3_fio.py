@@ -3,10 +3,10 @@
 Both targets store a 1 GiB disk in their own bucket of one ``moto_server``
 (over HTTP on localhost, so the figures are the servers' own costs plus
 moto's, not a network's). After a sequential prefill of the region, the jobs
-of benchmarks/core_fio.py run for ``--runtime`` seconds each. Around each
-read job the script counts the GET requests moto answered with data (its
-request log, per bucket: SlateDB's own counters also count GETs that its
-local object cache served) and prints GETs per MiB the client read: what a
+of benchmarks/core_fio.py run for ``--runtime`` seconds each, in its order.
+Around each read job the script counts the GET requests moto answered with
+data (its request log, per bucket: SlateDB's own counters also count GETs
+that its local object cache served) and prints GETs per MiB the client read: what a
 read costs on a priced object store.
 
 nbdkit's S3 plugin stores one object per ``--object-size`` (64 KiB by
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.core_fio import JOBS, MiB, Server, fio
+from benchmarks.core_fio import JOBS, RUN_ORDER, MiB, Server, fio
 from portalbd.launch import LaunchError, MotoServer, free_port, serving, start
 
 DISK_GIB = 1
@@ -108,7 +108,9 @@ def run(name: str, workdir: Path, moto: MotoServer, args: argparse.Namespace) ->
     results: dict[str, float] = {}
     with serve(name, workdir, moto, args) as server:
         fio(server.uri, "write", "1m", 8, None, region)
-        for label, rw, bs, depth, unit in JOBS:
+        # core_fio's order: the sequential write right after the prefill, not
+        # behind the compaction of what the random writes just left
+        for label, rw, bs, depth, unit in sorted(JOBS, key=lambda job: RUN_ORDER.index(job[0])):
             before = data_gets(moto, bucket_of(name))
             try:
                 figures = fio(server.uri, rw, bs, depth, args.runtime, region)
