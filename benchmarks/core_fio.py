@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portalbd.launch import LaunchError, free_port, serving, start
+from portalbd.trace.provenance import check_baseline, tree_env
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -50,6 +51,7 @@ JOBS = [
 # (slatedb_sequential), not one that random writes have just filled with
 # page deltas for SlateDB to compact; the sequential read last, after them.
 RUN_ORDER = ["1M seq write", "4k randread", "4k randwrite", "1M seq read"]
+JOBS_IN_RUN_ORDER = [job for name in RUN_ORDER for job in JOBS if job[0] == name]
 
 
 @dataclass
@@ -76,8 +78,7 @@ def serve(name: str, workdir: Path) -> Iterator[Server]:
         env = None
         if name.startswith("baseline"):
             assert BASELINE[0] is not None, "baseline targets need --baseline DIR"
-            # its package first on the daemon's path; PYTHONSAFEPATH: not the cwd's
-            env = {"PYTHONPATH": str(BASELINE[0]), "PYTHONSAFEPATH": "1"}
+            env = tree_env(BASELINE[0])
         daemon = start(workdir, *extra, storage_url=storage, instance=name, port=port, env=env)
         try:
             yield Server(name, daemon.process, daemon.uri)
@@ -135,8 +136,7 @@ def run_fio_suite(
         with serve(name, workdir) as server:
             # prefill: reads see real data
             fio(server.uri, "write", "1m", 8, None, region, compress)
-            jobs = {job[0]: job for job in JOBS}
-            for label, rw, bs, depth, unit in (jobs[name] for name in RUN_ORDER):
+            for label, rw, bs, depth, unit in JOBS_IN_RUN_ORDER:
                 value = fio(server.uri, rw, bs, depth, runtime, region, compress)[unit]
                 results[name][label] = value
                 print(f"  {name:16} {label:14} {value:10.0f} {unit}", flush=True)
@@ -318,18 +318,10 @@ def main() -> int:
     parser.add_argument("--rss-gib", type=int, default=2, help="GiB to write for the RSS figures")
     args = parser.parse_args()
     if args.baseline is not None:
-        if not (args.baseline / "portalbd" / "daemon.py").is_file():
-            parser.error(f"--baseline {args.baseline}: not a portalbd checkout")
-        baseline = BASELINE[0] = args.baseline.resolve()
-        found = subprocess.run(
-            [sys.executable, "-c", "import portalbd; print(portalbd.__file__)"],
-            env={**os.environ, "PYTHONPATH": str(baseline), "PYTHONSAFEPATH": "1"},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        if not Path(found).is_relative_to(baseline):
-            parser.error(f"--baseline {args.baseline}: the daemon would import {found}")
+        try:
+            BASELINE[0] = check_baseline(args.baseline)
+        except LaunchError as exc:
+            parser.error(str(exc))
     elif "baseline" in args.only:
         parser.error("baseline-* targets need --baseline DIR")
     for tool in ("fio", "nbdkit"):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from portalbd.launch import LaunchError, free_port, serving, spawn, start, stop_process, wait_until
+from portalbd.trace.provenance import check_baseline, tree_env
 
 PG_USER = "postgres"
 TARGETS = ["portalbd-file", "nbdkit-memory"]
@@ -83,8 +84,7 @@ def serve(name: str, disk_gib: int, workdir: Path) -> Iterator[str]:
         env = None
         if name.startswith("baseline"):
             assert BASELINE[0] is not None, "baseline targets need --baseline DIR"
-            # its package first on the daemon's path; PYTHONSAFEPATH: not the cwd's
-            env = {"PYTHONPATH": str(BASELINE[0]), "PYTHONSAFEPATH": "1"}
+            env = tree_env(BASELINE[0])
         daemon = start(
             workdir, storage_url=storage, disk_size_gb=disk_gib, instance=name, port=port, env=env
         )
@@ -290,9 +290,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.baseline is not None:
-        if not (args.baseline / "portalbd" / "daemon.py").is_file():
-            parser.error(f"--baseline {args.baseline}: not a portalbd checkout")
-        BASELINE[0] = args.baseline.resolve()
+        try:
+            BASELINE[0] = check_baseline(args.baseline)
+        except LaunchError as exc:
+            parser.error(str(exc))
     elif "baseline" in args.only:
         parser.error("baseline-file needs --baseline DIR")
     if os.geteuid() != 0:

@@ -36,8 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.core_fio import JOBS, RUN_ORDER, MiB, Server, fio
+from benchmarks.core_fio import JOBS, JOBS_IN_RUN_ORDER, MiB, Server, fio
 from portalbd.launch import LaunchError, MotoServer, free_port, serving, start
+from portalbd.trace.provenance import check_baseline, tree_env
 
 DISK_GIB = 1
 TARGETS = ("portalbd", "nbdkit-s3", "baseline")
@@ -51,9 +52,8 @@ def serve(name: str, workdir: Path, moto: MotoServer, args: argparse.Namespace) 
     if name in ("portalbd", "baseline"):
         extra = ("-c", str(args.config)) if args.config else ()
         env = moto.env()
-        if name == "baseline":
-            # another checkout's daemon (its package first on the path; not the cwd's)
-            env = {**env, "PYTHONPATH": str(args.baseline), "PYTHONSAFEPATH": "1"}
+        if name == "baseline":  # another checkout's daemon
+            env = {**env, **tree_env(args.baseline)}
         daemon = start(
             workdir,
             *extra,
@@ -110,7 +110,7 @@ def run(name: str, workdir: Path, moto: MotoServer, args: argparse.Namespace) ->
         fio(server.uri, "write", "1m", 8, None, region)
         # core_fio's order: the sequential write right after the prefill, not
         # behind the compaction of what the random writes just left
-        for label, rw, bs, depth, unit in sorted(JOBS, key=lambda job: RUN_ORDER.index(job[0])):
+        for label, rw, bs, depth, unit in JOBS_IN_RUN_ORDER:
             before = data_gets(moto, bucket_of(name))
             try:
                 figures = fio(server.uri, rw, bs, depth, args.runtime, region)
@@ -169,6 +169,11 @@ def main() -> int:
         targets = [t for t in args.only.split(",") if t]
     if "baseline" in targets and args.baseline is None:
         parser.error("target baseline needs --baseline DIR")
+    if args.baseline is not None:
+        try:
+            args.baseline = check_baseline(args.baseline)
+        except LaunchError as exc:
+            parser.error(str(exc))
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
