@@ -34,7 +34,7 @@ from portalbd.csi.common import (
 from portalbd.csi.mounts import is_mounted, run
 from portalbd.csi.proto import csi_pb2 as pb
 from portalbd.csi.proto import csi_pb2_grpc as pb_grpc
-from portalbd.csi.supervisor import cut_off_reason
+from portalbd.csi.supervisor import refuse_cut_off
 from portalbd.csi.volumes import Registry, SnapshotRecord, VolumeRecord, name_hash
 
 log = logging.getLogger("portalbd.csi")
@@ -439,12 +439,8 @@ class ControllerService(pb_grpc.ControllerServicer):
                 f"volume {volume.id} is served on node {staged.node_id}, whose control socket "
                 f"{socket} is not reachable from this controller"
             )
-        # A cut-off device (its daemon died with writes unflushed) fails all
-        # I/O: the freeze below would get EIO, and the filesystem on it is
-        # not one to keep until the volume is staged again.
-        reason = cut_off_reason(socket.parent)
-        if reason is not None:
-            raise e.precondition(f"volume {volume.id}: {reason}")
+        # the daemon's state directory holds the control socket
+        refuse_cut_off(volume.id, socket.parent)
         # Freeze the mounted filesystem so the checkpoint holds a consistent
         # one: freezing writes every dirty page down to the daemon first.
         frozen = staged.staging_path if is_mounted(staged.staging_path) else ""

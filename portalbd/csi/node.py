@@ -36,9 +36,9 @@ from portalbd.csi.supervisor import (
     CONDITION_FILE,
     DaemonSpec,
     SupervisedDaemon,
-    cut_off_reason,
     daemon_pid,
     read_condition,
+    refuse_cut_off,
 )
 from portalbd.csi.volumes import Registry, StageRecord, VolumeRecord
 
@@ -115,11 +115,7 @@ class NodeService(pb_grpc.NodeServicer):
         return doc
 
     def _refuse_cut_off(self, volume_id: str) -> None:
-        """FAILED_PRECONDITION while the volume's device is cut off: publishing or
-        growing a dead mount helps no pod, and only unstaging revives it."""
-        reason = cut_off_reason(self.state_dir(volume_id))
-        if reason is not None:
-            raise e.precondition(f"volume {volume_id}: {reason}")
+        refuse_cut_off(volume_id, self.state_dir(volume_id))
 
     def _staged_spec(self, volume_id: str, record: VolumeRecord) -> DaemonSpec:
         """The daemon spec of a volume staged already (its key file, if any, in place)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from portalbd.control.async_client import request_once
 from portalbd.control.errors import ControlError
 from portalbd.csi import attach
-from portalbd.csi.errors import internal
+from portalbd.csi.errors import internal, precondition
 from portalbd.launch import (
     LaunchError,
     pid_alive,
@@ -108,6 +108,15 @@ def cut_off_reason(state_dir: Path) -> str | None:
     """Why the volume's device is cut off, or None while it serves."""
     doc = _condition(state_dir)
     return str(doc.get("message", "")) if doc.get("abnormal") and doc.get("cut_off") else None
+
+
+def refuse_cut_off(volume_id: str, state_dir: Path) -> None:
+    """FAILED_PRECONDITION while the volume's device is cut off: publishing,
+    growing or snapshotting a dead mount helps no pod (a freeze would fail
+    with EIO), and only unstaging revives it."""
+    reason = cut_off_reason(state_dir)
+    if reason is not None:
+        raise precondition(f"volume {volume_id}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
