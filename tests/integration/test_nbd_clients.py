@@ -435,12 +435,12 @@ def test_replies_of_loads_finishing_together_leave_in_fewer_writes(
         tracer.wait(timeout=10)
     assert [buffers[i].to_bytearray() for i in range(count)] == chunks
     # a reply carries 4 KiB of data; other writes (wakeups, the log) are small
-    sizes = [
-        int(line.rsplit("= ", 1)[1].split()[0])
-        for line in trace.read_text().splitlines()
-        if "= " in line and line.rsplit("= ", 1)[1].split()[0].isdigit()
-    ]
-    replies = [n for n in sizes if n >= size]
+    replies = []
+    for line in trace.read_text().splitlines():
+        _, equals, result = line.rpartition("= ")  # "<pid> writev(...) = 4124"
+        written = result.split(maxsplit=1)[0] if equals and result.strip() else ""
+        if written.isdigit() and int(written) >= size:
+            replies.append(int(written))
     assert sum(replies) >= count * size, trace.read_text()
     assert len(replies) < count, f"{len(replies)} writes for {count} replies"
     assert d.status()["stats"]["device"]["cache_misses"] >= count
